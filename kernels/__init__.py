@@ -1,0 +1,95 @@
+"""Masked attention kernels: several policies of one model in one batched pass.
+
+Public functions (`masked_attention`, `masked_decode`) check their inputs, then run the Triton
+kernel for CUDA tensors and the PyTorch reference otherwise. `RETMASK_BACKEND=triton|reference`
+forces one (Triton on CPU tensors needs `TRITON_INTERPRET=1`, set before import). This package
+imports only torch and triton, and never touches CUDA at import.
+"""
+
+from __future__ import annotations
+
+from .backend import BACKEND_ENV, resolve_backend
+from .reference import masked_attention_reference, masked_decode_reference
+
+__all__ = [
+    "BACKEND_ENV",
+    "masked_attention",
+    "masked_attention_reference",
+    "masked_decode",
+    "masked_decode_reference",
+    "resolve_backend",
+]
+
+
+def masked_attention(q, k, v, keep=None, *, kv_lens=None, window=None, scale=None, check_values=True):
+    """Causal attention of `Sq` queries over `Skv` keys with a per-(row, head) keep bitmap.
+
+    Args:
+        q: `(B, Hq, Sq, D)` queries; k, v: `(B, Hkv, Skv, D)`, `Hq % Hkv == 0` (query head h reads
+            KV head `h // (Hq // Hkv)`). float16, bfloat16 or float32; D a multiple of 8 in [16, 256].
+        keep: `(B, Hq)` bool, False = the head is off for that row: its output is exactly zero and
+            the kernel loads nothing for it. None = every head on.
+        kv_lens: `(B,)` int, valid keys per row (keys `[0, kv_lens[b])`); None = all `Skv`.
+            Queries are bottom-right aligned: query i of row b sits at position
+            `kv_lens[b] - Sq + i` and sees keys at positions `<=` its own. A query whose position
+            is negative (left padding of a short row) sees nothing and gets zeros.
+        window: sliding window; a query at position p sees keys in `(p - window, p]`.
+        scale: softmax scale, default `D ** -0.5`.
+        check_values: check the values of `kv_lens` (one host sync); turn off in hot loops.
+
+    Returns:
+        `(B, Hq, Sq, D)` in q's dtype: a view of a contiguous `(B, Sq, Hq, D)` buffer, so
+        `.transpose(1, 2)` gives the layout a Hugging Face attention function returns, free.
+    """
+    fn = _pick("masked_attention", q)
+    return fn(q, k, v, keep, kv_lens=kv_lens, window=window, scale=scale, check_values=check_values)
+
+
+def masked_decode(
+    q, k_cache, v_cache, kv_lens, keep=None, *, window=None, scale=None, return_argmax=False,
+    shared_k=None, shared_v=None, shared_lens=None, row_seg=None, max_group_rows=None,
+    check_values=True,
+):
+    """One new query per row over its KV cache (flash-decoding), optionally after a shared segment.
+
+    Args:
+        q: `(B, Hq, D)`, the new token's queries.
+        k_cache, v_cache: `(B, Hkv, Smax, D)` private caches; row b's valid keys are
+            `[0, kv_lens[b])`, the new token's K/V already written.
+        kv_lens: `(B,)` int.
+        keep: `(B, Hq)` bool as in `masked_attention`.
+        window: the query (the row's last position p) sees keys in `(p - window, p]`.
+        return_argmax: also return, per (row, query head), the key position with the largest
+            attention score and that score (`q.k * scale`, float32), from the same pass. Ties go to
+            the lowest position; a head that is off gives position -1 and score -inf.
+        shared_k, shared_v: `(G, Hkv, Ssh, D)` pool of shared segments, each stored once (e.g. the
+            prompt KV that every policy of a group shares).
+        shared_lens: `(G,)` int, valid keys per segment.
+        row_seg: `(B,)` int, the segment row b reads first (-1: none). Row b's keys are
+            `shared[row_seg[b], :, :shared_lens[g]]` followed by its private cache, with positions
+            counted from the segment's start. Rows of one group read a segment tile once for all.
+        max_group_rows: an upper bound on the rows that share one segment; giving it saves a
+            host sync (the kernel is then graph-capturable).
+        check_values: check lengths and segment ids (host syncs); turn off in hot loops.
+
+    Returns:
+        `out (B, Hq, D)`, or `(out, pos (B, Hq) int64, score (B, Hq) float32)` with return_argmax.
+    """
+    fn = _pick("masked_decode", q)
+    kw = dict(window=window, scale=scale, return_argmax=return_argmax, shared_k=shared_k, shared_v=shared_v,
+              shared_lens=shared_lens, row_seg=row_seg, check_values=check_values)
+    if fn is not masked_decode_reference:
+        kw["max_group_rows"] = max_group_rows
+    return fn(q, k_cache, v_cache, kv_lens, keep, **kw)
+
+
+def _pick(name: str, q):
+    if resolve_backend(q) == "reference":
+        return masked_attention_reference if name == "masked_attention" else masked_decode_reference
+    if name == "masked_attention":
+        from .attention import masked_attention_triton
+
+        return masked_attention_triton
+    from .decode import masked_decode_triton
+
+    return masked_decode_triton

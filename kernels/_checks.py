@@ -1,0 +1,224 @@
+"""Input checks shared by the kernels and their references.
+
+Every public function calls one of the two `check_*` functions before any work, so a bad input
+fails with one `ValueError` that names the argument, what was expected and what was given.
+Checks that need the *values* of a device tensor (lengths in range, segment ids in range) cost a
+host sync; pass `check_values=False` in a hot loop whose inputs are already known to be good.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+def _fail(msg: str) -> None:
+    raise ValueError(msg)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _tensor(name: str, t, rank: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(f"{name}: expected a torch.Tensor shaped {layout}, got {type(t).__name__}")
+    if t.dim() != rank:
+        _fail(f"{name}: expected rank {rank} {layout}, got rank {t.dim()} shape {_shape(t)}")
+
+
+def _float_dtype(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        _fail(f"{name}: dtype {t.dtype} is not supported; use float16, bfloat16 or float32")
+    if like is not None and t.dtype != like.dtype:
+        _fail(f"{name}: dtype {t.dtype} differs from q's {like.dtype}; cast all inputs to one dtype")
+
+
+def _same_device(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    if t.device != like.device:
+        _fail(f"{name}: on {t.device} but q is on {like.device}; move every input to one device")
+
+
+def _head_dim(d: int) -> None:
+    if d < MIN_HEAD_DIM or d > MAX_HEAD_DIM or d % 8:
+        _fail(
+            f"head dim D={d} is not supported; use a multiple of 8 between "
+            f"{MIN_HEAD_DIM} and {MAX_HEAD_DIM} (32, 64 and 128 are the common ones)"
+        )
+
+
+def _gqa(hq: int, hkv: int, kname: str) -> None:
+    if hkv < 1 or hq % hkv:
+        _fail(f"{kname}: {hkv} KV heads do not divide q's {hq} query heads (need Hq % Hkv == 0)")
+
+
+def _keep(keep, b: int, hq: int, like: torch.Tensor) -> torch.Tensor | None:
+    if keep is None:
+        return None
+    _tensor("keep", keep, 2, "(B, Hq)")
+    if tuple(keep.shape) != (b, hq):
+        _fail(f"keep: expected shape ({b}, {hq}) = (B, Hq), got {_shape(keep)}")
+    if keep.dtype != torch.bool:
+        _fail(f"keep: expected dtype torch.bool (False = head off), got {keep.dtype}")
+    _same_device("keep", keep, like)
+    return keep
+
+
+def _lengths(name: str, t, n: int, nname: str, like: torch.Tensor) -> torch.Tensor:
+    _tensor(name, t, 1, f"({nname},)")
+    if t.shape[0] != n:
+        _fail(f"{name}: expected {n} entries ({nname}), got {t.shape[0]}")
+    if t.dtype not in (torch.int32, torch.int64):
+        _fail(f"{name}: expected an int32 or int64 tensor, got {t.dtype}")
+    _same_device(name, t, like)
+    return t
+
+
+def _range(name: str, t: torch.Tensor, lo: int, hi: int, what: str) -> None:
+    if t.numel() == 0:
+        return
+    mn, mx = int(t.min()), int(t.max())
+    if mn < lo or mx > hi:
+        _fail(f"{name}: values must lie in [{lo}, {hi}] ({what}); got min {mn}, max {mx}")
+
+
+def _window(window) -> int | None:
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        _fail(f"window: expected None or a positive int (keys in (p - window, p]), got {window!r}")
+    return window
+
+
+def _scale(scale, d: int) -> float:
+    if scale is None:
+        return d**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        _fail(f"scale: expected None or a positive float, got {scale!r}")
+    return float(scale)
+
+
+@dataclass(frozen=True)
+class AttentionArgs:
+    b: int
+    hq: int
+    hkv: int
+    sq: int
+    skv: int
+    d: int
+    keep: torch.Tensor | None
+    kv_lens: torch.Tensor | None
+    window: int | None
+    scale: float
+
+
+def check_attention(q, k, v, keep, kv_lens, window, scale, check_values=True) -> AttentionArgs:
+    _tensor("q", q, 4, "(B, Hq, Sq, D)")
+    _tensor("k", k, 4, "(B, Hkv, Skv, D)")
+    _tensor("v", v, 4, "(B, Hkv, Skv, D)")
+    _float_dtype("q", q)
+    _float_dtype("k", k, q)
+    _float_dtype("v", v, q)
+    _same_device("k", k, q)
+    _same_device("v", v, q)
+    b, hq, sq, d = q.shape
+    _head_dim(d)
+    if k.shape[0] != b or k.shape[3] != d:
+        _fail(f"k: expected shape ({b}, Hkv, Skv, {d}) to match q {_shape(q)}, got {_shape(k)}")
+    if tuple(v.shape) != tuple(k.shape):
+        _fail(f"v: expected the shape of k {_shape(k)}, got {_shape(v)}")
+    hkv, skv = k.shape[1], k.shape[2]
+    _gqa(hq, hkv, "k")
+    if sq < 1 or skv < sq:
+        _fail(f"q/k: need 1 <= Sq <= Skv (queries are the last Sq of Skv keys), got Sq={sq}, Skv={skv}")
+    keep = _keep(keep, b, hq, q)
+    if kv_lens is not None:
+        kv_lens = _lengths("kv_lens", kv_lens, b, "B", q)
+        if check_values:
+            _range("kv_lens", kv_lens, 0, skv, "valid keys per row, at most Skv")
+    return AttentionArgs(b, hq, hkv, sq, skv, d, keep, kv_lens, _window(window), _scale(scale, d))
+
+
+@dataclass(frozen=True)
+class DecodeArgs:
+    b: int
+    hq: int
+    hkv: int
+    smax: int
+    d: int
+    keep: torch.Tensor | None
+    kv_lens: torch.Tensor
+    window: int | None
+    scale: float
+    shared: "SharedArgs | None"
+
+
+@dataclass(frozen=True)
+class SharedArgs:
+    k: torch.Tensor  # (G, Hkv, Ssh, D)
+    v: torch.Tensor  # (G, Hkv, Ssh, D)
+    lens: torch.Tensor  # (G,)
+    seg: torch.Tensor  # (B,) segment of each row, -1 for none
+    n_seg: int
+    ssh: int
+
+
+def check_decode(
+    q, k_cache, v_cache, kv_lens, keep, window, scale, shared_k, shared_v, shared_lens, row_seg,
+    check_values=True,
+) -> DecodeArgs:
+    _tensor("q", q, 3, "(B, Hq, D)")
+    _tensor("k_cache", k_cache, 4, "(B, Hkv, Smax, D)")
+    _tensor("v_cache", v_cache, 4, "(B, Hkv, Smax, D)")
+    _float_dtype("q", q)
+    _float_dtype("k_cache", k_cache, q)
+    _float_dtype("v_cache", v_cache, q)
+    _same_device("k_cache", k_cache, q)
+    _same_device("v_cache", v_cache, q)
+    b, hq, d = q.shape
+    _head_dim(d)
+    if k_cache.shape[0] != b or k_cache.shape[3] != d:
+        _fail(f"k_cache: expected shape ({b}, Hkv, Smax, {d}) to match q {_shape(q)}, got {_shape(k_cache)}")
+    if tuple(v_cache.shape) != tuple(k_cache.shape):
+        _fail(f"v_cache: expected the shape of k_cache {_shape(k_cache)}, got {_shape(v_cache)}")
+    hkv, smax = k_cache.shape[1], k_cache.shape[2]
+    _gqa(hq, hkv, "k_cache")
+    if kv_lens is None:
+        _fail("kv_lens: required for decode, a (B,) int tensor of valid cache lengths per row")
+    kv_lens = _lengths("kv_lens", kv_lens, b, "B", q)
+    keep = _keep(keep, b, hq, q)
+    given = [x is not None for x in (shared_k, shared_v, shared_lens, row_seg)]
+    shared = None
+    if any(given) and not all(given):
+        _fail("shared_k, shared_v, shared_lens, row_seg: give all four for a shared segment, or none")
+    if all(given):
+        _tensor("shared_k", shared_k, 4, "(G, Hkv, Ssh, D)")
+        _tensor("shared_v", shared_v, 4, "(G, Hkv, Ssh, D)")
+        _float_dtype("shared_k", shared_k, q)
+        _float_dtype("shared_v", shared_v, q)
+        _same_device("shared_k", shared_k, q)
+        _same_device("shared_v", shared_v, q)
+        g = shared_k.shape[0]
+        if shared_k.shape[1] != hkv or shared_k.shape[3] != d:
+            _fail(f"shared_k: expected shape (G, {hkv}, Ssh, {d}) to match k_cache, got {_shape(shared_k)}")
+        if tuple(shared_v.shape) != tuple(shared_k.shape):
+            _fail(f"shared_v: expected the shape of shared_k {_shape(shared_k)}, got {_shape(shared_v)}")
+        shared_lens = _lengths("shared_lens", shared_lens, g, "G", q)
+        row_seg = _lengths("row_seg", row_seg, b, "B", q)
+        shared = SharedArgs(shared_k, shared_v, shared_lens, row_seg, g, shared_k.shape[2])
+    if check_values:
+        if shared is None:
+            _range("kv_lens", kv_lens, 1, smax, "each row needs at least its new token, at most Smax")
+        else:
+            _range("kv_lens", kv_lens, 0, smax, "private keys per row, at most Smax")
+            _range("shared_lens", shared.lens, 0, shared.ssh, "valid keys per segment, at most Ssh")
+            _range("row_seg", shared.seg, -1, shared.n_seg - 1, "segment index per row, -1 for none")
+            seg_len = torch.where(
+                shared.seg >= 0, shared.lens[shared.seg.clamp(min=0).long()], shared.lens.new_zeros(())
+            )
+            _range("kv_lens", kv_lens + seg_len, 1, smax + shared.ssh, "shared plus private keys per row")
+    return DecodeArgs(b, hq, hkv, smax, d, keep, kv_lens, _window(window), _scale(scale, d), shared)

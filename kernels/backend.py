@@ -1,0 +1,36 @@
+"""Which implementation runs: Triton for CUDA tensors, the PyTorch reference otherwise."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKEND_ENV = "RETMASK_BACKEND"  # "auto" (default), "triton" or "reference"
+_CHOICES = ("auto", "triton", "reference")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(t: torch.Tensor) -> str:
+    """'triton' or 'reference' for inputs living where `t` lives, honouring RETMASK_BACKEND."""
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"{BACKEND_ENV}={choice!r} is not a backend; use one of {', '.join(_CHOICES)}")
+    if choice == "reference":
+        return "reference"
+    on_gpu = t.device.type == "cuda"
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if choice == "triton":
+        if not triton_available():
+            raise ValueError(f"{BACKEND_ENV}=triton but triton is not installed; pip install triton")
+        if not on_gpu and not interp:
+            raise ValueError(
+                f"{BACKEND_ENV}=triton with tensors on {t.device}: Triton runs CUDA tensors, or CPU "
+                "tensors under TRITON_INTERPRET=1 (set before importing retmask)"
+            )
+        return "triton"
+    return "triton" if on_gpu and triton_available() else "reference"

@@ -1,0 +1,102 @@
+"""Pure-PyTorch references of the masked attention kernels.
+
+Same signatures and semantics as the Triton launchers: they are the CPU backend and the test
+oracle. They compute in float32 (upcast) and return the input dtype. Nothing here is tuned: the
+prefill reference works on query chunks so that its memory stays bounded on long prompts, and the
+decode reference loops over rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_attention, check_decode
+
+_Q_CHUNK = 1024  # queries per step of the prefill reference: bounds the (chunk, Skv) score tile
+
+
+def masked_attention_reference(
+    q, k, v, keep=None, *, kv_lens=None, window=None, scale=None, check_values=True
+):
+    """Causal masked attention, bottom-right aligned; see `retmask.kernels.masked_attention`."""
+    a = check_attention(q, k, v, keep, kv_lens, window, scale, check_values)
+    g = a.hq // a.hkv
+    out = torch.empty(a.b, a.sq, a.hq, a.d, dtype=q.dtype, device=q.device)  # (B, Sq, Hq, D)
+    qf = q.float().view(a.b, a.hkv, g, a.sq, a.d)  # (B, Hkv, G, Sq, D)
+    kf = k.float().unsqueeze(2)  # (B, Hkv, 1, Skv, D)
+    vf = v.float().unsqueeze(2)
+    lens = (
+        a.kv_lens.to(device=q.device, dtype=torch.int64)
+        if a.kv_lens is not None
+        else torch.full((a.b,), a.skv, dtype=torch.int64, device=q.device)
+    )  # (B,)
+    kpos = torch.arange(a.skv, device=q.device)  # (Skv,)
+    for i0 in range(0, a.sq, _Q_CHUNK):
+        i1 = min(a.sq, i0 + _Q_CHUNK)
+        qpos = lens[:, None] - a.sq + torch.arange(i0, i1, device=q.device)  # (B, c)
+        vis = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < lens[:, None, None])
+        if a.window is not None:
+            vis &= kpos[None, None, :] > qpos[:, :, None] - a.window  # (B, c, Skv)
+        vis = vis[:, None, None]  # (B, 1, 1, c, Skv)
+        s = torch.matmul(qf[:, :, :, i0:i1], kf.transpose(-1, -2)) * a.scale  # (B, Hkv, G, c, Skv)
+        s = s.masked_fill(~vis, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        p = torch.where(vis.any(-1, keepdim=True), p, 0.0)  # a query with no visible key gives 0
+        o = torch.matmul(p, vf)  # (B, Hkv, G, c, D)
+        out[:, i0:i1] = o.reshape(a.b, a.hq, i1 - i0, a.d).transpose(1, 2).to(q.dtype)
+    if a.keep is not None:
+        out.masked_fill_(~a.keep[:, None, :, None], 0.0)
+    return out.transpose(1, 2)  # (B, Hq, Sq, D) view of (B, Sq, Hq, D)
+
+
+def masked_decode_reference(
+    q,
+    k_cache,
+    v_cache,
+    kv_lens,
+    keep=None,
+    *,
+    window=None,
+    scale=None,
+    return_argmax=False,
+    shared_k=None,
+    shared_v=None,
+    shared_lens=None,
+    row_seg=None,
+    check_values=True,
+):
+    """One query per row over [shared segment] + private cache; see `retmask.kernels.masked_decode`."""
+    a = check_decode(
+        q, k_cache, v_cache, kv_lens, keep, window, scale, shared_k, shared_v, shared_lens, row_seg,
+        check_values,
+    )
+    g = a.hq // a.hkv
+    out = torch.zeros(a.b, a.hq, a.d, dtype=q.dtype, device=q.device)  # (B, Hq, D)
+    pos = torch.full((a.b, a.hq), -1, dtype=torch.int64, device=q.device)  # (B, Hq)
+    score = torch.full((a.b, a.hq), float("-inf"), dtype=torch.float32, device=q.device)
+    lens = a.kv_lens.tolist()
+    segs = a.shared.seg.tolist() if a.shared is not None else [-1] * a.b
+    seg_lens = a.shared.lens.tolist() if a.shared is not None else []
+    for b in range(a.b):
+        ks, vs = [k_cache[b, :, : lens[b]]], [v_cache[b, :, : lens[b]]]  # (Hkv, L, D)
+        if segs[b] >= 0:
+            n = seg_lens[segs[b]]
+            ks.insert(0, a.shared.k[segs[b], :, :n])
+            vs.insert(0, a.shared.v[segs[b], :, :n])
+        kb = torch.cat(ks, dim=1).float()  # (Hkv, T, D)
+        vb = torch.cat(vs, dim=1).float()
+        t = kb.shape[1]
+        if t == 0:
+            continue
+        s = torch.matmul(q[b].float().view(a.hkv, g, a.d), kb.transpose(-1, -2)) * a.scale  # (Hkv, G, T)
+        if a.window is not None:
+            s[..., : max(0, t - a.window)] = float("-inf")
+        p = torch.softmax(s, dim=-1)
+        out[b] = torch.matmul(p, vb).reshape(a.hq, a.d).to(q.dtype)
+        best, arg = s.reshape(a.hq, t).max(dim=-1)  # first maximum: ties go to the lowest position
+        pos[b], score[b] = arg, best
+    if a.keep is not None:
+        out.masked_fill_(~a.keep[:, :, None], 0.0)
+        pos.masked_fill_(~a.keep, -1)
+        score.masked_fill_(~a.keep, float("-inf"))
+    return (out, pos, score) if return_argmax else out

@@ -1,0 +1,13 @@
+from setuptools import setup
+
+setup(
+    name="retmask",
+    version="0.1.0",
+    description="Masked-head attention engine and the RetMask retrieval-head DPO pipeline",
+    python_requires=">=3.10",
+    packages=["retmask", "retmask.kernels"],
+    package_dir={"retmask": "retmask", "retmask.kernels": "kernels"},
+    install_requires=["torch>=2.11", "triton>=3.6; platform_system=='Linux'", "numpy", "tabulate"],
+    extras_require={"test": ["pytest>=8"], "plot": ["matplotlib"]},
+    entry_points={"console_scripts": ["retmask=retmask.cli:main"]},
+)
