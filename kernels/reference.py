@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_attention, check_decode
+from ._launch import alloc
 
 _Q_CHUNK = 1024  # queries per step of the prefill reference: bounds the (chunk, Skv) score tile
 
@@ -21,7 +22,7 @@ def masked_attention_reference(
     """Causal masked attention, bottom-right aligned; see `retmask.kernels.masked_attention`."""
     a = check_attention(q, k, v, keep, kv_lens, window, scale, check_values)
     g = a.hq // a.hkv
-    out = torch.empty(a.b, a.sq, a.hq, a.d, dtype=q.dtype, device=q.device)  # (B, Sq, Hq, D)
+    out = alloc(a.b, a.sq, a.hq, a.d, dtype=q.dtype, device=q.device)  # (B, Sq, Hq, D)
     qf = q.float().view(a.b, a.hkv, g, a.sq, a.d)  # (B, Hkv, G, Sq, D)
     kf = k.float().unsqueeze(2)  # (B, Hkv, 1, Skv, D)
     vf = v.float().unsqueeze(2)

@@ -1,0 +1,29 @@
+"""Test set-up: Triton runs in its CPU interpreter unless a GPU run asks otherwise."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (bf16 and large shapes); skipped without one")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every buffer the kernels allocate starts as NaN (floats) or -7 (ints)."""
+    from retmask.kernels import _launch
+
+    monkeypatch.setattr(_launch, "POISON", True)
