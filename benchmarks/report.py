@@ -1,0 +1,98 @@
+"""Build the README's benchmark tables from the newest run in each results CSV.
+
+    python benchmarks/report.py            # rewrite the README between the bench markers
+    python benchmarks/report.py --print    # print the tables only
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import benchlib
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _pivot(rows, row_key, col_key, val_key, fmt=lambda v: v):
+    cols = []
+    for r in rows:
+        if r[col_key] not in cols:
+            cols.append(r[col_key])
+    keys = sorted({int(r[row_key]) for r in rows})
+    lines = ["| " + " | ".join([row_key] + cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for k in keys:
+        cells = []
+        for c in cols:
+            hit = [r for r in rows if int(r[row_key]) == k and r[col_key] == c]
+            cells.append(fmt(hit[0][val_key]) if hit and hit[0][val_key] else "–")
+        lines.append("| " + " | ".join([f"{k // 1024}K" if k >= 1024 else str(k)] + cells) + " |")
+    return "\n".join(lines)
+
+
+def _footnote(rows):
+    r = rows[0]
+    return (f"\n\n<sub>{r['device']}; torch {r['torch']}, triton {r['triton']}; commit {r['commit']}; "
+            f"run {r['run']}.</sub>")
+
+
+def prefill_section() -> str:
+    rows = benchlib.read_latest(benchlib.RESULTS / "prefill.csv")
+    if not rows:
+        return "_No GPU results committed yet: run `make bench-gpu` on a CUDA machine._"
+    none_off = [r for r in rows if float(r["off"]) == 0]
+    out = ["Useful TFLOP/s, no head off:\n", _pivot(none_off, "length", "provider", "tflops")]
+    half = [r for r in rows if r["provider"] == "retmask" and r["vs_none_off"]]
+    if half:
+        out += ["\n\nretmask time relative to no head off (target: <= 0.55 at 50 %):\n",
+                _pivot(half, "length", "off", "vs_none_off")]
+    return "".join(out) + _footnote(rows)
+
+
+def decode_section() -> str:
+    rows = benchlib.read_latest(benchlib.RESULTS / "decode.csv")
+    if not rows:
+        return "_No GPU results committed yet: run `make bench-gpu` on a CUDA machine._"
+    lens = [r for r in rows if r["sweep"] == "length" and float(r["off"]) == 0]
+    out = [f"GB/s of K/V read, no head off (measured copy bandwidth {rows[0]['copy_gbs']} GB/s):\n",
+           _pivot(lens, "length", "provider", "gbs")]
+    am = [dict(r, what="argmax cost") for r in rows if r["provider"] == "retmask+argmax" and r["sweep"] == "length"
+          and float(r["off"]) == 0]
+    if am:
+        out += ["\n\nArgmax cost (time with / without; target <= 1.05):\n", _pivot(am, "length", "what", "ratio")]
+    sh = [dict(r, what=f"{r['rows_per_group']} rows" + (" (unshared)" if "unshared" in r["provider"] else ""))
+          for r in rows if r["sweep"] == "shared"]
+    if sh:
+        out += ["\n\nA group on one shared segment, time relative to one row (target <= 1.2 at 4 rows):\n",
+                _pivot(sh, "length", "what", "ratio")]
+    return "".join(out) + _footnote(rows)
+
+
+SECTIONS = {"prefill": prefill_section, "decode": decode_section}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--print", action="store_true", help="print the tables instead of editing README.md")
+    args = ap.parse_args(argv)
+    text = README.read_text()
+    for name, fn in SECTIONS.items():
+        body = fn()
+        if args.print:
+            print(f"## {name}\n{body}\n")
+            continue
+        pat = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.S)
+        if not pat.search(text):
+            print(f"README.md has no <!-- bench:{name} --> markers", file=sys.stderr)
+            return 1
+        text = pat.sub(lambda m: m.group(1) + body + m.group(2), text)
+    if not args.print:
+        README.write_text(text)
+        print("README.md tables updated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
