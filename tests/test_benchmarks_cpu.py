@@ -1,0 +1,58 @@
+"""The benchmark scripts' tiny CPU mode runs end to end, so the scripts cannot rot without a GPU."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(script, out, *extra):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    env.pop("RETMASK_BACKEND", None)
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--out", str(out), *extra],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("script,providers", [
+    ("bench_prefill.py", {"retmask", "reference", "sdpa-math", "flex"}),
+    ("bench_decode.py", {"retmask", "retmask+argmax", "reference", "sdpa-math", "flex"}),
+])
+def test_tiny_mode(tmp_path, script, providers):
+    out = tmp_path / "r.csv"
+    p = _run(script, out)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = list(csv.DictReader(open(out)))
+    assert {r["provider"] for r in rows} >= providers
+    for r in rows:  # every row carries where and what it ran on
+        assert r["device"] and r["torch"] and r["triton"] and r["commit"] and r["run"]
+        assert r["max_diff"] == "" or float(r["max_diff"]) < 1e-4  # all providers agree with retmask
+    assert out.with_suffix(".png").exists()
+    assert "| provider" in p.stdout.splitlines()[-len(rows) - 2]  # the table comes last
+    # a second run appends, with the same header
+    assert _run(script, out).returncode == 0
+    assert len(list(csv.DictReader(open(out)))) == 2 * len(rows)
+
+
+def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import benchlib
+        import report
+    finally:
+        sys.path.pop(0)
+    assert _run("bench_prefill.py", tmp_path / "prefill.csv").returncode == 0
+    assert _run("bench_decode.py", tmp_path / "decode.csv").returncode == 0
+    monkeypatch.setattr(benchlib, "RESULTS", tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- bench:prefill -->\nold\n<!-- /bench:prefill -->\nb\n"
+                      "<!-- bench:decode -->\nold\n<!-- /bench:decode -->\n")
+    monkeypatch.setattr(report, "README", readme)
+    assert report.main([]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "| length | retmask |" in text and "Argmax cost" in text
+    assert "commit" in text
