@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.10",
     packages=["retmask", "retmask.kernels"],
     package_dir={"retmask": "retmask", "retmask.kernels": "kernels"},
-    install_requires=["torch>=2.11", "triton>=3.6; platform_system=='Linux'", "numpy", "tabulate"],
+    install_requires=["torch>=2.11", "triton>=3.6; platform_system=='Linux'", "numpy", "tabulate", "transformers>=5.17"],
     extras_require={"test": ["pytest>=8"], "plot": ["matplotlib"]},
     entry_points={"console_scripts": ["retmask=retmask.cli:main"]},
 )

@@ -1,0 +1,505 @@
+"""The engine: several policies of one Hugging Face causal LM in one batched pass over one copy of
+the weights, with the KV cache shared wherever the sharing rule proves it identical.
+
+A *group* is one prompt and its rows, one row per *policy* (heads off + mask scope). The prompt,
+minus its last token, is prefilled in chunks: layers below the group's *shared depth* `Lsh` run once
+per group and their KV is stored once in a pool segment; from layer `Lsh` on, the hidden states are
+expanded to one per row and each row keeps its own prompt KV. `Lsh` is the lowest layer holding a
+head that is off over the prompt in any row of the group (all layers when every row leaves the
+prompt intact: the original policy, or scope `generated`). Decoding starts from the last prompt
+token, so every generated token has its step (and its per-head argmax when asked), and rows of all
+groups decode together in fixed slots; a finished row frees its slot for the next waiting group.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from retmask.kernels import masked_attention, masked_decode
+
+from . import hf
+from .heads import HeadSet
+from .sampling import Sampling, next_tokens
+
+SCOPES = ("all", "generated")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Heads to switch off (None: the original) and where: scope `all` (every position, the
+    paper's zeroed-column checkpoint) or `generated` (generated positions only; the prompt is read
+    by the intact model)."""
+
+    heads: HeadSet | None = None
+    scope: str = "all"
+    name: str = ""
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope={self.scope!r}: use 'all' or 'generated'")
+        if self.heads is not None and len(self.heads) == 0:
+            object.__setattr__(self, "heads", None)
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return "original" if self.heads is None else f"off{len(self.heads)}-{self.scope}"
+
+    def prompt_depth(self, n_layers: int) -> int:
+        """Layers whose prompt KV this policy leaves identical to the original's."""
+        if self.heads is None or self.scope == "generated":
+            return n_layers
+        return self.heads.lowest_layer
+
+
+ORIGINAL = Policy(None, "all", "original")
+
+
+@dataclass
+class Group:
+    prompt: Sequence[int]
+    policies: Sequence[Policy]
+    seeds: Sequence[int] | None = None  # one per row (default: the engine's seed + row index)
+    key: Any = None
+
+
+@dataclass
+class RowResult:
+    policy: str
+    tokens: list[int]
+    finish: str  # "eos", "stop", "length"
+    argmax: torch.Tensor | None = None  # (T, layers, heads) key positions, -1 for heads off
+    logits: torch.Tensor | None = None  # (T, vocab) when GenConfig.keep_logits
+
+
+@dataclass
+class GroupResult:
+    key: Any
+    prompt_len: int
+    rows: list[RowResult]
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    max_new_tokens: int = 256
+    sampling: Sampling = field(default_factory=Sampling)
+    eos_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    return_argmax: bool = False
+    keep_logits: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+
+
+class _Prefill:
+    """Attention context of one prefill batch: staging KV, chunk geometry, the expansion point."""
+
+    owns_masks = True
+
+    def __init__(self, eng: "Engine", n_groups: int, rows: int, lsh: int, plen: int, keep: torch.Tensor,
+                 row2group: torch.Tensor):
+        d, dev = eng.d, eng.device
+        self.eng, self.lsh, self.plen = eng, lsh, plen
+        self.n_groups, self.rows, self.row2group = n_groups, rows, row2group
+        self.keep = keep  # (R, L, Hq)
+        self.layer_all_on = keep.all(-1).all(0).tolist()  # (L,)
+        shape = lambda n: (n, d.n_kv_heads, plen + 1, d.head_dim)  # noqa: E731  (+1: a trash slot for pads)
+        self.k = [torch.zeros(shape(n_groups if l < lsh else rows), dtype=eng.dtype, device=dev) for l in range(d.n_layers)]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.dest = {}  # batch size -> (N, C) destination index of each chunk position
+        self.kv_lens = {}
+
+    def set_chunk(self, start: int, size: int, pads_g: torch.Tensor):
+        """Chunk covers padded indices [start, start + size); pads_g (G,) left padding per group."""
+        idx = torch.arange(start, start + size, device=pads_g.device)
+        for n, pads in ((self.n_groups, pads_g), (self.rows, pads_g[self.row2group])):
+            p = idx[None, :] - pads[:, None]  # (N, C) cache position of each chunk token
+            self.dest[n] = torch.where(p >= 0, p, self.plen)
+            self.kv_lens[n] = (start + size - pads).clamp(min=0).to(torch.int32)
+
+    def attend(self, module, q, k, v, scaling, window):
+        l = module.layer_idx
+        n, c = q.shape[0], q.shape[2]
+        d = self.dest[n]  # (N, C)
+        idx = d[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        self.k[l].scatter_(2, idx, k)
+        self.v[l].scatter_(2, idx, v)
+        keep = None if (l < self.lsh or self.layer_all_on[l]) else self.keep[:, l]
+        out = masked_attention(q, self.k[l][:, :, : self.plen], self.v[l][:, :, : self.plen], keep,
+                               kv_lens=self.kv_lens[n], window=window, scale=scaling, check_values=False)
+        return out.transpose(1, 2)  # (N, C, Hq, D)
+
+    def expand(self, layer: int, t: torch.Tensor) -> torch.Tensor:
+        if layer >= self.lsh and t.shape[0] == self.n_groups and self.n_groups != self.rows:
+            return t.index_select(0, self.row2group)
+        return t
+
+
+class _Decode:
+    """Attention context of one decode step over all slots."""
+
+    owns_masks = True
+
+    def __init__(self, eng: "Engine", keep: torch.Tensor, layer_all_on: list[bool], want_argmax: bool):
+        self.eng, self.keep, self.layer_all_on = eng, keep, layer_all_on
+        self.argmax = torch.full((eng.slots, eng.d.n_layers, eng.d.n_heads), -1, dtype=torch.int64,
+                                 device=eng.device) if want_argmax else None
+
+    def attend(self, module, q, k, v, scaling, window):
+        e, l = self.eng, module.layer_idx
+        ar = e._slot_ids
+        e.k[l][ar, :, e.kv_len[l].long()] = k[:, :, 0]  # the new token's K/V at each row's private end
+        e.v[l][ar, :, e.kv_len[l].long()] = v[:, :, 0]
+        keep = None if self.layer_all_on[l] else self.keep[:, l]
+        shared = {}
+        if e.layer_shared[l]:
+            shared = dict(shared_k=e.pk[l], shared_v=e.pv[l], shared_lens=e.pool_len, row_seg=e.row_seg[l],
+                          max_group_rows=e.max_group_rows)
+        res = masked_decode(q[:, :, 0], e.k[l], e.v[l], e.kv_len[l] + 1, keep, window=window, scale=scaling,
+                            return_argmax=self.argmax is not None, check_values=False, **shared)
+        if self.argmax is not None:
+            res, pos, _ = res
+            self.argmax[:, l] = pos
+        return res[:, None]  # (S, 1, Hq, D)
+
+    def expand(self, layer, t):
+        return t
+
+
+class Engine:
+    """Batched multi-policy generation over one Hugging Face causal LM (Llama, Qwen3, OLMo-3).
+
+    Args:
+        model: a loaded causal LM; it is switched to retmask attention (`hf.attach`).
+        tokenizer: needed only for stop strings.
+        slots: rows decoded together. Or give `kv_budget_gb` and the engine sizes it.
+        max_len: per-row context capacity (prompt + new tokens).
+        chunk: prefill chunk length (tokens).
+        sharing: store identical prompt KV once per group (off: every row has its own, for checks).
+        on_too_long: "error" (default) or "skip" for a prompt that cannot fit `max_len`.
+    """
+
+    def __init__(self, model, tokenizer=None, *, slots: int | None = None, kv_budget_gb: float | None = None,
+                 max_len: int = 4096, chunk: int = 1024, sharing: bool = True, on_too_long: str = "error"):
+        hf.attach(model)
+        self.model, self.tokenizer = model, tokenizer
+        self.d = hf.dims(model)
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        if on_too_long not in ("error", "skip"):
+            raise ValueError(f"on_too_long={on_too_long!r}: use 'error' or 'skip'")
+        if chunk < 1 or max_len < 2:
+            raise ValueError("chunk must be >= 1 and max_len >= 2")
+        self.max_len, self.chunk, self.sharing, self.on_too_long = max_len, chunk, sharing, on_too_long
+        per_slot = self.bytes_per_slot()
+        if slots is None:
+            if kv_budget_gb is None:
+                raise ValueError("give slots (rows decoded together) or kv_budget_gb (KV memory to use)")
+            slots = int(kv_budget_gb * 1e9 // per_slot)
+            if slots < 1:
+                raise ValueError(f"kv_budget_gb={kv_budget_gb}: one row needs {per_slot / 1e9:.3f} GB at "
+                                 f"max_len={max_len}; raise the budget or lower max_len")
+        self.slots = slots
+        self.skipped = 0
+        self._ctx = None
+        self._hooks = [layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
+                       for i, layer in enumerate(model.model.layers)]
+        self._alloc()
+
+    def bytes_per_slot(self) -> int:
+        """Private K/V of one row plus (at worst) one pool segment, all layers."""
+        d = self.d
+        elt = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
+        return 2 * 2 * d.n_layers * d.n_kv_heads * self.max_len * d.head_dim * elt
+
+    # ---- storage -------------------------------------------------------------------------
+    def _alloc(self):
+        d, s, dev = self.d, self.slots, self.device
+        kv = (s, d.n_kv_heads, self.max_len, d.head_dim)
+        self.k = [torch.zeros(kv, dtype=self.dtype, device=dev) for _ in range(d.n_layers)]
+        self.v = [torch.zeros(kv, dtype=self.dtype, device=dev) for _ in range(d.n_layers)]
+        self.pk = [torch.zeros(kv, dtype=self.dtype, device=dev) for _ in range(d.n_layers)]
+        self.pv = [torch.zeros(kv, dtype=self.dtype, device=dev) for _ in range(d.n_layers)]
+        self.pool_len = torch.zeros(s, dtype=torch.int32, device=dev)
+        self.kv_len = torch.zeros(d.n_layers, s, dtype=torch.int32, device=dev)  # private keys per layer, row
+        self.row_seg = torch.full((d.n_layers, s), -1, dtype=torch.int32, device=dev)
+        self._slot_ids = torch.arange(s, device=dev)
+
+    def _make_hook(self, layer: int):
+        def hook(module, args, kwargs):
+            ctx = self._ctx
+            if ctx is None:
+                return None
+            if args:
+                args = (ctx.expand(layer, args[0]),) + tuple(args[1:])
+            elif "hidden_states" in kwargs:
+                kwargs["hidden_states"] = ctx.expand(layer, kwargs["hidden_states"])
+            pe = kwargs.get("position_embeddings")
+            if isinstance(pe, tuple):
+                kwargs["position_embeddings"] = tuple(ctx.expand(layer, t) for t in pe)
+            return args, kwargs
+
+        return hook
+
+    def close(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # ---- generation ------------------------------------------------------------------------
+    def generate(self, groups: Sequence[Group], cfg: GenConfig, progress=None) -> Iterator[GroupResult]:
+        """Yield each group's result as soon as all its rows finish (not in input order).
+
+        `progress(n_tokens)` is called after each step with the tokens it produced."""
+        groups = list(groups)
+        self._check(groups, cfg)
+        queue = deque(groups)
+        d, S = self.d, self.slots
+        st = _Slots(S)
+        st.keep_prompt = torch.ones(S, d.n_layers, d.n_heads, dtype=torch.bool)
+        st.keep_gen = torch.ones(S, d.n_layers, d.n_heads, dtype=torch.bool)
+        results: dict[int, list] = {}
+        while queue or st.active_count:
+            admitted = []
+            while queue and len(queue[0].policies) <= st.free_count():
+                g = queue.popleft()
+                if self._too_long(g, cfg):
+                    self.skipped += 1
+                    continue
+                admitted.append((g, st.take(len(g.policies))))
+            if admitted:
+                self._prefill(admitted, st, cfg)
+                for g, rows in admitted:
+                    results[id(g)] = [None] * len(rows)
+            if not st.active_count:
+                continue
+            toks = self._step(st, cfg)
+            if progress is not None:
+                progress(len(toks))
+            for slot, res in toks:
+                gid, row = st.group[slot], st.row[slot]
+                results[gid][row] = res
+                g = st.groups[gid]
+                st.release(slot)
+                if all(r is not None for r in results[gid]):
+                    self._free_group(st, gid)
+                    yield GroupResult(g.key, len(g.prompt), results.pop(gid))
+
+    def _check(self, groups, cfg):
+        for i, g in enumerate(groups):
+            if len(g.prompt) < 1:
+                raise ValueError(f"group {i} (key {g.key!r}): empty prompt")
+            if not g.policies:
+                raise ValueError(f"group {i} (key {g.key!r}): no policies (rows)")
+            if len(g.policies) > self.slots:
+                raise ValueError(f"group {i}: {len(g.policies)} rows but the engine has {self.slots} slots")
+            if g.seeds is not None and len(g.seeds) != len(g.policies):
+                raise ValueError(f"group {i}: {len(g.seeds)} seeds for {len(g.policies)} rows")
+            for p in g.policies:
+                if p.heads is not None:
+                    p.heads.validate(self.d.n_layers, self.d.n_heads)
+            if self.on_too_long == "error" and self._too_long(g, cfg):
+                raise ValueError(f"group {i} (key {g.key!r}): prompt of {len(g.prompt)} tokens + max_new_tokens="
+                                 f"{cfg.max_new_tokens} does not fit max_len={self.max_len}; raise max_len or "
+                                 "use on_too_long='skip'")
+        if cfg.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer: Engine(model, tokenizer, ...)")
+
+    def _too_long(self, g, cfg) -> bool:
+        return len(g.prompt) - 1 + cfg.max_new_tokens > self.max_len
+
+    def _prefill(self, admitted, st: "_Slots", cfg: GenConfig):
+        d = self.d
+        by_depth: dict[int, list] = {}
+        for g, rows in admitted:
+            depth = min(p.prompt_depth(d.n_layers) for p in g.policies) if self.sharing else 0
+            by_depth.setdefault(depth, []).append((g, rows))
+        for lsh, batch in by_depth.items():
+            self._prefill_batch(batch, lsh, st, cfg)
+
+    @torch.no_grad()
+    def _prefill_batch(self, batch, lsh: int, st: "_Slots", cfg: GenConfig):
+        d, dev = self.d, self.device
+        plen = max(len(g.prompt) - 1 for g, _ in batch)  # the last prompt token is the first decode input
+        segs = [st.take_seg() for _ in batch]
+        slots = [s for _, rows in batch for s in rows]
+        row2group = torch.tensor([gi for gi, (g, rows) in enumerate(batch) for _ in rows], device=dev)
+        keep = torch.stack([self._keep_row(p, prompt=True) for g, _ in batch for p in g.policies])  # (R, L, Hq)
+        if plen > 0:
+            ctx = _Prefill(self, len(batch), len(slots), lsh, plen, keep.to(dev), row2group)
+            pads = torch.tensor([plen - (len(g.prompt) - 1) for g, _ in batch], device=dev)
+            ids = torch.zeros(len(batch), plen, dtype=torch.long, device=dev)
+            for gi, (g, _) in enumerate(batch):
+                n = len(g.prompt) - 1
+                if n:
+                    ids[gi, plen - n :] = torch.as_tensor(list(g.prompt[:-1]), device=dev)
+            pos = (torch.arange(plen, device=dev)[None, :] - pads[:, None]).clamp(min=0)
+            self._ctx = ctx
+            try:
+                with hf.active(ctx):
+                    for start in range(0, plen, self.chunk):
+                        size = min(self.chunk, plen - start)
+                        ctx.set_chunk(start, size, pads)
+                        self.model.model(input_ids=ids[:, start : start + size],
+                                         position_ids=pos[:, start : start + size], use_cache=False)
+            finally:
+                self._ctx = None
+            seg_t = torch.tensor(segs, device=dev)
+            slot_t = torch.tensor(slots, device=dev)
+            for l in range(d.n_layers):
+                if l < lsh:
+                    self.pk[l][seg_t, :, :plen] = ctx.k[l][:, :, :plen]
+                    self.pv[l][seg_t, :, :plen] = ctx.v[l][:, :, :plen]
+                else:
+                    self.k[l][slot_t, :, :plen] = ctx.k[l][:, :, :plen]
+                    self.v[l][slot_t, :, :plen] = ctx.v[l][:, :, :plen]
+        for gi, (g, rows) in enumerate(batch):
+            n = len(g.prompt) - 1
+            self.pool_len[segs[gi]] = n
+            gid = id(g)
+            st.groups[gid] = g
+            st.group_seg[gid] = segs[gi]
+            for r, slot in enumerate(rows):
+                pol = g.policies[r]
+                seed = g.seeds[r] if g.seeds is not None else cfg.seed + r
+                st.start(slot, gid, r, pol, seed, g.prompt[-1], n)
+                st.keep_prompt[slot] = self._keep_row(pol, prompt=True)
+                st.keep_gen[slot] = self._keep_row(pol, prompt=False)
+                self.kv_len[:, slot] = torch.tensor([0 if l < lsh else n for l in range(d.n_layers)],
+                                                    dtype=torch.int32)
+                self.row_seg[:, slot] = torch.tensor([segs[gi] if l < lsh and n > 0 else -1
+                                                      for l in range(d.n_layers)], dtype=torch.int32)
+        self._refresh_layout(st)
+
+    def _keep_row(self, p: Policy, prompt: bool) -> torch.Tensor:
+        """(L, Hq) keep bitmap of a policy at a prompt position or a generated one."""
+        d = self.d
+        keep = torch.ones(d.n_layers, d.n_heads, dtype=torch.bool)
+        if p.heads is not None and (not prompt or p.scope == "all"):
+            for layer, h in p.heads:
+                keep[layer, h] = False
+        return keep
+
+    def _refresh_layout(self, st: "_Slots"):
+        self.layer_shared = (self.row_seg >= 0).any(1).tolist()
+        counts = {}
+        for slot in range(self.slots):
+            if st.active[slot]:
+                counts[st.group[slot]] = counts.get(st.group[slot], 0) + 1
+        self.max_group_rows = max(counts.values(), default=1)
+
+    def _free_group(self, st: "_Slots", gid: int):
+        seg = st.group_seg.pop(gid)
+        st.free_segs.append(seg)
+        st.groups.pop(gid)
+        self._refresh_layout(st)
+
+    @torch.no_grad()
+    def _step(self, st: "_Slots", cfg: GenConfig):
+        d, dev = self.d, self.device
+        active = torch.tensor(st.active, device=dev)
+        keep = torch.where(torch.tensor(st.in_prompt)[:, None, None], st.keep_prompt, st.keep_gen)
+        keep &= torch.tensor(st.active)[:, None, None]  # idle slots: every head off, nothing read
+        layer_all_on = keep.all(-1).all(0).tolist()
+        ctx = _Decode(self, keep.to(dev), layer_all_on, cfg.return_argmax)
+        ids = torch.tensor(st.next_in, device=dev)[:, None]
+        pos = torch.tensor(st.pos, device=dev)[:, None]
+        with hf.active(ctx):
+            logits = self.model(input_ids=ids, position_ids=pos, use_cache=False).logits[:, -1]  # (S, V)
+        self.kv_len += active.to(torch.int32)[None, :]
+        seeds = torch.tensor(st.seed, dtype=torch.int64)
+        steps = torch.tensor(st.n_gen, dtype=torch.int64)
+        tok = next_tokens(logits, cfg.sampling, seeds, steps).tolist()
+        am = ctx.argmax.cpu() if cfg.return_argmax else None  # one transfer per step
+        lg = logits.float().cpu() if cfg.keep_logits else None
+        done = []
+        for slot in range(self.slots):
+            if not st.active[slot]:
+                continue
+            t = tok[slot]
+            st.tokens[slot].append(t)
+            if cfg.return_argmax:
+                st.argmax[slot].append(am[slot])
+            if cfg.keep_logits:
+                st.logits[slot].append(lg[slot])
+            st.n_gen[slot] += 1
+            st.next_in[slot], st.pos[slot], st.in_prompt[slot] = t, st.pos[slot] + 1, False
+            finish = None
+            if t in cfg.eos_ids:
+                finish = "eos"
+            elif cfg.stop_strings and self._hit_stop(st.tokens[slot], cfg.stop_strings):
+                finish = "stop"
+            elif st.n_gen[slot] >= cfg.max_new_tokens:
+                finish = "length"
+            if finish:
+                res = RowResult(st.policy[slot].label, list(st.tokens[slot]), finish,
+                                torch.stack(st.argmax[slot]) if cfg.return_argmax else None,
+                                torch.stack(st.logits[slot]) if cfg.keep_logits else None)
+                done.append((slot, res))
+        for slot, _ in done:
+            self.kv_len[:, slot] = 0
+            self.row_seg[:, slot] = -1
+        return done
+
+    def _hit_stop(self, tokens: list[int], stops: tuple[str, ...]) -> bool:
+        tail = self.tokenizer.decode(tokens[-16:], skip_special_tokens=False)
+        return any(s in tail for s in stops)
+
+
+class _Slots:
+    """Host-side state of the decode slots."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.active = [False] * n
+        self.group = [None] * n
+        self.row = [0] * n
+        self.policy = [None] * n
+        self.seed = [0] * n
+        self.next_in = [0] * n
+        self.pos = [0] * n
+        self.n_gen = [0] * n
+        self.in_prompt = [False] * n
+        self.tokens = [[] for _ in range(n)]
+        self.argmax = [[] for _ in range(n)]
+        self.logits = [[] for _ in range(n)]
+        self.keep_prompt = None
+        self.keep_gen = None
+        self.free_segs = list(range(n))
+        self.groups, self.group_seg = {}, {}
+        self._free = list(range(n))
+
+    @property
+    def active_count(self) -> int:
+        return sum(self.active)
+
+    def free_count(self) -> int:
+        return len(self._free) if self.free_segs else 0
+
+    def take(self, k: int) -> list[int]:
+        out, self._free = self._free[:k], self._free[k:]
+        return out
+
+    def take_seg(self) -> int:
+        return self.free_segs.pop(0)
+
+    def start(self, slot, gid, row, policy, seed, first_in, pos):
+        self.active[slot], self.group[slot], self.row[slot], self.policy[slot] = True, gid, row, policy
+        self.seed[slot], self.next_in[slot], self.pos[slot], self.n_gen[slot] = seed, int(first_in), pos, 0
+        self.in_prompt[slot] = True
+        self.tokens[slot], self.argmax[slot], self.logits[slot] = [], [], []
+
+    def release(self, slot):
+        self.active[slot] = False
+        self.group[slot] = None
+        self._free.append(slot)
+        self._free.sort()

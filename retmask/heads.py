@@ -1,0 +1,190 @@
+"""HeadSet: a set of query heads (`L-H`) with where it came from, and statistics of a score table.
+
+Score files use the reference format `{"layer-head": [per-test scores, ...]}`; a head's score is the
+mean of its list. Selections: threshold tau (mean >= tau), top-k, an explicit list ("15-30,24-27"),
+and the paper's controls of the same size: `random` (from all heads) and `non-retrieval` (from the
+heads below tau, or outside the top-k), both seeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+Head = tuple[int, int]  # (layer, query head)
+
+
+def parse_head(text: str) -> Head:
+    try:
+        layer, head = text.strip().split("-")
+        out = (int(layer), int(head))
+    except ValueError:
+        raise ValueError(f"head {text!r}: expected 'layer-head' with two integers, e.g. '15-30'") from None
+    if out[0] < 0 or out[1] < 0:
+        raise ValueError(f"head {text!r}: layer and head must be >= 0")
+    return out
+
+
+def head_name(h: Head) -> str:
+    return f"{h[0]}-{h[1]}"
+
+
+def load_scores(path: str | Path) -> dict[Head, float]:
+    """Mean score per head from a reference-format JSON file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"scores file {path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"scores file {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"scores file {path}: expected a JSON object {{'layer-head': [scores, ...]}}")
+    out = {}
+    for k, v in raw.items():
+        vals = v if isinstance(v, list) else [v]
+        if not vals or not all(isinstance(x, (int, float)) for x in vals):
+            raise ValueError(f"scores file {path}: head {k!r} needs a non-empty list of numbers")
+        out[parse_head(k)] = sum(vals) / len(vals)
+    return out
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class HeadSet:
+    """Heads to switch off, sorted, with provenance (how they were chosen)."""
+
+    heads: tuple[Head, ...]
+    source: dict = field(default_factory=dict, compare=False)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_list(cls, text: str | list[str] | list[Head]) -> "HeadSet":
+        items = [t for t in text.split(",") if t.strip()] if isinstance(text, str) else list(text)
+        heads = sorted({parse_head(h) if isinstance(h, str) else (int(h[0]), int(h[1])) for h in items})
+        return cls(tuple(heads), {"kind": "list"})
+
+    @classmethod
+    def from_scores(cls, scores: dict[Head, float] | str | Path, *, tau: float | None = None,
+                    topk: int | None = None, control: str | None = None, seed: int = 42,
+                    n_layers: int | None = None, n_heads: int | None = None) -> "HeadSet":
+        """Heads with mean >= tau, or the top-k; with `control`, a same-size random or
+        non-retrieval set instead (seeded). `n_layers`/`n_heads` give the universe for `random`
+        (default: the heads in the score table)."""
+        src: dict = {}
+        if not isinstance(scores, dict):
+            src = {"file": str(scores), "sha256": file_sha256(scores)}
+            scores = load_scores(scores)
+        if (tau is None) == (topk is None):
+            raise ValueError("give exactly one of tau (mean score >= tau) or topk (the k best heads)")
+        ranked = sorted(scores, key=lambda h: (-scores[h], h))
+        if tau is not None:
+            chosen = [h for h in ranked if scores[h] >= tau]
+            src.update(kind="tau", tau=tau)
+        else:
+            if topk < 1 or topk > len(ranked):
+                raise ValueError(f"topk={topk}: must lie in [1, {len(ranked)}] (heads in the score table)")
+            chosen = ranked[:topk]
+            src.update(kind="topk", topk=topk)
+        if not chosen:
+            best = scores[ranked[0]]
+            raise ValueError(f"tau={tau}: no head has a mean score >= tau (the best is {best:.4f}); lower tau")
+        if control is not None:
+            rng = random.Random(seed)
+            if control == "random":
+                if n_layers is not None and n_heads is not None:
+                    pool = [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
+                else:
+                    pool = sorted(scores)
+            elif control == "non-retrieval":
+                sel = set(chosen)
+                pool = sorted(h for h in scores if h not in sel)
+            else:
+                raise ValueError(f"control={control!r}: use 'random' or 'non-retrieval'")
+            if len(pool) < len(chosen):
+                raise ValueError(f"control={control}: only {len(pool)} heads to draw {len(chosen)} from")
+            chosen = rng.sample(pool, len(chosen))
+            src.update(control=control, seed=seed)
+        return cls(tuple(sorted(chosen)), src)
+
+    # ---- use ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def __iter__(self):
+        return iter(self.heads)
+
+    @property
+    def lowest_layer(self) -> int | None:
+        return min((h[0] for h in self.heads), default=None)
+
+    def names(self) -> list[str]:
+        return [head_name(h) for h in self.heads]
+
+    def validate(self, n_layers: int, n_heads: int) -> "HeadSet":
+        for layer, h in self.heads:
+            if layer >= n_layers or h >= n_heads:
+                raise ValueError(
+                    f"head {layer}-{h} does not exist in this model ({n_layers} layers x {n_heads} query heads); "
+                    "are the heads from another model?"
+                )
+        return self
+
+    def digest(self) -> str:
+        return hashlib.sha256(",".join(self.names()).encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return json.dumps({"heads": self.names(), "source": self.source, "sha": self.digest()}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "HeadSet":
+        d = json.loads(text)
+        return cls(tuple(sorted(parse_head(h) for h in d["heads"])), d.get("source", {}))
+
+
+@dataclass(frozen=True)
+class ScoreStats:
+    n_heads: int
+    count_at: dict  # threshold -> heads with mean >= threshold
+    gini: float
+    top1_share: float  # share of the total score held by the best 1 % of heads
+    top5_share: float
+    lowest_layer_at: dict  # threshold -> lowest layer holding a selected head
+
+    def as_rows(self) -> list[list]:
+        rows = [["heads scored", self.n_heads], ["Gini of mean scores", f"{self.gini:.3f}"],
+                ["score share of top 1 % heads", f"{self.top1_share:.1%}"],
+                ["score share of top 5 % heads", f"{self.top5_share:.1%}"]]
+        for t, c in self.count_at.items():
+            rows.append([f"heads with mean >= {t}", f"{c} (lowest layer {self.lowest_layer_at[t]})"])
+        return rows
+
+
+def score_stats(scores: dict[Head, float], thresholds=(0.5, 0.1, 0.05, 0.01)) -> ScoreStats:
+    """Sparsity of a score table: the paper's predictor of how much RetMask helps."""
+    vals = sorted(max(0.0, v) for v in scores.values())
+    n, total = len(vals), sum(vals)
+    # Gini = sum_i (2i - n - 1) x_i / (n sum x), x ascending, i from 1
+    gini = sum((2 * i - n - 1) * x for i, x in enumerate(vals, 1)) / (n * total) if total > 0 else 0.0
+    desc = vals[::-1]
+
+    def share(frac):
+        k = max(1, round(frac * n))
+        return sum(desc[:k]) / total if total > 0 else 0.0
+
+    count_at, low_at = {}, {}
+    for t in thresholds:
+        sel = [h for h, v in scores.items() if v >= t]
+        count_at[t] = len(sel)
+        low_at[t] = min((h[0] for h in sel), default=None)
+    return ScoreStats(n, count_at, gini, share(0.01), share(0.05), low_at)
+
+
+def stats_dict(s: ScoreStats) -> dict:
+    return asdict(s)

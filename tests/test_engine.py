@@ -1,0 +1,198 @@
+"""Engine exactness on tiny random Llama, Qwen3 and OLMo-3 models (CPU, reference kernels)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from retmask import hf
+from retmask.engine import ORIGINAL, Engine, GenConfig, Group, Policy
+from retmask.heads import HeadSet
+from retmask.sampling import Sampling
+from tiny_models import FAMILIES, tiny
+
+HEADS = HeadSet.from_list("1-2,2-0,2-3")  # lowest layer 1: layer 0 of the prompt is shared under scope all
+NEW = 9
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    m = tiny(request.param)
+    ref = copy.deepcopy(m)
+    return request.param, m, ref, hf.zeroed_copy(ref, HEADS)
+
+
+def prompts(seed=1, lens=(20, 5, 13, 1, 30, 2)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 97, (n,), generator=g).tolist() for n in lens]
+
+
+def hf_greedy(model, p, n=NEW):
+    return model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(p):].tolist()
+
+
+@pytest.mark.parametrize("sharing,chunk,slots", [(True, 7, 5), (False, 64, 12), (True, 1000, 2)])
+def test_greedy_equals_generate_on_plain_and_zeroed_models(family, sharing, chunk, slots):
+    _, m, ref, zeroed = family
+    ps = prompts()
+    eng = Engine(m, slots=slots, max_len=48, chunk=chunk, sharing=sharing)
+    try:
+        groups = [Group(p, [ORIGINAL, Policy(HEADS)], key=i) for i, p in enumerate(ps)]
+        res = {r.key: r for r in eng.generate(groups, GenConfig(max_new_tokens=NEW))}
+    finally:
+        eng.close()
+    assert sorted(res) == list(range(len(ps)))
+    for i, p in enumerate(ps):
+        assert res[i].rows[0].tokens == hf_greedy(ref, p), f"original row, prompt {i}"
+        assert res[i].rows[1].tokens == hf_greedy(zeroed, p), f"ablated row, prompt {i}"
+        assert res[i].rows[0].finish == "length"
+    assert any(res[i].rows[0].tokens != res[i].rows[1].tokens for i in res)  # the heads matter
+
+
+def test_logits_equal_full_forward(family):
+    """Per-step logits of each row equal a full forward of the plain / zeroed model over the sequence."""
+    _, m, ref, zeroed = family
+    p = prompts(seed=3, lens=(17,))[0]
+    eng = Engine(m, slots=4, max_len=40, chunk=5)
+    try:
+        (res,) = list(eng.generate([Group(p, [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=6, keep_logits=True)))
+    finally:
+        eng.close()
+    for row, model in zip(res.rows, (ref, zeroed)):
+        seq = torch.tensor([p + row.tokens[:-1]])
+        with torch.no_grad():
+            full = model(seq).logits[0, len(p) - 1 :]  # (T, V): the positions that produced each token
+        torch.testing.assert_close(row.logits, full.float(), atol=2e-4, rtol=1e-4)
+
+
+def test_scope_generated_matches_its_definition(family):
+    """Scope generated = the intact model reads the prompt, the zeroed copy reads generated tokens."""
+    _, m, ref, zeroed = family
+    eng = Engine(m, slots=4, max_len=48, chunk=6)
+    pol = Policy(HEADS, scope="generated")
+    try:
+        res = {r.key: r for r in eng.generate([Group(p, [pol, ORIGINAL], key=i) for i, p in enumerate(prompts(5, (12, 25)))],
+                                              GenConfig(max_new_tokens=NEW))}
+    finally:
+        eng.close()
+    for i, p in enumerate(prompts(5, (12, 25))):
+        cache = DynamicCache(config=ref.config)
+        with torch.no_grad():
+            out = ref(torch.tensor([p]), past_key_values=cache, use_cache=True)  # intact over the prompt
+            toks = [int(out.logits[0, -1].argmax())]
+            for _ in range(NEW - 1):  # zeroed copy over generated positions, same cache
+                out = zeroed(torch.tensor([[toks[-1]]]), past_key_values=cache, use_cache=True)
+                toks.append(int(out.logits[0, -1].argmax()))
+        assert res[i].rows[0].tokens == toks
+        assert res[i].rows[1].tokens == hf_greedy(ref, p)
+
+
+def test_rows_do_not_depend_on_batch_mates(family):
+    _, m, *_ = family
+    ps = prompts(7, (9, 21, 4))
+    pols = [ORIGINAL, Policy(HEADS), Policy(HeadSet.from_list("0-1"), name="layer0"), Policy(HEADS, "generated")]
+    cfg = GenConfig(max_new_tokens=NEW, sampling=Sampling(temperature=0.8, top_p=0.9, top_k=20))
+    eng = Engine(m, slots=8, max_len=48, chunk=8)
+    try:
+        together = {r.key: r for r in eng.generate([Group(p, pols, key=i) for i, p in enumerate(ps)], cfg)}
+        alone = {i: next(eng.generate([Group(ps[i], [pols[j]], seeds=[j], key=i)], cfg)) for i in range(3) for j in [1]}
+    finally:
+        eng.close()
+    for i in range(3):
+        assert together[i].rows[1].tokens == alone[i].rows[0].tokens
+
+
+def test_argmax_stream_matches_eager_attention(family):
+    name, m, ref, zeroed = family
+    p = prompts(9, (15,))[0]
+    eng = Engine(m, slots=2, max_len=40, chunk=4)
+    try:
+        (res,) = list(eng.generate([Group(p, [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=5, return_argmax=True)))
+    finally:
+        eng.close()
+    for row, model in zip(res.rows, (ref, zeroed)):
+        seq = torch.tensor([p + row.tokens[:-1]])
+        with torch.no_grad():
+            att = model(seq, output_attentions=True).attentions  # per layer (1, Hq, T, T)
+        want = torch.stack([a[0, :, len(p) - 1 :].argmax(-1) for a in att], 0).permute(2, 0, 1)  # (T, L, Hq)
+        got = row.argmax
+        assert got.shape == want.shape
+        if row is res.rows[1]:
+            for layer, h in HEADS:
+                assert (got[:, layer, h] == -1).all()
+                got[:, layer, h] = want[:, layer, h]
+        assert (got == want).float().mean() > 0.99  # exact but for float near-ties
+
+
+def test_stops_and_finish_reasons(family):
+    _, m, ref, _ = family
+    p = prompts(2, (10,))[0]
+    free = hf_greedy(ref, p, 12)
+    eng = Engine(m, slots=2, max_len=40)
+    try:
+        (r,) = list(eng.generate([Group(p, [ORIGINAL])], GenConfig(max_new_tokens=12, eos_ids=(free[3],))))
+    finally:
+        eng.close()
+    cut = free.index(free[3]) + 1
+    assert r.rows[0].tokens == free[:cut] and r.rows[0].finish == "eos"
+
+
+def test_bad_inputs(family):
+    _, m, *_ = family
+    eng = Engine(m, slots=2, max_len=16)
+    try:
+        with pytest.raises(ValueError, match="does not fit max_len=16"):
+            list(eng.generate([Group(list(range(3, 13)), [ORIGINAL])], GenConfig(max_new_tokens=8)))
+        with pytest.raises(ValueError, match="head 9-0 does not exist"):
+            list(eng.generate([Group([5, 6], [Policy(HeadSet.from_list("9-0"))])], GenConfig(max_new_tokens=2)))
+        with pytest.raises(ValueError, match="3 rows but the engine has 2 slots"):
+            list(eng.generate([Group([5, 6], [ORIGINAL] * 3)], GenConfig(max_new_tokens=2)))
+        with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
+            list(eng.generate([Group([5, 6], [ORIGINAL])], GenConfig(max_new_tokens=2, stop_strings=("x",))))
+    finally:
+        eng.close()
+    skip = Engine(m, slots=2, max_len=16, on_too_long="skip")
+    try:
+        out = list(skip.generate([Group(list(range(3, 13)), [ORIGINAL]), Group([5, 6], [ORIGINAL], key="ok")],
+                                 GenConfig(max_new_tokens=8)))
+    finally:
+        skip.close()
+    assert [r.key for r in out] == ["ok"] and skip.skipped == 1
+
+
+def test_kv_budget_sizes_slots():
+    m = tiny("llama")
+    eng = Engine(m, kv_budget_gb=1e-3, max_len=100)
+    per = eng.bytes_per_slot()
+    assert eng.slots == int(1e-3 * 1e9 // per) and eng.slots >= 1
+    eng.close()
+    with pytest.raises(ValueError, match="kv_budget_gb"):
+        Engine(m, kv_budget_gb=1e-9, max_len=100)
+
+
+def test_unsupported_architecture():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        hf.attach(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)))
+
+
+def test_policies_context_for_plain_transformers(family):
+    """The same per-row policies for plain model(...) and generate(...) users, with padding."""
+    _, m, ref, zeroed = family
+    hf.attach(m)
+    ids = torch.tensor(prompts(4, (12, 12)))
+    am = torch.ones_like(ids)
+    am[1, :4] = 0  # left padding on row 1
+    with torch.no_grad(), hf.policies(m, [None, HEADS]):
+        logits = m(ids).logits
+        gen = m.generate(ids, attention_mask=am, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(logits[0], ref(ids[:1]).logits[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits[1], zeroed(ids[1:]).logits[0], atol=1e-4, rtol=1e-4)
+    assert gen[0, 12:].tolist() == hf_greedy(ref, ids[0].tolist(), 6)
+    assert gen[1, 12:].tolist() == hf_greedy(zeroed, ids[1, 4:].tolist(), 6)
+    with pytest.raises(ValueError, match="keep bitmap has 2 rows"), hf.policies(m, [None, HEADS]):
+        m(ids[:1].repeat(3, 1))
