@@ -56,3 +56,15 @@ def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch):
     text = readme.read_text()
     assert "old" not in text and "| length | retmask |" in text and "Argmax cost" in text
     assert "commit" in text
+
+
+def test_engine_benchmark_tiny(tmp_path):
+    out = tmp_path / "e.csv"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_engine.py"), "--tiny", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = list(csv.DictReader(open(out)))
+    assert {r["provider"] for r in rows} == {"engine (both policies, one pass)", "generate x2 (sdpa, static cache)",
+                                             "engine, scope all", "engine, scope generated"}
+    assert all(float(r["tok_per_s"]) > 0 for r in rows)

@@ -1,0 +1,170 @@
+"""Engine throughput: both policies of a RetMask pair in one pass, beside transformers' generate run twice.
+
+A Llama-3.1-8B-shaped model built from its config with random bf16 weights (nothing downloaded).
+Sweep `pairs`: 64-token prompts, 512 forced new tokens, 1 to 256 pairs; the engine runs original
+and ablated rows together; the baseline is `generate` (SDPA, static cache) on the original model,
+then on the copy with the heads' `o_proj` columns zeroed. Reported: output tokens per second of both
+policies together, the engine's mean decode step against the bandwidth floor (weights + KV bytes per
+step over the measured copy bandwidth), and peak memory.
+Sweep `long`: one pair on a 32K prompt, 256 new tokens, scope `all` and scope `generated`.
+
+    python benchmarks/bench_engine.py
+    python benchmarks/bench_engine.py --tiny --out runs/bench/engine.csv   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import benchlib
+from retmask.engine import ORIGINAL, Engine, GenConfig, Group, Policy
+from retmask.heads import HeadSet
+
+LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                rope_theta=500000.0)
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+
+
+def build(shape: dict, device, dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(**shape, tie_word_embeddings=False)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def heads_for(n_layers: int, n_heads: int, k: int, low: int) -> HeadSet:
+    """k heads spread over layers >= low (the paper's selections start at layer 2)."""
+    g = torch.Generator().manual_seed(0)
+    pool = [(l, h) for l in range(low, n_layers) for h in range(n_heads)]
+    idx = torch.randperm(len(pool), generator=g)[:k].tolist()
+    return HeadSet.from_list([pool[i] for i in idx])
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gb(device) -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+
+
+def run_engine(model, groups, cfg, slots, max_len, device):
+    eng = Engine(model, slots=slots, max_len=max_len, chunk=4096)
+    try:
+        list(eng.generate(groups[:1], GenConfig(max_new_tokens=4)))  # warm-up (compile, allocator)
+        _sync(device)
+        _peak_reset(device)
+        t = time.perf_counter()
+        steps = [0]
+        out = list(eng.generate(groups, cfg, progress=lambda n: steps.__setitem__(0, steps[0] + 1)))
+        _sync(device)
+        sec = time.perf_counter() - t
+    finally:
+        eng.close()
+    return sec, steps[0], sum(len(r.tokens) for g in out for r in g.rows), _peak_gb(device)
+
+
+def run_generate_twice(model, heads: HeadSet, prompts, new, device):
+    """transformers' generate on the original model, then on the zeroed copy (columns zeroed in place)."""
+    model.set_attn_implementation("sdpa")
+    ids = torch.tensor(prompts, device=device)
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
+              pad_token_id=0, eos_token_id=None)
+    model.generate(ids[:1], **dict(kw, max_new_tokens=4, min_new_tokens=4))
+    hd = model.config.head_dim
+    saved = {(l, h): model.model.layers[l].self_attn.o_proj.weight[:, h * hd:(h + 1) * hd].clone() for l, h in heads}
+    _sync(device)
+    _peak_reset(device)
+    t = time.perf_counter()
+    toks = model.generate(ids, **kw).shape[1] - ids.shape[1]
+    with torch.no_grad():
+        for l, h in heads:
+            model.model.layers[l].self_attn.o_proj.weight[:, h * hd:(h + 1) * hd] = 0
+    toks += model.generate(ids, **kw).shape[1] - ids.shape[1]
+    _sync(device)
+    sec = time.perf_counter() - t
+    with torch.no_grad():
+        for (l, h), w in saved.items():
+            model.model.layers[l].self_attn.o_proj.weight[:, h * hd:(h + 1) * hd] = w
+    return sec, toks * ids.shape[0], _peak_gb(device)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", default="1,8,32,64,128,256")
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=512)
+    ap.add_argument("--long-prompt", type=int, default=32768)
+    ap.add_argument("--long-new", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=33, help="heads switched off (Llama-3.1-8B at tau 0.1: 33)")
+    ap.add_argument("--out", type=Path, default=benchlib.RESULTS / "engine.csv")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny Llama")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.pairs, args.prompt, args.new, args.long_prompt, args.long_new, args.heads = "1,3", 16, 8, 200, 4, 3
+        if args.out == benchlib.RESULTS / "engine.csv":
+            args.out = Path("runs/bench/engine_tiny.csv")
+    elif not torch.cuda.is_available():
+        print("No CUDA device: run with --tiny on a CPU.", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build(TINY if args.tiny else LLAMA_8B, device, dtype)
+    c = model.config
+    hs = heads_for(c.num_hidden_layers, c.num_attention_heads, args.heads, low=min(2, c.num_hidden_layers - 1))
+    st = benchlib.stamp()
+    copy_gbs = benchlib.copy_bandwidth_gbs(device)
+    w_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_tok = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * torch.finfo(dtype).bits // 8
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in (int(x) for x in args.pairs.split(",")):
+        prompts = torch.randint(10, c.vocab_size, (n, args.prompt), generator=g).tolist()
+        groups = [Group(p, [ORIGINAL, Policy(hs)], key=i) for i, p in enumerate(prompts)]
+        cfg = GenConfig(max_new_tokens=args.new)
+        sec, steps, toks, peak = run_engine(model, groups, cfg, 2 * n, args.prompt + args.new, device)
+        step_ms = 1e3 * sec / max(1, steps)
+        mean_ctx = args.prompt + args.new / 2
+        floor_ms = 1e3 * (w_bytes + 2 * n * mean_ctx * kv_tok) / (copy_gbs * 1e9)  # bytes read per step / bandwidth
+        b_sec, b_toks, b_peak = run_generate_twice(model, hs, prompts, args.new, device)
+        for name, s, t, p in (("engine (both policies, one pass)", sec, toks, peak),
+                              ("generate x2 (sdpa, static cache)", b_sec, b_toks, b_peak)):
+            rows.append(dict(st, sweep="pairs", provider=name, pairs=n, prompt=args.prompt, new=args.new,
+                             scope="all", seconds=f"{s:.3f}", tok_per_s=f"{t / s:.1f}",
+                             step_ms=f"{step_ms:.2f}" if name.startswith("engine") else "",
+                             floor_ms=f"{floor_ms:.2f}" if name.startswith("engine") else "",
+                             speedup=f"{b_sec / sec:.2f}" if name.startswith("engine") else "",
+                             peak_gb=f"{p:.2f}", copy_gbs=f"{copy_gbs:.0f}"))
+    prompt = torch.randint(10, c.vocab_size, (args.long_prompt,), generator=g).tolist()
+    for scope in ("all", "generated"):
+        groups = [Group(prompt, [ORIGINAL, Policy(hs, scope)])]
+        sec, steps, toks, peak = run_engine(model, groups, GenConfig(max_new_tokens=args.long_new), 2,
+                                            args.long_prompt + args.long_new, device)
+        rows.append(dict(st, sweep="long", provider=f"engine, scope {scope}", pairs=1, prompt=args.long_prompt,
+                         new=args.long_new, scope=scope, seconds=f"{sec:.3f}", tok_per_s=f"{toks / sec:.1f}",
+                         step_ms="", floor_ms="", speedup="", peak_gb=f"{peak:.2f}", copy_gbs=f"{copy_gbs:.0f}"))
+    benchlib.append_rows(args.out, rows)
+    print(f"\nwrote {len(rows)} rows to {args.out}\n")
+    print(benchlib.table(rows, ["sweep", "provider", "pairs", "prompt", "new", "seconds", "tok_per_s", "step_ms",
+                                "floor_ms", "speedup", "peak_gb"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
