@@ -21,7 +21,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attn_tiles(
-    acc, l_i, m_i, q, k_base, v_base, stride_kn, offs_m_pos, offs_d, D, kv_len, win, lo, hi,
+    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_pos, offs_d, D, kv_len, win, lo, hi,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MASK: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, qk_scale,
 ):
@@ -44,7 +44,7 @@ def _attn_tiles(
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kmask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
@@ -106,11 +106,11 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, offs_m_pos, offs_d, D, kv_len,
+    acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_pos, offs_d, D, kv_len,
                                 win, lo, mid_lo, BLOCK_N, BLOCK_D, EVEN_D, True, HAS_WINDOW, PREC, qk_scale)
-    acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, offs_m_pos, offs_d, D, kv_len,
+    acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_pos, offs_d, D, kv_len,
                                 win, mid_lo, mid_hi, BLOCK_N, BLOCK_D, EVEN_D, False, HAS_WINDOW, PREC, qk_scale)
-    acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, offs_m_pos, offs_d, D, kv_len,
+    acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_pos, offs_d, D, kv_len,
                                 win, mid_hi, hi, BLOCK_N, BLOCK_D, EVEN_D, True, HAS_WINDOW, PREC, qk_scale)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]  # rows with no visible key (or an off head) have acc = 0

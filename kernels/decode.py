@@ -30,7 +30,7 @@ _MIN_SPLIT_KEYS = 256  # fewest keys worth a program of their own on a GPU
 
 @triton.jit
 def _tiles(
-    q, k_base, v_base, stride_kn, offs_d, D, lo, hi, win_lo, pos_base, sm_scale,
+    q, k_base, v_base, stride_kn, stride_vn, offs_d, D, lo, hi, win_lo, pos_base, sm_scale,
     m_i, l_i, acc, best, best_pos,
     BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, ARGMAX: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -57,7 +57,7 @@ def _tiles(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kmask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return m_i, l_i, acc, best, best_pos
@@ -114,7 +114,7 @@ def _shared_split(
     k_base = SK + g.to(tl.int64) * stride_kg + hk * stride_kh
     v_base = SV + g.to(tl.int64) * stride_vg + hk * stride_vh
     m_i, l_i, acc, best, best_pos = _tiles(
-        q, k_base, v_base, stride_kn, offs_d, D, lo, hi, win_lo, 0, sm_scale,
+        q, k_base, v_base, stride_kn, stride_vn, offs_d, D, lo, hi, win_lo, 0, sm_scale,
         m_i, l_i, acc, best, best_pos, BLOCK_N, EVEN_D, ARGMAX, PREC,
     )
     slot = (row.to(tl.int64) * HQ + head) * NS + split  # (M,) index into the partial buffers
@@ -174,7 +174,7 @@ def _private_split(
     k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
     m_i, l_i, acc, best, best_pos = _tiles(
-        q, k_base, v_base, stride_kn, offs_d, D, lo, hi, tl.zeros([M], dtype=tl.int32) + win_lo, seg_len,
+        q, k_base, v_base, stride_kn, stride_vn, offs_d, D, lo, hi, tl.zeros([M], dtype=tl.int32) + win_lo, seg_len,
         sm_scale, m_i, l_i, acc, best, best_pos, BLOCK_N, EVEN_D, ARGMAX, PREC,
     )
     slot = (b.to(tl.int64) * HQ + head) * NS + NS_SH + split  # (M,)

@@ -136,3 +136,14 @@ def test_cuda_large(dtype, shape, poison):
         same = oracle.attention(q, k, v, keep, lens, window, dtype=dtype)
         oracle.assert_close_to_truth(out, same, truth, 1e-3, f"cuda {dtype} window={window}")
         assert (out[~keep] == 0).all()
+
+
+def test_k_and_v_with_different_layouts():
+    """V is read through its own strides, not K's."""
+    q, k, v, keep, lens, window = make(CASES[5], torch.float32, seed=8)
+    vs = v.transpose(1, 2).contiguous().transpose(1, 2)  # (B, Hkv, Skv, D) view of (B, Skv, Hkv, D)
+    assert vs.stride(2) != k.stride(2)
+    torch.testing.assert_close(
+        masked_attention_triton(q, k, vs, keep, kv_lens=lens, window=window),
+        masked_attention_reference(q, k, v, keep, kv_lens=lens, window=window), atol=1e-5, rtol=0,
+    )

@@ -190,3 +190,14 @@ def test_cuda_long_decode(dtype, poison):
         keys, vals = rows_of(kc, vc, lens.cpu(), {k: (v.cpu() if k != "shared_k" and k != "shared_v" else v)
                                                  for k, v in shared.items()})
         check(out, pos, score, q, keys, vals, keep, window, dtype)
+
+
+def test_k_and_v_caches_with_different_layouts():
+    """V caches and V segments are read through their own strides, not K's."""
+    q, kc, vc, lens, keep, window, shared = make_shared(SHARED[1], torch.float32, seed=6)
+    vcs = vc.transpose(1, 2).contiguous().transpose(1, 2)
+    svs = shared["shared_v"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert vcs.stride(2) != kc.stride(2)
+    got = masked_decode_triton(q, kc, vcs, lens, keep, window=window, **dict(shared, shared_v=svs))
+    want = masked_decode_reference(q, kc, vc, lens, keep, window=window, **shared)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
