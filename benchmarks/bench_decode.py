@@ -187,17 +187,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=benchlib.RESULTS / "decode.csv")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shapes, interpreter, fp32")
     args = ap.parse_args(argv)
-    if args.tiny:
-        benchlib.tiny_setup()
-        args.lengths, args.shared_lengths, args.private, args.tokens = "64,160", "96", 8, 160
-        args.heads, args.dim, args.dtype = "8,2", 32, "float32"
-        args.providers = "retmask,retmask+argmax,reference,sdpa-math,flex"
-        if args.out == benchlib.RESULTS / "decode.csv":
-            args.out = Path("runs/bench/decode_tiny.csv")
-    elif not torch.cuda.is_available():
-        print("No CUDA device: run with --tiny on a CPU (TRITON_INTERPRET=1).", file=sys.stderr)
+    device = benchlib.resolve_mode(args, "decode", dict(
+        lengths="64,160", shared_lengths="96", private=8, tokens=160, heads="8,2", dim=32, dtype="float32",
+        providers="retmask,retmask+argmax,reference,sdpa-math,flex"))
+    if device is None:
         return 2
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = getattr(torch, args.dtype)
     hq, hkv = (int(x) for x in args.heads.split(","))
     st = benchlib.stamp()

@@ -116,14 +116,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=benchlib.RESULTS / "engine.csv")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny Llama")
     args = ap.parse_args(argv)
-    if args.tiny:
-        args.pairs, args.prompt, args.new, args.long_prompt, args.long_new, args.heads = "1,3", 16, 8, 200, 4, 3
-        if args.out == benchlib.RESULTS / "engine.csv":
-            args.out = Path("runs/bench/engine_tiny.csv")
-    elif not torch.cuda.is_available():
-        print("No CUDA device: run with --tiny on a CPU.", file=sys.stderr)
+    device = benchlib.resolve_mode(args, "engine", dict(
+        pairs="1,3", prompt=16, new=8, long_prompt=200, long_new=4, heads=3), interpreter=False)
+    if device is None:
         return 2
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build(TINY if args.tiny else LLAMA_8B, device, dtype)
     c = model.config

@@ -103,16 +103,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=benchlib.RESULTS / "prefill.csv")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shapes, interpreter, fp32")
     args = ap.parse_args(argv)
-    if args.tiny:
-        benchlib.tiny_setup()
-        args.lengths, args.off, args.tokens, args.heads, args.dim, args.dtype = "64,96", "0,0.5,1", 128, "8,2", 32, "float32"
-        args.providers = "retmask,reference,sdpa-math,flex"
-        if args.out == benchlib.RESULTS / "prefill.csv":
-            args.out = Path("runs/bench/prefill_tiny.csv")
-    elif not torch.cuda.is_available():
-        print("No CUDA device: run with --tiny on a CPU (TRITON_INTERPRET=1).", file=sys.stderr)
+    device = benchlib.resolve_mode(args, "prefill", dict(
+        lengths="64,96", off="0,0.5,1", tokens=128, heads="8,2", dim=32, dtype="float32",
+        providers="retmask,reference,sdpa-math,flex"))
+    if device is None:
         return 2
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = getattr(torch, args.dtype)
     hq, hkv = (int(x) for x in args.heads.split(","))
     d = args.dim

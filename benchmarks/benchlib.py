@@ -148,8 +148,24 @@ def keep_bitmap(b: int, hq: int, off: float, device, seed: int = 0) -> torch.Ten
     return (ranks >= n_off).to(device)
 
 
-def tiny_setup() -> None:
-    """CPU smoke mode: the retmask provider must run the Triton kernels in the interpreter."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise SystemExit("--tiny runs the Triton kernels on the CPU: set TRITON_INTERPRET=1")
-    os.environ["RETMASK_BACKEND"] = "triton"
+def resolve_mode(args, name: str, tiny: dict, interpreter: bool = True) -> torch.device | None:
+    """The device a benchmark runs on. With --tiny: apply the tiny overrides, send results to
+    runs/bench/<name>_tiny.csv unless --out was given, and (interpreter=True) run the Triton
+    kernels in the interpreter. Without --tiny and without CUDA: print why and return None."""
+    if args.tiny:
+        if interpreter:
+            if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+                raise SystemExit("--tiny runs the Triton kernels on the CPU: set TRITON_INTERPRET=1")
+            os.environ["RETMASK_BACKEND"] = "triton"
+        for k, v in tiny.items():
+            setattr(args, k, v)
+        if args.out == RESULTS / f"{name}.csv":
+            args.out = Path(f"runs/bench/{name}_tiny.csv")
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        import sys
+
+        print("No CUDA device: run with --tiny on a CPU" + (" (TRITON_INTERPRET=1)." if interpreter else "."),
+              file=sys.stderr)
+        return None
+    return torch.device("cuda")

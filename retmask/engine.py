@@ -13,7 +13,6 @@ groups decode together in fixed slots; a finished row frees its slot for the nex
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -128,7 +127,7 @@ class _Prefill:
 
     def attend(self, module, q, k, v, scaling, window):
         l = module.layer_idx
-        n, c = q.shape[0], q.shape[2]
+        n = q.shape[0]
         d = self.dest[n]  # (N, C)
         idx = d[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         self.k[l].scatter_(2, idx, k)
@@ -264,9 +263,7 @@ class Engine:
         self._check(groups, cfg)
         queue = deque(groups)
         d, S = self.d, self.slots
-        st = _Slots(S)
-        st.keep_prompt = torch.ones(S, d.n_layers, d.n_heads, dtype=torch.bool)
-        st.keep_gen = torch.ones(S, d.n_layers, d.n_heads, dtype=torch.bool)
+        st = _Slots(S, d.n_layers, d.n_heads)
         results: dict[int, list] = {}
         while queue or st.active_count:
             admitted = []
@@ -405,7 +402,7 @@ class Engine:
 
     @torch.no_grad()
     def _step(self, st: "_Slots", cfg: GenConfig):
-        d, dev = self.d, self.device
+        dev = self.device
         active = torch.tensor(st.active, device=dev)
         keep = torch.where(torch.tensor(st.in_prompt)[:, None, None], st.keep_prompt, st.keep_gen)
         keep &= torch.tensor(st.active)[:, None, None]  # idle slots: every head off, nothing read
@@ -458,7 +455,7 @@ class Engine:
 class _Slots:
     """Host-side state of the decode slots."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, n_layers: int, n_heads: int):
         self.n = n
         self.active = [False] * n
         self.group = [None] * n
@@ -472,8 +469,8 @@ class _Slots:
         self.tokens = [[] for _ in range(n)]
         self.argmax = [[] for _ in range(n)]
         self.logits = [[] for _ in range(n)]
-        self.keep_prompt = None
-        self.keep_gen = None
+        self.keep_prompt = torch.ones(n, n_layers, n_heads, dtype=torch.bool)  # at the last prompt token
+        self.keep_gen = torch.ones(n, n_layers, n_heads, dtype=torch.bool)  # at generated tokens
         self.free_segs = list(range(n))
         self.groups, self.group_seg = {}, {}
         self._free = list(range(n))

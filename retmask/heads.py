@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 Head = tuple[int, int]  # (layer, query head)
@@ -185,6 +185,3 @@ def score_stats(scores: dict[Head, float], thresholds=(0.5, 0.1, 0.05, 0.01)) ->
         low_at[t] = min((h[0] for h in sel), default=None)
     return ScoreStats(n, count_at, gini, share(0.01), share(0.05), low_at)
 
-
-def stats_dict(s: ScoreStats) -> dict:
-    return asdict(s)
