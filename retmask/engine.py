@@ -250,9 +250,16 @@ class Engine:
         return hook
 
     def close(self):
+        """Remove the engine's hooks from the model (the model stays attached to retmask attention)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- generation ------------------------------------------------------------------------
     def generate(self, groups: Sequence[Group], cfg: GenConfig, progress=None) -> Iterator[GroupResult]:

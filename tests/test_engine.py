@@ -37,12 +37,9 @@ def hf_greedy(model, p, n=NEW):
 def test_greedy_equals_generate_on_plain_and_zeroed_models(family, sharing, chunk, slots):
     _, m, ref, zeroed = family
     ps = prompts()
-    eng = Engine(m, slots=slots, max_len=48, chunk=chunk, sharing=sharing)
-    try:
+    with Engine(m, slots=slots, max_len=48, chunk=chunk, sharing=sharing) as eng:
         groups = [Group(p, [ORIGINAL, Policy(HEADS)], key=i) for i, p in enumerate(ps)]
         res = {r.key: r for r in eng.generate(groups, GenConfig(max_new_tokens=NEW))}
-    finally:
-        eng.close()
     assert sorted(res) == list(range(len(ps)))
     for i, p in enumerate(ps):
         assert res[i].rows[0].tokens == hf_greedy(ref, p), f"original row, prompt {i}"
@@ -55,11 +52,8 @@ def test_logits_equal_full_forward(family):
     """Per-step logits of each row equal a full forward of the plain / zeroed model over the sequence."""
     _, m, ref, zeroed = family
     p = prompts(seed=3, lens=(17,))[0]
-    eng = Engine(m, slots=4, max_len=40, chunk=5)
-    try:
+    with Engine(m, slots=4, max_len=40, chunk=5) as eng:
         (res,) = list(eng.generate([Group(p, [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=6, keep_logits=True)))
-    finally:
-        eng.close()
     for row, model in zip(res.rows, (ref, zeroed)):
         seq = torch.tensor([p + row.tokens[:-1]])
         with torch.no_grad():
@@ -70,13 +64,10 @@ def test_logits_equal_full_forward(family):
 def test_scope_generated_matches_its_definition(family):
     """Scope generated = the intact model reads the prompt, the zeroed copy reads generated tokens."""
     _, m, ref, zeroed = family
-    eng = Engine(m, slots=4, max_len=48, chunk=6)
     pol = Policy(HEADS, scope="generated")
-    try:
+    with Engine(m, slots=4, max_len=48, chunk=6) as eng:
         res = {r.key: r for r in eng.generate([Group(p, [pol, ORIGINAL], key=i) for i, p in enumerate(prompts(5, (12, 25)))],
                                               GenConfig(max_new_tokens=NEW))}
-    finally:
-        eng.close()
     for i, p in enumerate(prompts(5, (12, 25))):
         cache = DynamicCache(config=ref.config)
         with torch.no_grad():
@@ -94,12 +85,9 @@ def test_rows_do_not_depend_on_batch_mates(family):
     ps = prompts(7, (9, 21, 4))
     pols = [ORIGINAL, Policy(HEADS), Policy(HeadSet.from_list("0-1"), name="layer0"), Policy(HEADS, "generated")]
     cfg = GenConfig(max_new_tokens=NEW, sampling=Sampling(temperature=0.8, top_p=0.9, top_k=20))
-    eng = Engine(m, slots=8, max_len=48, chunk=8)
-    try:
+    with Engine(m, slots=8, max_len=48, chunk=8) as eng:
         together = {r.key: r for r in eng.generate([Group(p, pols, key=i) for i, p in enumerate(ps)], cfg)}
         alone = {i: next(eng.generate([Group(ps[i], [pols[j]], seeds=[j], key=i)], cfg)) for i in range(3) for j in [1]}
-    finally:
-        eng.close()
     for i in range(3):
         assert together[i].rows[1].tokens == alone[i].rows[0].tokens
 
@@ -107,11 +95,8 @@ def test_rows_do_not_depend_on_batch_mates(family):
 def test_argmax_stream_matches_eager_attention(family):
     name, m, ref, zeroed = family
     p = prompts(9, (15,))[0]
-    eng = Engine(m, slots=2, max_len=40, chunk=4)
-    try:
+    with Engine(m, slots=2, max_len=40, chunk=4) as eng:
         (res,) = list(eng.generate([Group(p, [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=5, return_argmax=True)))
-    finally:
-        eng.close()
     for row, model in zip(res.rows, (ref, zeroed)):
         seq = torch.tensor([p + row.tokens[:-1]])
         with torch.no_grad():
@@ -130,19 +115,15 @@ def test_stops_and_finish_reasons(family):
     _, m, ref, _ = family
     p = prompts(2, (10,))[0]
     free = hf_greedy(ref, p, 12)
-    eng = Engine(m, slots=2, max_len=40)
-    try:
+    with Engine(m, slots=2, max_len=40) as eng:
         (r,) = list(eng.generate([Group(p, [ORIGINAL])], GenConfig(max_new_tokens=12, eos_ids=(free[3],))))
-    finally:
-        eng.close()
     cut = free.index(free[3]) + 1
     assert r.rows[0].tokens == free[:cut] and r.rows[0].finish == "eos"
 
 
 def test_bad_inputs(family):
     _, m, *_ = family
-    eng = Engine(m, slots=2, max_len=16)
-    try:
+    with Engine(m, slots=2, max_len=16) as eng:
         with pytest.raises(ValueError, match="does not fit max_len=16"):
             list(eng.generate([Group(list(range(3, 13)), [ORIGINAL])], GenConfig(max_new_tokens=8)))
         with pytest.raises(ValueError, match="head 9-0 does not exist"):
@@ -151,14 +132,9 @@ def test_bad_inputs(family):
             list(eng.generate([Group([5, 6], [ORIGINAL] * 3)], GenConfig(max_new_tokens=2)))
         with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
             list(eng.generate([Group([5, 6], [ORIGINAL])], GenConfig(max_new_tokens=2, stop_strings=("x",))))
-    finally:
-        eng.close()
-    skip = Engine(m, slots=2, max_len=16, on_too_long="skip")
-    try:
+    with Engine(m, slots=2, max_len=16, on_too_long="skip") as skip:
         out = list(skip.generate([Group(list(range(3, 13)), [ORIGINAL]), Group([5, 6], [ORIGINAL], key="ok")],
                                  GenConfig(max_new_tokens=8)))
-    finally:
-        skip.close()
     assert [r.key for r in out] == ["ok"] and skip.skipped == 1
 
 
