@@ -7,7 +7,9 @@ setup(
     python_requires=">=3.10",
     packages=["retmask", "retmask.kernels"],
     package_dir={"retmask": "retmask", "retmask.kernels": "kernels"},
-    install_requires=["torch>=2.11", "triton>=3.6; platform_system=='Linux'", "numpy", "tabulate", "transformers>=5.17"],
-    extras_require={"test": ["pytest>=8"], "plot": ["matplotlib"]},
+    package_data={"retmask": ["assets/toy/*", "assets/*.jsonl", "configs/*"]},
+    install_requires=["torch>=2.11", "triton>=3.6; platform_system=='Linux'", "numpy", "tabulate", "transformers>=5.17",
+                      "tqdm", "rouge-score", "matplotlib", "safetensors", "datasets"],
+    extras_require={"test": ["pytest>=8"], "plot": ["matplotlib"], "train": ["trl>=1.16", "accelerate", "peft"]},
     entry_points={"console_scripts": ["retmask=retmask.cli:main"]},
 )

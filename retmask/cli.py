@@ -11,7 +11,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check-kernels", help="run the kernels against their references and print a table")
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("demo", help="the main job on the embedded default (for now: check-kernels)")
+    p = sub.add_parser("demo", help="the whole pipeline on the toy model: detect, pairs, DPO, NIAH before/after")
+    p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("heads", help="score-table statistics and a head selection (HeadSet JSON)")
     p.add_argument("--scores", required=True, help="score file in the reference format {'L-H': [scores]}")
@@ -21,9 +22,85 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control", choices=["random", "non-retrieval"], help="a same-size control set instead")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", help="write the HeadSet JSON here")
+    p = sub.add_parser("detect", help="score every head with the needle-in-a-haystack retrieval score")
+    _model_args(p)
+    _grid_args(p, steps=50)
+    p.add_argument("--preset", choices=["wu", "retmask", "128k"], help="grid lengths of a known run")
+    p.add_argument("--out", help="output folder (default runs/detect/MODEL)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
+    p = sub.add_parser("niah", help="the causal check: NIAH recall of the original and ablated policies")
+    _model_args(p)
+    _grid_args(p, steps=32)
+    p.add_argument("--scores", help="head score file (reference format, e.g. from `retmask detect`)")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--tau", type=float, help="switch off heads with mean score >= tau")
+    sel.add_argument("--topk", type=int, help="switch off the k best heads")
+    sel.add_argument("--heads", help="explicit heads to switch off, e.g. '2-1,3-0'")
+    p.add_argument("--controls", default="random,non-retrieval", help="controls of the same size ('' for none)")
+    p.add_argument("--scopes", default="all,generated", help="mask scopes of each ablation")
+    p.add_argument("--out", help="output folder (default runs/niah/MODEL)")
+    p = sub.add_parser("pairs", help="preference pairs: chosen from the original, rejected from the ablated policy")
+    _model_args(p)
+    p.add_argument("--data", default=None, help="instructions: hub name or local .jsonl/.json/.parquet "
+                   "(default: the bundled synthetic set)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--end", type=int)
+    p.add_argument("--limit", type=int)
+    p.add_argument("--scores", help="head score file (reference format)")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--tau", type=float, help="switch off heads with mean score >= tau (paper: 0.1 Llama, 0.05 "
+                     "Qwen3/OLMo-3)")
+    sel.add_argument("--topk", type=int)
+    sel.add_argument("--heads", help="explicit heads, e.g. '15-30,24-27'")
+    p.add_argument("--control", choices=["random", "non-retrieval"], help="a same-size control set instead")
+    p.add_argument("--reject-model", help="rejected answers from this model instead (smaller-model baseline)")
+    p.add_argument("--mask-scope", choices=["all", "generated"], default="all")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, help="default 2048 (4096 for Qwen3 with thinking)")
+    p.add_argument("--thinking", choices=["on", "off"], help="Qwen3 thinking (paper: on)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", help="output folder (default runs/pairs/MODEL)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("train", help="DPO with TRL on a pairs folder (reference = the original model)")
+    p.add_argument("--model", default="toy", help="'toy', a local folder or a hub name")
+    p.add_argument("--pairs", required=True, help="folder written by `retmask pairs`")
+    p.add_argument("--preset", choices=["paper", "toy"], help="default: toy for the toy model, else paper")
+    p.add_argument("--max-length", type=int, help="longest pair in tokens (printed; paper preset 4096)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--effective-batch", type=int)
+    p.add_argument("--per-device-batch", type=int)
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (merged into the saved checkpoint)")
+    p.add_argument("--precompute-ref", action="store_true", help="precompute the reference log-probs")
+    p.add_argument("--liger", action="store_true", help="Liger fused kernels (where TRL offers them)")
+    p.add_argument("--out", help="output folder (default runs/train/MODEL)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p = sub.add_parser("helmet", help="print the HELMET commands that evaluate a checkpoint at 8K-128K")
+    p.add_argument("checkpoint")
     args = parser.parse_args(argv)
     try:
-        if args.command in ("check-kernels", "demo"):
+        if args.command == "pairs":
+            return _pairs(args)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "helmet":
+            from .train import helmet_commands
+
+            print("\n".join(helmet_commands(args.checkpoint)))
+            return 0
+        if args.command == "demo":
+            from .demo import run as run_demo
+
+            return run_demo(args.out, seed=args.seed)
+        if args.command == "detect":
+            return _detect(args)
+        if args.command == "niah":
+            return _niah(args)
+        if args.command == "check-kernels":
             from .selfcheck import run
 
             return run(seed=args.seed)
@@ -33,6 +110,222 @@ def main(argv: list[str] | None = None) -> int:
         print(f"retmask {args.command}: {e}", file=sys.stderr)
         return 2
     return 2
+
+
+def _model_args(p):
+    p.add_argument("--model", default="toy", help="'toy' (shipped), a local folder or a hub name")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", help="default: cuda when available (the local rank's under torchrun), else cpu")
+    p.add_argument("--slots", type=int, help="rows decoded together (default: 4, or from --kv-budget-gb)")
+    p.add_argument("--kv-budget-gb", type=float, help="KV-cache memory the engine may use")
+    p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _grid_args(p, steps: int):
+    p.add_argument("--min", dest="min_len", type=int, default=None, help="shortest context (tokens)")
+    p.add_argument("--max", dest="max_len", type=int, default=None, help="longest context (tokens)")
+    p.add_argument("--lengths", dest="n_lengths", type=int, help="number of context lengths (linspace)")
+    p.add_argument("--depths", dest="n_depths", type=int, help="number of depths (linspace 0..100)")
+    p.add_argument("--needles", dest="n_needles", type=int, help="number of needles (default 3)")
+    p.add_argument("--needles-file", help="needles JSONL (needle, question, real_needle)")
+    p.add_argument("--haystack", help="haystack text file or folder (the reference's partN/ layout works)")
+    p.add_argument("--placement", choices=["sentence", "faithful"], default="sentence")
+    p.add_argument("--buffer", type=int, default=None, help="tokens kept free below each length (default 200; "
+                   "32 on the toy model)")
+    p.add_argument("--steps", type=int, default=steps, help="greedy decode steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic needles and haystack")
+
+
+def _grid_kw(args, defaults: dict) -> dict:
+    kw = dict(defaults)
+    for k in ("min_len", "max_len", "n_lengths", "n_depths", "n_needles"):
+        if getattr(args, k) is not None:
+            kw[k] = getattr(args, k)
+    kw.update(needles=args.needles_file, haystack=args.haystack, placement=args.placement, steps=args.steps,
+              seed=args.seed)
+    if args.buffer is not None:
+        kw["buffer"] = args.buffer
+    if kw.get("n_needles") is None:
+        kw.pop("n_needles", None)
+    return kw
+
+
+def _dist_init() -> str | None:
+    """Join the torchrun process group when launched by torchrun; returns the device to use."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return "cpu"
+
+
+def _engine_kw(args) -> dict:
+    kw = {"chunk": args.chunk}
+    if args.slots is not None:
+        kw["slots"] = args.slots
+    if args.kv_budget_gb is not None:
+        kw["kv_budget_gb"] = args.kv_budget_gb
+    return kw
+
+
+def _default_len(args) -> dict:
+    from . import toy
+
+    if args.model == toy.NAME:  # the toy model's training length
+        return dict(min_len=128, max_len=toy.TRAIN_LEN, n_lengths=4, n_depths=5, buffer=32)
+    return {}
+
+
+def _detect(args) -> int:
+    from pathlib import Path
+
+    from tabulate import tabulate
+
+    from . import models
+    from .detect import DetectConfig, Detector
+
+    base = _default_len(args)
+    if args.preset:
+        from .detect import PRESETS
+
+        base.update(PRESETS[args.preset])
+    cfg = DetectConfig(**_grid_kw(args, base))
+    cfg.check()
+    device = _dist_init() or args.device
+    model, tok = models.load(args.model, dtype=args.dtype, device=device)
+    name = models.display_name(args.model)
+    out = Path(args.out or f"runs/detect/{name}")
+    det = Detector(model, tok, cfg, model_name=args.model, **_engine_kw(args))
+    summary = det.run(out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if summary:
+        print(f"{summary['tests']} tests, {summary['counted']} counted (ROUGE-1 recall > 50), "
+              f"mean recall {summary['mean_rouge']:.1f}")
+        if summary["stats"]:
+            print(tabulate(list(summary["stats"].items()), tablefmt="github", headers=["statistic", "value"],
+                           disable_numparse=True))
+        print(f"wrote {out}/head_scores.json, detect.json, tests.jsonl, heads.png, niah.png")
+    return 0
+
+
+def _niah(args) -> int:
+    from pathlib import Path
+
+    from tabulate import tabulate
+
+    from . import causal, models
+    from .heads import HeadSet, load_scores
+
+    base = {k: v for k, v in _default_len(args).items()}
+    grid = causal.GridConfig(**_grid_kw(args, base))
+    scores = load_scores(args.scores) if args.scores else None
+    selected = None
+    if args.heads:
+        selected = HeadSet.from_list(args.heads)
+    elif args.tau is not None or args.topk is not None:
+        if scores is None:
+            raise ValueError("--tau/--topk need --scores (a head score file)")
+        selected = HeadSet.from_scores(scores, tau=args.tau, topk=args.topk)
+    controls = [c for c in args.controls.split(",") if c.strip()]
+    scopes = [c for c in args.scopes.split(",") if c.strip()]
+    for c in controls:
+        if c not in ("random", "non-retrieval"):
+            raise ValueError(f"--controls: unknown control {c!r}; use random and/or non-retrieval")
+    policies = causal.make_policies(selected, scores, controls=controls if selected else (), scopes=scopes)
+    model, tok = models.load(args.model, dtype=args.dtype, device=args.device)
+    from .hf import dims
+
+    d = dims(model)
+    for p in policies:
+        if p.heads is not None:
+            p.heads.validate(d.n_layers, d.n_heads)
+    res = causal.run_niah(model, tok, grid, policies, progress=not args.no_progress, **_engine_kw(args))
+    print(tabulate(causal.table_rows(res), tablefmt="github",
+                   headers=["policy", "heads off", "scope", "ROUGE-1 recall %", "pass %"], disable_numparse=True))
+    out = Path(args.out or f"runs/niah/{models.display_name(args.model)}")
+    paths = causal.write(res, out, args.model)
+    print(f"wrote {paths[0]} and {len(paths) - 1} heatmaps")
+    return 0
+
+
+def _select_heads(args, scores_path):
+    from .heads import HeadSet
+
+    if args.heads:
+        return HeadSet.from_list(args.heads)
+    if args.tau is None and args.topk is None:
+        return None
+    if not scores_path:
+        raise ValueError("--tau/--topk need --scores (a head score file from `retmask detect`)")
+    return HeadSet.from_scores(scores_path, tau=args.tau, topk=args.topk, control=args.control, seed=args.seed)
+
+
+def _pairs(args) -> int:
+    from pathlib import Path
+
+    from . import models, toy
+    from .data import load_instructions
+    from .pairs import PairJob, PairsConfig
+
+    hs = _select_heads(args, args.scores)
+    if hs is None and not args.reject_model:
+        raise ValueError("give the heads to switch off (--scores with --tau/--topk, or --heads) or --reject-model")
+    out = Path(args.out or f"runs/pairs/{models.display_name(args.model)}")
+    kw = {"temperature": args.temperature, "top_p": args.top_p, "scope": args.mask_scope, "seed": args.seed}
+    if args.max_new_tokens:
+        kw["max_new_tokens"] = args.max_new_tokens
+    if args.thinking:
+        kw["thinking"] = args.thinking == "on"
+    cfg = PairsConfig.paper(args.model, **kw)
+    data = args.data or str(toy.ASSET_DIR.parent / "instructions.jsonl")
+    ins = load_instructions(data, split=args.split, start=args.start, end=args.end, limit=args.limit)
+    print(f"{len(ins.items)} instructions from {data} (schema {ins.schema!r}); skipped {dict(ins.skipped) or 'none'}")
+    device = _dist_init() or args.device
+    model, tok = models.load(args.model, dtype=args.dtype, device=device)
+    reject = models.load(args.reject_model, dtype=args.dtype, device=device) if args.reject_model else None
+    job = PairJob(model, tok, hs, cfg, model_name=args.model, reject=reject, reject_name=args.reject_model,
+                  **_engine_kw(args))
+    s = job.run(ins, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if s:
+        print(f"{s['pairs']} pairs kept of {s['instructions']}; dropped {s['dropped'] or 'none'}; "
+              f"{s['generated_tokens']} tokens generated" +
+              (f", {s['tokens_per_s']} tok/s this run" if s["tokens_per_s"] else ""))
+        print(f"wrote {out}/{s['shards'][0]} ... and {out}/summary.json")
+    return 0
+
+
+def _train(args) -> int:
+    from pathlib import Path
+
+    from . import models, toy
+    from .train import TrainConfig, train
+
+    path = str(toy.ASSET_DIR) if args.model == toy.NAME else args.model
+    preset = args.preset or ("toy" if args.model == toy.NAME else "paper")
+    over = {k: v for k, v in {"max_length": args.max_length, "learning_rate": args.lr, "epochs": args.epochs,
+                              "effective_batch": args.effective_batch, "per_device_batch": args.per_device_batch}.items()
+            if v is not None}
+    cfg = TrainConfig.preset(preset, lora=args.lora, precompute_ref=args.precompute_ref, liger=args.liger, **over)
+    from .pairs import load_pairs
+
+    load_pairs(args.pairs)  # fails early with a clear message when there are none
+    out = Path(args.out or f"runs/train/{models.display_name(args.model)}")
+    res = train(path, args.pairs, out, cfg, resume=args.resume)
+    m = res.get("metrics", {})
+    if m:
+        print(f"final loss {m.get('loss', float('nan')):.4f}, reward margin {m.get('rewards/margins', float('nan')):.4f}")
+    print(f"wrote {res['final']} (loads with transformers' from_pretrained)")
+    return 0
 
 
 def _heads(args) -> int:

@@ -1,0 +1,130 @@
+"""The causal check (`retmask niah`): NIAH recall of the original policy and of ablated policies over
+one grid, all policies as rows of one group per prompt (one batched pass, sharing the haystack KV
+wherever the sharing rule allows).
+
+Policies: the original; the selected heads; and, of the same size, the random and non-retrieval
+controls; each ablation under the mask scopes asked for (`all`, `generated`). A test passes when the
+ROUGE-1 recall of the answer in the response is above 50 % (the detection's counting rule).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import niah, scoring
+from .engine import ORIGINAL, Engine, GenConfig, Group, Policy
+from .heads import HeadSet
+
+NIAH_STEPS = 32
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    min_len: int = 1000
+    max_len: int = 8000
+    n_lengths: int = 5
+    n_depths: int = 5
+    n_needles: int = 3
+    needles: str | None = None
+    haystack: str | None = None
+    placement: str = "sentence"
+    buffer: int = 200
+    steps: int = NIAH_STEPS
+    chat: bool | None = None
+    seed: int = 0
+
+
+def make_policies(selected: HeadSet | None, scores: dict | None, controls=("random", "non-retrieval"),
+                  scopes=("all", "generated"), seed: int = 42) -> list[Policy]:
+    """The original plus each ablation (selected heads and controls of the same size) per scope."""
+    out = [ORIGINAL]
+    if selected is None or len(selected) == 0:
+        return out
+    sets = [("heads", selected)]
+    for c in controls:
+        if scores is None:
+            raise ValueError(f"control {c!r} needs the score table the heads came from (--scores)")
+        sets.append((c, HeadSet.from_scores(scores, topk=len(selected), control=c, seed=seed)
+                     if selected.source.get("topk") is not None or selected.source.get("tau") is None
+                     else HeadSet.from_scores(scores, tau=selected.source["tau"], control=c, seed=seed)))
+    for name, hs in sets:
+        for sc in scopes:
+            out.append(Policy(hs, sc, f"{name}-{sc}"))
+    return out
+
+
+def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progress: bool = True,
+             **engine_kw) -> dict:
+    """Greedy answers of every policy on every grid test; returns {"policies": [...], "tests": [...]}"""
+    from tqdm.auto import tqdm
+
+    g = grid_cfg
+    needles, hays = niah.load_source(g.needles, g.haystack, g.n_needles, seed=g.seed)
+    tests = niah.grid(g.min_len, g.max_len, g.n_lengths, g.n_depths, len(needles))
+    prompts: dict[tuple, list] = {}
+    for t in tests:
+        p = tuple(niah.prompt_ids(tok, hays[t.needle_idx], needles[t.needle_idx], t.length, t.depth,
+                                  placement=g.placement, buffer=g.buffer, chat=g.chat))
+        prompts.setdefault(p, []).append(t)
+    items = list(prompts.items())
+    kw = dict(engine_kw)
+    kw.setdefault("max_len", max(len(p) for p, _ in items) + g.steps)
+    if "slots" not in kw and "kv_budget_gb" not in kw:
+        kw["slots"] = max(4, 2 * len(policies))
+    eos = tuple(x for x in [tok.eos_token_id] if x is not None)
+    cfg = GenConfig(max_new_tokens=g.steps, eos_ids=eos)
+    groups = [Group(list(p), policies, key=i) for i, (p, _) in enumerate(items)]
+    records = []
+    bar = tqdm(total=len(tests), desc="niah", unit="test", disable=not progress)
+    with Engine(model, tok, **kw) as eng:
+        for res in eng.generate(groups, cfg):
+            _, ts = items[res.key]
+            nd = needles[ts[0].needle_idx]
+            per = {}
+            for pol, row in zip(policies, res.rows):
+                text = tok.decode(row.tokens, skip_special_tokens=True)
+                per[pol.label] = {"response": text, "rouge": scoring.rouge1_recall(nd.real_needle, text)}
+            for t in ts:
+                records.append({"key": t.key, "needle_idx": t.needle_idx, "length": t.length, "depth": t.depth,
+                                "policies": per})
+            bar.update(len(ts))
+    bar.close()
+    order = {t.key: i for i, t in enumerate(tests)}
+    records.sort(key=lambda r: order[r["key"]])
+    table = []
+    for pol in policies:
+        rs = [r["policies"][pol.label]["rouge"] for r in records]
+        table.append({"policy": pol.label, "scope": pol.scope if pol.heads is not None else "-",
+                      "heads": len(pol.heads) if pol.heads is not None else 0,
+                      "head_list": pol.heads.names() if pol.heads is not None else [],
+                      "recall": sum(rs) / len(rs), "pass_rate": 100.0 * sum(scoring.counted(x) for x in rs) / len(rs)})
+    return {"config": g.__dict__, "policies": table, "tests": records}
+
+
+def per_policy_table(result: dict, label: str) -> dict:
+    recs = [{"length": r["length"], "depth": r["depth"], "rouge": r["policies"][label]["rouge"]}
+            for r in result["tests"]]
+    from .detect import niah_table
+
+    return niah_table(recs)
+
+
+def write(result: dict, out: str | Path, model_name: str) -> list[Path]:
+    from . import plots
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "niah.json").write_text(json.dumps({"model": model_name, **result}, indent=1) + "\n")
+    paths = [out / "niah.json"]
+    for row in result["policies"]:
+        p = out / f"niah-{row['policy']}.png"
+        plots.niah_heatmap(per_policy_table(result, row["policy"]), p, f"{model_name}: {row['policy']}")
+        paths.append(p)
+    return paths
+
+
+def table_rows(result: dict) -> list[list]:
+    return [[r["policy"], r["heads"], r["scope"], f"{r['recall']:.1f}", f"{r['pass_rate']:.1f}"]
+            for r in result["policies"]]

@@ -1,0 +1,119 @@
+"""Instructions in: the first user turn of each row of a chat dataset (hub name or local file).
+
+Schemas, detected from the columns:
+  - `conversation`: a list of {role, content} turns (LMSYS-Chat-1M, WildChat; extra per-turn
+    fields are ignored); also `conversations` and ShareGPT-style {from, value} turns;
+  - `messages`: the generic chat format;
+  - `synthesized_multiturn_conversation` / other list-of-turns columns of lmsys-chat-1m-synth;
+  - plain text: `prompt`, `instruction` (with `input` appended when present), `question`.
+The first user turn is taken (a system turn is skipped, never prepended, as the paper). Empty,
+redacted and duplicate prompts are skipped and counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TURN_COLUMNS = ("conversation", "conversations", "messages", "synthesized_multiturn_conversation",
+                "synthesized_conversation")
+TEXT_COLUMNS = ("prompt", "instruction", "question")
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".gz": "json"}
+
+
+@dataclass
+class Instructions:
+    """Selected prompts (`items`: (source id, text)) and what was skipped, by reason."""
+
+    items: list[tuple[str, str]]
+    skipped: Counter = field(default_factory=Counter)
+    schema: str = ""
+
+
+def _open(source: str, split: str, streaming: bool | None):
+    from datasets import load_dataset
+
+    p = Path(source)
+    if p.exists():
+        files = sorted(str(f) for f in p.iterdir() if f.suffix in LOCAL_FORMATS) if p.is_dir() else [str(p)]
+        if not files:
+            raise ValueError(f"dataset folder {p} has no .jsonl/.json/.parquet files")
+        fmt = LOCAL_FORMATS.get(Path(files[0]).suffix)
+        if fmt is None:
+            raise ValueError(f"dataset file {p}: use .jsonl, .json or .parquet")
+        return load_dataset(fmt, data_files=files, split="train", streaming=bool(streaming))
+    if "/" not in source:
+        raise ValueError(f"dataset {source!r}: no such file; give a local .jsonl/.json/.parquet or a hub name "
+                         "such as lmsys/lmsys-chat-1m")
+    return load_dataset(source, split=split, streaming=True if streaming is None else streaming)
+
+
+def detect_schema(columns: list[str]) -> str:
+    for c in TURN_COLUMNS:
+        if c in columns:
+            return c
+    for c in TEXT_COLUMNS:
+        if c in columns:
+            return c
+    raise ValueError(f"dataset columns {sorted(columns)}: none holds instructions; need one of "
+                     f"{list(TURN_COLUMNS)} (a list of chat turns) or {list(TEXT_COLUMNS)} (text)")
+
+
+def first_user_turn(turns) -> str | None:
+    if isinstance(turns, str):
+        return turns
+    for t in turns or []:
+        if not isinstance(t, dict):
+            continue
+        role = t.get("role", t.get("from"))
+        if role in ("user", "human"):
+            return t.get("content", t.get("value"))
+    return None
+
+
+def load_instructions(source: str, *, split: str = "train", start: int = 0, end: int | None = None,
+                      limit: int | None = None, streaming: bool | None = None, skip_redacted: bool = True) -> Instructions:
+    """Rows [start, end) of `source`, first user turns, at most `limit` kept prompts."""
+    if start < 0 or (end is not None and end < start) or (limit is not None and limit < 1):
+        raise ValueError(f"--start {start} / --end {end} / --limit {limit}: need 0 <= start <= end and limit >= 1")
+    ds = _open(source, split, streaming)
+    cols = list(ds.column_names or [])
+    if not cols:
+        first = next(iter(ds), None)
+        if first is None:
+            raise ValueError(f"dataset {source} is empty")
+        cols = list(first)
+    schema = detect_schema(cols)
+    out = Instructions([], Counter(), schema)
+    seen: set[str] = set()
+    n_rows = 0
+    for i, row in enumerate(ds):
+        if i < start:
+            continue
+        if end is not None and i >= end:
+            break
+        n_rows += 1
+        text = first_user_turn(row.get(schema)) if schema in TURN_COLUMNS else row.get(schema)
+        if schema == "instruction" and row.get("input"):
+            text = f"{text}\n\n{row['input']}"
+        text = (text or "").strip()
+        if not text:
+            out.skipped["empty"] += 1
+            continue
+        if skip_redacted and bool(row.get("redacted", False)):
+            out.skipped["redacted"] += 1
+            continue
+        if text in seen:
+            out.skipped["duplicate"] += 1
+            continue
+        seen.add(text)
+        sid = str(row.get("conversation_id", row.get("conversation_hash", row.get("id", i))))
+        out.items.append((sid, text))
+        if limit is not None and len(out.items) >= limit:
+            break
+    if n_rows == 0:
+        raise ValueError(f"dataset {source} has no rows in [{start}, {end})")
+    if not out.items:
+        raise ValueError(f"dataset {source}: every one of {n_rows} rows was skipped ({dict(out.skipped)})")
+    return out

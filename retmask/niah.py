@@ -1,0 +1,201 @@
+"""Needle-in-a-haystack tests: needles and haystacks, the grid, needle placement and the prompt.
+
+Follows Wu et al.'s `retrieval_head_detection.py` (see the README, "Detection"): the haystack is
+repeated until long enough, cut so that context + needle = length - buffer tokens, the needle is
+spliced in token space at a depth, the context is decoded and wrapped in the prompt
+
+    <book>{context}</book>\\nBased on the content of the book, Question: {question}\\nAnswer:
+
+which chat models receive as the user turn, with the generation prompt.
+
+Placement `sentence` (default) walks back from the depth to the nearest sentence end found with the
+model's own tokenizer. Placement `faithful` walks back to the reference's hard-coded Llama-2 period
+ids (29889, 869): with other tokenizers it finds none and the needle lands at position 0 for every
+depth below 100, exactly as the reference's released runs did.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import synth
+from .synth import Needle
+
+PROMPT = "<book>{context}</book>\nBased on the content of the book, Question: {question}\nAnswer:"
+LLAMA2_PERIOD_IDS = (29889, 869)
+PLACEMENTS = ("sentence", "faithful")
+
+
+@dataclass(frozen=True)
+class Test:
+    """One grid point: needle `needle_idx` at `depth` percent of a `length`-token context."""
+
+    needle_idx: int
+    length: int
+    depth: float
+
+    @property
+    def key(self) -> str:
+        return f"n{self.needle_idx}-L{self.length}-d{self.depth:g}"
+
+
+def grid(min_len: int, max_len: int, n_lengths: int = 20, n_depths: int = 10, n_needles: int = 3) -> list[Test]:
+    """The reference grid: lengths round(linspace(min, max, n)), depths linspace(0, 100, n)."""
+    if min_len < 1 or max_len < min_len:
+        raise ValueError(f"lengths: need 1 <= --min ({min_len}) <= --max ({max_len})")
+    if n_lengths < 1 or n_depths < 1 or n_needles < 1:
+        raise ValueError("the grid needs at least one length, one depth and one needle")
+    lengths = [int(x) for x in np.round(np.linspace(min_len, max_len, n_lengths))]
+    depths = [float(x) for x in np.linspace(0, 100, n_depths)]
+    return [Test(i, L, d) for i in range(n_needles) for L in lengths for d in depths]
+
+
+# ---------------------------------------------------------------------------------------------
+# needles and haystacks
+
+
+def load_needles(path: str | Path) -> list[Needle]:
+    """A needles JSONL: one object per line with `needle`, `question` and `real_needle`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"needles file {p} not found: give a JSONL with needle, question, real_needle")
+    out = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{n}: not JSON ({e.msg})") from None
+        missing = [k for k in ("needle", "question", "real_needle") if not isinstance(d.get(k), str)]
+        if missing:
+            raise ValueError(f"{p}:{n}: missing string field(s) {missing}; each line needs needle, question, "
+                             "real_needle")
+        out.append(Needle(d["needle"], d["question"], d["real_needle"]))
+    if not out:
+        raise ValueError(f"needles file {p} is empty")
+    return out
+
+
+def load_haystacks(path: str | Path, n: int) -> list[str]:
+    """Haystack text per needle. `path` is a text file (one haystack for all needles) or a folder in
+    the reference's layout (`part1/`, `part2/`, ... one per needle, each with `*.txt` read in name
+    order and joined) or a folder of `*.txt` files shared by all needles."""
+    p = Path(path)
+    if p.is_file():
+        return [p.read_text(errors="replace")] * n
+    if not p.is_dir():
+        raise ValueError(f"haystack {p} not found: give a text file or a folder of .txt files")
+    parts = sorted((d for d in p.iterdir() if d.is_dir() and d.name.startswith("part")),
+                   key=lambda d: int(d.name[4:]) if d.name[4:].isdigit() else 1 << 30)
+    if parts:
+        if len(parts) < n:
+            raise ValueError(f"haystack folder {p} has {len(parts)} part folders for {n} needles")
+        return [_join_txt(d) for d in parts[:n]]
+    return [_join_txt(p)] * n
+
+
+def _join_txt(d: Path) -> str:
+    files = sorted(d.glob("*.txt"))
+    if not files:
+        raise ValueError(f"haystack folder {d} has no .txt files")
+    return "\n".join(f.read_text(errors="replace") for f in files)
+
+
+def synthetic_haystacks(n: int, n_words: int = 4000, seed: int = 0) -> list[str]:
+    return [synth.haystack(n_words, seed=seed * 1000 + i) for i in range(n)]
+
+
+def load_source(needles: str | None, haystack: str | None, n_needles: int | None, seed: int = 0):
+    """Needles and one haystack per needle: from files when given, else the built-in synthetic set.
+    A folder `haystack` holding `needles.jsonl` (the reference layout) supplies both."""
+    if needles is None and haystack is not None and (Path(haystack) / "needles.jsonl").is_file():
+        needles = str(Path(haystack) / "needles.jsonl")
+    ns = load_needles(needles) if needles else synth.needles(n_needles or 3, seed=seed)
+    if n_needles is not None:
+        if n_needles > len(ns):
+            raise ValueError(f"--needles {n_needles}: the needles file has only {len(ns)}")
+        ns = ns[:n_needles]
+    hs = load_haystacks(haystack, len(ns)) if haystack else synthetic_haystacks(len(ns), seed=seed)
+    return ns, hs
+
+
+# ---------------------------------------------------------------------------------------------
+# placement and prompt
+
+
+def _period_ids(tokenizer) -> frozenset[int]:
+    cached = getattr(tokenizer, "_retmask_period_ids", None)
+    if cached is not None:
+        return cached
+    toks = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    ids = frozenset(i for i, t in enumerate(toks)
+                    if t is not None and t.replace("Ġ", "").replace("▁", "").replace("Ċ", "").strip()[-1:] in ".!?")
+    try:
+        tokenizer._retmask_period_ids = ids
+    except AttributeError:
+        pass
+    return ids
+
+
+def context_ids(tokenizer, haystack: str, needle: Needle, length: int, depth: float, *,
+                placement: str = "sentence", buffer: int = 200) -> list[int]:
+    """Token ids of the context with the needle spliced in (the reference's `insert_needle`)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement={placement!r}: use one of {PLACEMENTS}")
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    hay = enc(haystack)
+    if not hay:
+        raise ValueError("the haystack is empty")
+    reps = -(-length // len(hay))
+    ctx = (hay * reps)[:length]
+    nd = enc(needle.needle)
+    budget = length - buffer
+    if len(ctx) + len(nd) > budget:
+        ctx = ctx[: max(budget - len(nd), 0)]
+    if depth >= 100:
+        return ctx + nd
+    at = int(len(ctx) * (depth / 100))
+    periods = _period_ids(tokenizer) if placement == "sentence" else frozenset(LLAMA2_PERIOD_IDS)
+    while at > 0 and ctx[at - 1] not in periods:
+        at -= 1
+    return ctx[:at] + nd + ctx[at:]
+
+
+def user_message(context: str, question: str) -> str:
+    return PROMPT.format(context=context, question=question)
+
+
+def prompt_ids(tokenizer, haystack: str, needle: Needle, length: int, depth: float, *,
+               placement: str = "sentence", buffer: int = 200, chat: bool | None = None) -> list[int]:
+    """The full prompt of one test. Chat models (a tokenizer with a chat template) get the user turn
+    and the generation prompt; Qwen3 runs with thinking off, as the reference."""
+    ctx = tokenizer.decode(context_ids(tokenizer, haystack, needle, length, depth, placement=placement,
+                                       buffer=buffer))
+    msg = user_message(ctx, needle.question)
+    if chat is None:
+        chat = getattr(tokenizer, "chat_template", None) is not None
+    if chat:
+        out = tokenizer.apply_chat_template([{"role": "user", "content": msg}], add_generation_prompt=True,
+                                            tokenize=True, enable_thinking=False)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return list(out)
+    return tokenizer(msg)["input_ids"]
+
+
+def find_span(prompt: list[int], answer_ids: list[int]) -> tuple[int, int]:
+    """The reference's `find_needle_idx`: the first window of len(answer) whose token set overlaps
+    the answer's token set by more than 90 %; (-1, -1) if none."""
+    if not answer_ids:
+        return (-1, -1)
+    want = set(answer_ids)
+    n = len(answer_ids)
+    for i in range(len(prompt)):
+        if len(set(prompt[i: i + n]) & want) / len(want) > 0.9:
+            return (i, i + n)
+    return (-1, -1)

@@ -1,0 +1,210 @@
+"""Preference pairs: `chosen` from the original policy, `rejected` from the ablated one, as two rows of
+one engine group per instruction (one batched pass over one copy of the weights). With
+`reject_model`, rejected answers come from another model instead (the paper's smaller-model
+baseline), in a second pass.
+
+Output (TRL's conversational preference format, plus metadata per pair):
+    pairs-00000.jsonl.gz ...   {"prompt": [user turn], "chosen": [assistant turn], "rejected": [...],
+                                "id", "source_id", "meta": {...}} in instruction order
+    summary.json               pairs kept, dropped by reason, tokens, tokens/s, configuration
+Work in progress is appended to `work/rank-RRRRR.jsonl` (fsync per pair) so a crash, even SIGKILL,
+loses only pairs in flight; `resume=True` continues. Under torchrun each rank takes every
+world-th instruction and rank 0 merges. Seeds are per instruction, so the pairs do not depend on
+the batch, the rank or the number of processes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .detect import _append, _barrier, _dist, prepare_out, read_jsonl
+from .engine import ORIGINAL, Engine, GenConfig, Group, Policy
+from .heads import HeadSet
+from .sampling import Sampling
+
+SHARD_PAIRS = 10_000
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    """Generation settings; defaults are the paper's (temperature 0.6, top-p 1.0, 2048 new tokens)."""
+
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_new_tokens: int = 2048
+    thinking: bool = False  # Qwen3: the paper generates with thinking on (and 4096 new tokens)
+    scope: str = "all"
+    seed: int = 42
+    shard_pairs: int = SHARD_PAIRS
+
+    @classmethod
+    def paper(cls, model_name: str, **kw) -> "PairsConfig":
+        if "qwen3" in model_name.lower():
+            return cls(**{"thinking": True, "max_new_tokens": 4096, **kw})
+        return cls(**kw)
+
+
+def chat_prompt(tok, text: str, thinking: bool) -> list[int]:
+    if getattr(tok, "chat_template", None) is None:
+        raise ValueError("the tokenizer has no chat template; pairs need a chat (instruct) model")
+    out = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+                                  enable_thinking=thinking)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+class PairJob:
+    def __init__(self, model, tok, heads: HeadSet | None, cfg: PairsConfig, *, model_name: str,
+                 reject=None, reject_name: str | None = None, **engine_kw):
+        if heads is None and reject is None:
+            raise ValueError("give heads to switch off (--tau/--topk/--heads) or --reject-model")
+        from .hf import dims
+
+        if heads is not None:
+            d = dims(model)
+            heads.validate(d.n_layers, d.n_heads)
+        self.model, self.tok, self.heads, self.cfg = model, tok, heads, cfg
+        self.model_name, self.reject, self.reject_name = model_name, reject, reject_name
+        self.engine_kw = engine_kw
+
+    def config_dict(self) -> dict:
+        h = self.heads
+        return {"model": self.model_name, "reject_model": self.reject_name, **asdict(self.cfg),
+                "heads": h.names() if h is not None else None, "heads_sha": h.digest() if h is not None else None}
+
+    def run(self, instructions, out: str | Path, *, resume=False, overwrite=False, progress=True) -> dict:
+        """instructions: `data.Instructions` (or a list of (source id, text))."""
+        items = list(getattr(instructions, "items", instructions))
+        out = Path(out)
+        rank, world = _dist()
+        prepare_out(out, {**self.config_dict(), "n_instructions": len(items)}, resume=resume,
+                    overwrite=overwrite, names=("summary.json", "work"))
+        if rank == 0:
+            for p in out.glob("pairs-*.jsonl.gz"):
+                p.unlink()
+        work = out / "work"
+        work.mkdir(exist_ok=True)
+        done = {r["id"] for p in work.glob("rank-*.jsonl") for r in read_jsonl(p)}
+        mine = [i for i in range(rank, len(items), world) if i not in done]
+        path = work / f"rank-{rank:05d}.jsonl"
+        if path.is_file():
+            good = read_jsonl(path)
+            path.write_text("".join(json.dumps(r) + "\n" for r in good))
+        t0 = time.perf_counter()
+        n_tok = self._generate(items, mine, path, progress and rank == 0) if mine else 0
+        _barrier()
+        summary = self.merge(out, items, n_tok, time.perf_counter() - t0) if rank == 0 else {}
+        _barrier()
+        return summary
+
+    # ---- generation ------------------------------------------------------------------------
+    def _engine(self, model, prompts, **over):
+        kw = dict(self.engine_kw)
+        kw.setdefault("max_len", max(len(p) for p in prompts) + self.cfg.max_new_tokens)
+        if "slots" not in kw and "kv_budget_gb" not in kw:
+            kw["slots"] = 8
+        kw.update(over)
+        return Engine(model, **kw)
+
+    def _gen(self, model, tok, rows, policies, progress, desc):
+        """{instruction index: [RowResult per policy]} for `rows` (list of (index, text))."""
+        from tqdm.auto import tqdm
+
+        c = self.cfg
+        prompts = {i: chat_prompt(tok, text, c.thinking) for i, text in rows}
+        eos = tuple(x for x in {tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
+                    if isinstance(x, int))
+        gen = GenConfig(max_new_tokens=c.max_new_tokens, sampling=Sampling(c.temperature, c.top_p), eos_ids=eos,
+                        seed=c.seed)
+        groups = [Group(prompts[i], policies, seeds=[_seed(c.seed, i, r) for r in range(len(policies))], key=i)
+                  for i, _ in rows]
+        bar = tqdm(total=len(groups), desc=desc, unit="pair", disable=not progress)
+        t0, n = time.perf_counter(), [0]
+
+        def on_step(k):
+            n[0] += k
+            bar.set_postfix_str(f"{n[0] / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
+
+        with self._engine(model, list(prompts.values())) as eng:
+            for res in eng.generate(groups, gen, progress=on_step):
+                bar.update(1)
+                yield res.key, len(prompts[res.key]), res.rows
+        bar.close()
+
+    def _generate(self, items, mine, path: Path, progress) -> int:
+        rows = [(i, items[i][1]) for i in mine]
+        n_tok = 0
+        with path.open("a") as f:
+            if self.reject is None:
+                pols = [ORIGINAL, Policy(self.heads, self.cfg.scope, "ablated")]
+                for i, plen, (ch, rj) in self._gen(self.model, self.tok, rows, pols, progress, "pairs"):
+                    n_tok += len(ch.tokens) + len(rj.tokens)
+                    _append(f, self._record(items, i, plen, ch, rj, self.tok, self.tok))
+            else:
+                rmodel, rtok = self.reject
+                chosen = {i: (plen, r[0]) for i, plen, r in self._gen(self.model, self.tok, rows, [ORIGINAL],
+                                                                        progress, "chosen")}
+                for i, _, r in self._gen(rmodel, rtok, rows, [ORIGINAL], progress, "rejected"):
+                    plen, ch = chosen[i]
+                    n_tok += len(ch.tokens) + len(r[0].tokens)
+                    _append(f, self._record(items, i, plen, ch, r[0], self.tok, rtok))
+        return n_tok
+
+    def _record(self, items, i, plen, ch, rj, tok_c, tok_r) -> dict:
+        sid, text = items[i]
+        c = tok_c.decode(ch.tokens, skip_special_tokens=True).strip()
+        r = tok_r.decode(rj.tokens, skip_special_tokens=True).strip()
+        dropped = "empty" if not c or not r else "identical" if c == r else None
+        return {"id": i, "source_id": sid, "prompt": [{"role": "user", "content": text}],
+                "chosen": [{"role": "assistant", "content": c}], "rejected": [{"role": "assistant", "content": r}],
+                "dropped": dropped,
+                "meta": {"prompt_tokens": plen, "chosen_tokens": len(ch.tokens), "rejected_tokens": len(rj.tokens),
+                         "chosen_finish": ch.finish, "rejected_finish": rj.finish,
+                         "seeds": [_seed(self.cfg.seed, i, 0), _seed(self.cfg.seed, i, 1)],
+                         "heads_sha": self.heads.digest() if self.heads is not None else None,
+                         "model": self.model_name, "reject_model": self.reject_name, "scope": self.cfg.scope}}
+
+    # ---- merge -------------------------------------------------------------------------------
+    def merge(self, out: Path, items, n_tok: int, seconds: float) -> dict:
+        recs = {r["id"]: r for p in sorted((out / "work").glob("rank-*.jsonl")) for r in read_jsonl(p)}
+        missing = [i for i in range(len(items)) if i not in recs]
+        if missing:
+            raise RuntimeError(f"{len(missing)} instructions have no result (first: {missing[0]}); rerun with --resume")
+        kept = [recs[i] for i in range(len(items)) if recs[i]["dropped"] is None]
+        dropped: dict[str, int] = {}
+        for i in range(len(items)):
+            if recs[i]["dropped"]:
+                dropped[recs[i]["dropped"]] = dropped.get(recs[i]["dropped"], 0) + 1
+        shards = []
+        for s in range(0, max(len(kept), 1), self.cfg.shard_pairs):
+            p = out / f"pairs-{len(shards):05d}.jsonl.gz"
+            with gzip.open(p, "wt") as f:
+                for r in kept[s: s + self.cfg.shard_pairs]:
+                    f.write(json.dumps({k: v for k, v in r.items() if k != "dropped"}) + "\n")
+            shards.append(p.name)
+        toks = sum(r["meta"]["chosen_tokens"] + r["meta"]["rejected_tokens"] for r in recs.values())
+        summary = {"config": self.config_dict(), "instructions": len(items), "pairs": len(kept), "dropped": dropped,
+                   "generated_tokens": toks, "this_run_tokens": n_tok, "this_run_seconds": round(seconds, 2),
+                   "tokens_per_s": round(n_tok / seconds, 1) if seconds > 0 and n_tok else None, "shards": shards}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+
+
+def _seed(base: int, index: int, row: int) -> int:
+    return (base * 1_000_003 + index * 2 + row) % (1 << 62)
+
+
+def load_pairs(folder: str | Path) -> list[dict]:
+    """Every kept pair of a `retmask pairs` output folder, in order."""
+    folder = Path(folder)
+    files = sorted(folder.glob("pairs-*.jsonl.gz"))
+    if not files:
+        raise ValueError(f"no pairs-*.jsonl.gz in {folder}: run `retmask pairs --out {folder}` first")
+    out = []
+    for p in files:
+        with gzip.open(p, "rt") as f:
+            out.extend(json.loads(line) for line in f if line.strip())
+    return out

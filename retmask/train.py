@@ -1,0 +1,147 @@
+"""DPO on the pairs with TRL's DPOTrainer; the reference model is the original model.
+
+Presets: `paper` is RetMask's recipe (beta 0.1 sigmoid; lr 5e-7 cosine down to 5e-8; warmup 10 %;
+weight decay 0.1; adam beta2 0.95; 2 epochs; effective batch 512 by gradient accumulation; bf16;
+gradient checkpointing). `toy` is a short CPU run for the toy model. The maximum sequence length is
+always explicit and printed (the reference silently trained on at most 1024 tokens, TRL's default).
+Multi-GPU: `accelerate launch --config_file retmask/configs/zero3.yaml -m retmask.cli train ...`
+(or `fsdp.yaml`). The final checkpoint is a plain transformers folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+PRESETS = {
+    "paper": dict(beta=0.1, loss_type="sigmoid", learning_rate=5e-7, min_lr=5e-8, warmup_ratio=0.1, weight_decay=0.1,
+                  adam_beta2=0.95, epochs=2.0, effective_batch=512, per_device_batch=1, bf16=True,
+                  gradient_checkpointing=True, max_length=4096),
+    "toy": dict(beta=0.1, loss_type="sigmoid", learning_rate=2e-4, min_lr=2e-5, warmup_ratio=0.1, weight_decay=0.0,
+                adam_beta2=0.95, epochs=2.0, effective_batch=16, per_device_batch=8, bf16=False,
+                gradient_checkpointing=False, max_length=1024),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    learning_rate: float = 5e-7
+    min_lr: float = 5e-8
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.1
+    adam_beta2: float = 0.95
+    epochs: float = 2.0
+    effective_batch: int = 512
+    per_device_batch: int = 1
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    max_length: int = 4096
+    lora: bool = False
+    lora_r: int = 16
+    precompute_ref: bool = False
+    liger: bool = False
+    seed: int = 42
+    save_steps: int = 500
+
+    @classmethod
+    def preset(cls, name: str, **kw) -> "TrainConfig":
+        if name not in PRESETS:
+            raise ValueError(f"preset {name!r}: use one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **kw})
+
+    def grad_accum(self, world: int) -> int:
+        per_step = self.per_device_batch * world
+        if self.effective_batch % per_step:
+            raise ValueError(f"effective batch {self.effective_batch} is not a multiple of per-device batch "
+                             f"{self.per_device_batch} x {world} processes")
+        return self.effective_batch // per_step
+
+
+def dpo_config(cfg: TrainConfig, out: Path, world: int, cpu: bool):
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=str(out / "trainer"), beta=cfg.beta, loss_type=[cfg.loss_type], learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": cfg.min_lr},
+        warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, adam_beta2=cfg.adam_beta2,
+        num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.per_device_batch,
+        gradient_accumulation_steps=cfg.grad_accum(world), bf16=cfg.bf16 and not cpu,
+        gradient_checkpointing=cfg.gradient_checkpointing, max_length=cfg.max_length,
+        precompute_ref_log_probs=cfg.precompute_ref, use_liger_kernel=cfg.liger, report_to="none",
+        logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, seed=cfg.seed,
+        use_cpu=cpu, dataloader_num_workers=0)
+
+
+def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool = False,
+          log=print) -> dict:
+    """Run DPO; returns {"final": path, "metrics": last logged values, "history": log history}."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOTrainer
+
+    from .pairs import load_pairs
+
+    out = Path(out)
+    pairs = load_pairs(pairs_dir)
+    if not pairs:
+        raise ValueError(f"{pairs_dir} holds no pairs (all dropped?): nothing to train on")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = not torch.cuda.is_available()
+    if cpu and cfg.bf16:
+        cfg = replace(cfg, bf16=False)
+    args = dpo_config(cfg, out, world, cpu)
+    log(f"DPO: {len(pairs)} pairs, max_length={cfg.max_length} tokens (longer pairs are truncated), "
+        f"beta={cfg.beta} {cfg.loss_type}, lr {cfg.learning_rate:g} -> {cfg.min_lr:g}, effective batch "
+        f"{cfg.effective_batch} ({cfg.per_device_batch} x {world} x {args.gradient_accumulation_steps} accumulation)")
+    ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs])
+    tok = AutoTokenizer.from_pretrained(model_path)
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    trainer = DPOTrainer(model=model_path, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
+                         peft_config=peft_config)
+    ckpt = None
+    if resume:
+        cks = sorted((out / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        ckpt = str(cks[-1]) if cks else None
+    trainer.train(resume_from_checkpoint=ckpt)
+    final = out / "final"
+    model = trainer.model
+    if cfg.lora:
+        model = model.merge_and_unload()
+    if trainer.is_world_process_zero():
+        model.save_pretrained(final, safe_serialization=True)
+        tok.save_pretrained(final)
+        hist = trainer.state.log_history
+        steps = [h for h in hist if "loss" in h]
+        metrics = {k: v for k, v in (steps[-1] if steps else {}).items() if isinstance(v, (int, float))}
+        first = {k: v for k, v in (steps[0] if steps else {}).items() if isinstance(v, (int, float))}
+        res = {"final": str(final), "config": asdict(cfg), "pairs": len(pairs), "first": first, "metrics": metrics,
+               "history": steps}
+        (out / "train.json").write_text(json.dumps(res, indent=1) + "\n")
+        return res
+    return {"final": str(final)}
+
+
+HELMET_LENGTHS = ("8k", "16k", "32k", "64k", "128k")
+
+
+def helmet_commands(checkpoint: str, lengths=HELMET_LENGTHS) -> list[str]:
+    """Shell commands that evaluate `checkpoint` with HELMET (github.com/princeton-nlp/HELMET, not
+    vendored) at each length; run them from a HELMET checkout."""
+    ck = checkpoint
+    cmds = ["git clone https://github.com/princeton-nlp/HELMET && cd HELMET && pip install -r requirements.txt"]
+    for L in lengths:
+        for task in ("recall", "rag", "rerank", "cite", "longqa", "summ", "icl"):
+            cmds.append(f"python eval.py --config configs/{task}.yaml "
+                        f"--model_name_or_path {ck} --input_max_length {int(L[:-1]) * 1024} "
+                        f"--output_dir output/{Path(ck).name}/{L} --use_chat_template True")
+    return cmds

@@ -1,0 +1,189 @@
+"""Detection on the shipped toy model: scores, outputs, resume after SIGKILL, two processes (gloo),
+memory linear in context, and the causal check."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from retmask import causal, toy
+from retmask.detect import DetectConfig, Detector, read_jsonl
+from retmask.heads import HeadSet, load_scores
+
+pytestmark = pytest.mark.skipif(not toy.available(), reason="toy model not built")
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(min_len=160, max_len=480, n_lengths=2, n_depths=3, n_needles=2, buffer=32, steps=10)
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    return toy.load()
+
+
+@pytest.fixture(scope="module")
+def detected(toy_model, tmp_path_factory):
+    model, tok = toy_model
+    out = tmp_path_factory.mktemp("detect")
+    summary = Detector(model, tok, DetectConfig(**SMALL), model_name="toy", slots=3).run(out, progress=False)
+    return out, summary
+
+
+def _cli(*args, env_extra=None, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "retmask.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, **kw)
+
+
+def test_detection_finds_retrieval_heads(detected):
+    out, s = detected
+    assert s["tests"] == 12 and s["counted"] >= 11  # the toy answers its NIAH tests
+    scores = load_scores(out / "head_scores.json")  # reference format, as HeadSet reads it
+    assert len(scores) == toy.CONFIG["num_hidden_layers"] * toy.CONFIG["num_attention_heads"]
+    assert max(scores.values()) >= 0.5
+    hs = HeadSet.from_scores(out / "head_scores.json", tau=0.5)
+    assert 1 <= len(hs) <= 6  # few heads do the copying
+    raw = json.loads((out / "head_scores.json").read_text())
+    assert all(len(v) == s["counted"] for v in raw.values())
+    for name in ("detect.json", "tests.jsonl", "heads.png", "niah.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_records_agree_with_recomputed_scores(detected, toy_model):
+    """Each record's per-head scores equal retrieval_scores recomputed from an eager HF forward."""
+    from retmask import niah, scoring
+
+    out, _ = detected
+    model, tok = toy_model
+    rec = read_jsonl(out / "tests.jsonl")[4]
+    det = Detector(model, tok, DetectConfig(**SMALL))
+    t = next(t for t in det.tests if t.key == rec["key"])
+    prompt = niah.prompt_ids(tok, det.haystacks[t.needle_idx], det.needles[t.needle_idx], t.length, t.depth,
+                             buffer=SMALL["buffer"])
+    ids = torch.tensor([prompt + rec["tokens"]])
+    fresh = toy.load()[0]
+    fresh.config._attn_implementation = "eager"
+    with torch.no_grad():
+        o = fresh(ids, output_attentions=True)
+    P, T = len(prompt), len(rec["tokens"])
+    # step t's query is the token at P-1+t; its argmax over all keys up to itself
+    att = torch.stack(o.attentions)[:, 0, :, P - 1: P - 1 + T]  # (L, H, T, S)
+    am = att.argmax(-1).permute(2, 0, 1)  # (T, L, H)
+    greedy = o.logits[0, P - 1: P - 1 + T].argmax(-1).tolist()
+    assert greedy == rec["tokens"]
+    want = scoring.retrieval_scores(prompt, tuple(rec["span"]), rec["tokens"], am)
+    torch.testing.assert_close(torch.tensor(rec["scores"]), want, atol=1e-5, rtol=0)
+
+
+def test_existing_results_need_resume_or_overwrite(detected, toy_model):
+    out, _ = detected
+    model, tok = toy_model
+    det = Detector(model, tok, DetectConfig(**SMALL), model_name="toy", slots=3)
+    with pytest.raises(ValueError, match="--resume"):
+        det.run(out, progress=False)
+    other = Detector(model, tok, DetectConfig(**{**SMALL, "steps": 9}), model_name="toy", slots=3)
+    with pytest.raises(ValueError, match="different configuration"):
+        other.run(out, resume=True, progress=False)
+    s = det.run(out, resume=True, progress=False)  # nothing left to do: merges again, same result
+    assert s["counted"] == json.loads((out / "detect.json").read_text())["counted"]
+
+
+GRID = ["--min", "160", "--max", "480", "--lengths", "2", "--depths", "3", "--needles", "2", "--buffer", "32",
+        "--steps", "10", "--slots", "1", "--chunk", "64", "--no-progress"]
+
+
+def test_resume_after_sigkill_matches_one_run(detected, tmp_path):
+    ref, _ = detected
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "retmask.cli", "detect", *GRID, "--out", str(out)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard = out / "tests-00000.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(read_jsonl(shard)) < 3:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    n_before = len(read_jsonl(shard))
+    assert 3 <= n_before < 12, "the kill should land mid-run"
+    with shard.open("a") as f:
+        f.write('{"key": "torn')  # a line cut by the crash
+    r = _cli("detect", *GRID, "--out", str(out))
+    assert r.returncode == 2 and "--resume" in r.stderr
+    r = _cli("detect", *GRID, "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    keys = [x["key"] for x in read_jsonl(shard)]
+    assert len(keys) == len(set(keys)) == 12  # nothing lost, nothing twice
+    assert (out / "tests.jsonl").read_text() == (ref / "tests.jsonl").read_text()
+    assert json.loads((out / "head_scores.json").read_text()) == json.loads((ref / "head_scores.json").read_text())
+
+
+def test_two_processes_gloo_equal_one(detected, tmp_path):
+    ref, _ = detected
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "retmask.cli", "detect", *GRID, "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list(out.glob("tests-*.jsonl"))) == 2
+    assert (out / "tests.jsonl").read_text() == (ref / "tests.jsonl").read_text()
+    assert json.loads((out / "head_scores.json").read_text()) == json.loads((ref / "head_scores.json").read_text())
+
+
+def test_unwritable_output_is_refused_before_work(toy_model, tmp_path):
+    model, tok = toy_model
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="not writable|--out"):
+        Detector(model, tok, DetectConfig(**SMALL)).run(blocker / "sub", progress=False)
+
+
+_MEM = """
+import sys, torch
+from retmask import toy
+from retmask.detect import DetectConfig, Detector
+torch.set_num_threads(1)
+model, tok = toy.load()
+L = int(sys.argv[1])
+det = Detector(model, tok, DetectConfig(min_len=L, max_len=L, n_lengths=1, n_depths=1, n_needles=1, buffer=32,
+               steps=4), model_name="toy", slots=1, chunk=1024)
+def kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+base = kb("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")
+det.run(sys.argv[2], progress=False)
+print(kb("VmHWM:") - base)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_detection_memory_is_linear_in_context(tmp_path):
+    used = {}
+    for L in (4096, 16384):
+        r = subprocess.run([sys.executable, "-c", _MEM, str(L), str(tmp_path / str(L))], capture_output=True,
+                           text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-2000:]
+        used[L] = int(r.stdout.strip().splitlines()[-1])
+    assert used[16384] <= 4.5 * used[4096], used
+
+
+def test_causal_check_on_toy(toy_model, detected):
+    """Switching off the top detected heads breaks NIAH; as many non-retrieval heads do not."""
+    out, _ = detected
+    model, tok = toy_model
+    scores = load_scores(out / "head_scores.json")
+    top = HeadSet.from_scores(scores, tau=0.5)
+    pols = causal.make_policies(top, scores, controls=("non-retrieval",), scopes=("all", "generated"))
+    grid = causal.GridConfig(min_len=160, max_len=toy.TRAIN_LEN, n_lengths=3, n_depths=4, n_needles=2, buffer=32,
+                             steps=8, seed=7)
+    res = causal.run_niah(model, tok, grid, pols, progress=False, slots=8)
+    rec = {r["policy"]: r["recall"] for r in res["policies"]}
+    assert rec["original"] >= 95
+    assert rec["heads-all"] <= 20 and rec["heads-generated"] <= 20
+    assert rec["non-retrieval-all"] >= 80
