@@ -123,8 +123,10 @@ def _model_args(p):
 
 
 def _grid_args(p, steps: int):
-    p.add_argument("--min", dest="min_len", type=int, default=None, help="shortest context (tokens)")
-    p.add_argument("--max", dest="max_len", type=int, default=None, help="longest context (tokens)")
+    p.add_argument("--min", "--min-len", dest="min_len", type=int, default=None,
+                   help="shortest context (tokens); under torchrun write --min-len")
+    p.add_argument("--max", "--max-len", dest="max_len", type=int, default=None,
+                   help="longest context (tokens); under torchrun write --max-len")
     p.add_argument("--lengths", dest="n_lengths", type=int, help="number of context lengths (linspace)")
     p.add_argument("--depths", dest="n_depths", type=int, help="number of depths (linspace 0..100)")
     p.add_argument("--needles", dest="n_needles", type=int, help="number of needles (default 3)")
@@ -202,10 +204,11 @@ def _detect(args) -> int:
         base.update(PRESETS[args.preset])
     cfg = DetectConfig(**_grid_kw(args, base))
     cfg.check()
-    device = _dist_init() or args.device
-    model, tok = models.load(args.model, dtype=args.dtype, device=device)
     name = models.display_name(args.model)
     out = Path(args.out or f"runs/detect/{name}")
+    models.check_writable(out)
+    device = _dist_init() or args.device
+    model, tok = models.load(args.model, dtype=args.dtype, device=device)
     det = Detector(model, tok, cfg, model_name=args.model, **_engine_kw(args))
     summary = det.run(out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     if summary:
@@ -287,6 +290,8 @@ def _pairs(args) -> int:
     if args.thinking:
         kw["thinking"] = args.thinking == "on"
     cfg = PairsConfig.paper(args.model, **kw)
+    models.check_heads(args.model, hs)
+    models.check_writable(out)
     data = args.data or str(toy.ASSET_DIR.parent / "instructions.jsonl")
     ins = load_instructions(data, split=args.split, start=args.start, end=args.end, limit=args.limit)
     print(f"{len(ins.items)} instructions from {data} (schema {ins.schema!r}); skipped {dict(ins.skipped) or 'none'}")

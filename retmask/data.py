@@ -42,7 +42,12 @@ def _open(source: str, split: str, streaming: bool | None):
         fmt = LOCAL_FORMATS.get(Path(files[0]).suffix)
         if fmt is None:
             raise ValueError(f"dataset file {p}: use .jsonl, .json or .parquet")
-        return load_dataset(fmt, data_files=files, split="train", streaming=bool(streaming))
+        if all(Path(f).stat().st_size == 0 for f in files):
+            raise ValueError(f"dataset {source} is empty")
+        try:
+            return load_dataset(fmt, data_files=files, split="train", streaming=bool(streaming))
+        except (StopIteration, ValueError, OSError) as e:
+            raise ValueError(f"dataset {source}: could not read it as {fmt} ({type(e).__name__}: {e})") from None
     if "/" not in source:
         raise ValueError(f"dataset {source!r}: no such file; give a local .jsonl/.json/.parquet or a hub name "
                          "such as lmsys/lmsys-chat-1m")

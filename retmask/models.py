@@ -38,3 +38,32 @@ def load(name: str, *, dtype: str | None = None, device: str | None = None):
 
 def display_name(name: str) -> str:
     return Path(name).name if Path(name).exists() else name.replace("/", "--")
+
+
+def check_heads(name: str, heads) -> None:
+    """Validate a HeadSet against the model's config alone (before any weights are loaded)."""
+    from . import toy
+
+    if heads is None:
+        return
+    if name == toy.NAME:
+        n_layers, n_heads = toy.CONFIG["num_hidden_layers"], toy.CONFIG["num_attention_heads"]
+    else:
+        from transformers import AutoConfig
+
+        c = AutoConfig.from_pretrained(name)
+        c = getattr(c, "text_config", c)
+        n_layers, n_heads = c.num_hidden_layers, c.num_attention_heads
+    heads.validate(n_layers, n_heads)
+
+
+def check_writable(folder) -> None:
+    """Fail before expensive work when the output folder cannot be created or written."""
+    p = Path(folder)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output folder {p} is not writable ({e.strerror}); choose another --out") from None

@@ -48,10 +48,10 @@ def build_tokenizer():
                                    eos_token="<|end|>", chat_template=CHAT_TEMPLATE, model_max_length=32768)
 
 
-def build_config(vocab_size: int, **overrides):
+def build_config(tok, **overrides):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab_size, pad_token_id=1, eos_token_id=SPECIALS.index("<|end|>"),
+    return LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                        bos_token_id=None, **{**CONFIG, **overrides})
 
 

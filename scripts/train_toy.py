@@ -91,7 +91,7 @@ def main(argv=None):
     tok = toy.build_tokenizer()
     from transformers import LlamaForCausalLM
 
-    cfg = toy.build_config(len(tok), num_hidden_layers=args.layers, num_attention_heads=args.heads,
+    cfg = toy.build_config(tok, num_hidden_layers=args.layers, num_attention_heads=args.heads,
                            num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
                            rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta})
     cfg._attn_implementation = "sdpa"

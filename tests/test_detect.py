@@ -93,7 +93,7 @@ def test_existing_results_need_resume_or_overwrite(detected, toy_model):
     assert s["counted"] == json.loads((out / "detect.json").read_text())["counted"]
 
 
-GRID = ["--min", "160", "--max", "480", "--lengths", "2", "--depths", "3", "--needles", "2", "--buffer", "32",
+GRID = ["--min-len", "160", "--max-len", "480", "--lengths", "2", "--depths", "3", "--needles", "2", "--buffer", "32",
         "--steps", "10", "--slots", "1", "--chunk", "64", "--no-progress"]
 
 

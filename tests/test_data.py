@@ -1,0 +1,72 @@
+"""Instructions from every supported schema, written as small local files."""
+
+import json
+
+import pytest
+
+from retmask.data import load_instructions
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_lmsys_conversation_first_user_turn(tmp_path):
+    rows = [
+        {"conversation_id": "a", "conversation": [{"role": "system", "content": "be nice"},
+                                                  {"role": "user", "content": "hi there"},
+                                                  {"role": "assistant", "content": "hello"},
+                                                  {"role": "user", "content": "second turn"}], "redacted": False},
+        {"conversation_id": "b", "conversation": [{"role": "user", "content": "my name is NAME_1"}], "redacted": True},
+        {"conversation_id": "c", "conversation": [{"role": "user", "content": "  "}], "redacted": False},
+        {"conversation_id": "d", "conversation": [{"role": "user", "content": "hi there"}], "redacted": False},
+        {"conversation_id": "e", "conversation": [{"role": "user", "content": "third"}], "redacted": False},
+    ]
+    ins = load_instructions(_jsonl(tmp_path / "lmsys.jsonl", rows))
+    assert ins.schema == "conversation"
+    assert ins.items == [("a", "hi there"), ("e", "third")]  # no system turn, first user turn only
+    assert dict(ins.skipped) == {"redacted": 1, "empty": 1, "duplicate": 1}
+
+
+def test_wildchat_extra_turn_fields_and_slice(tmp_path):
+    rows = [{"conversation_hash": f"h{i}", "conversation": [
+        {"role": "user", "content": f"q{i}", "language": "English", "toxic": False, "timestamp": None},
+        {"role": "assistant", "content": "a", "language": "English"}]} for i in range(10)]
+    ins = load_instructions(_jsonl(tmp_path / "wild.jsonl", rows), start=2, end=8, limit=3)
+    assert ins.items == [("h2", "q2"), ("h3", "q3"), ("h4", "q4")]
+
+
+def test_synth_variant_and_sharegpt_turns(tmp_path):
+    rows = [{"synthesized_multiturn_conversation": [{"from": "human", "value": "synthetic question"},
+                                                     {"from": "gpt", "value": "x"}]}]
+    ins = load_instructions(_jsonl(tmp_path / "synth.jsonl", rows))
+    assert ins.schema == "synthesized_multiturn_conversation" and ins.items[0][1] == "synthetic question"
+
+
+def test_messages_json_and_parquet(tmp_path):
+    rows = [{"id": "m1", "messages": [{"role": "user", "content": "from messages"}]}]
+    p = tmp_path / "m.json"
+    p.write_text(json.dumps(rows))
+    assert load_instructions(str(p)).items == [("m1", "from messages")]
+    import pandas as pd
+
+    pq = tmp_path / "p.parquet"
+    pd.DataFrame({"instruction": ["do x", "do y"], "input": ["with this", ""]}).to_parquet(pq)
+    ins = load_instructions(str(pq))
+    assert [t for _, t in ins.items] == ["do x\n\nwith this", "do y"]
+    ins = load_instructions(_jsonl(tmp_path / "pr.jsonl", [{"prompt": "plain prompt"}]))
+    assert ins.schema == "prompt" and ins.items[0][1] == "plain prompt"
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match=r"columns \['answer', 'text'\].*need one of"):
+        load_instructions(_jsonl(tmp_path / "bad.jsonl", [{"text": "x", "answer": "y"}]))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty|no rows|columns"):
+        load_instructions(str(empty))
+    with pytest.raises(ValueError, match="every one of 1 rows was skipped"):
+        load_instructions(_jsonl(tmp_path / "blank.jsonl", [{"prompt": ""}]))
+    with pytest.raises(ValueError, match="no such file"):
+        load_instructions("missing.jsonl")

@@ -1,0 +1,151 @@
+"""Pairs, DPO training and the demo on the shipped toy model (CPU)."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from retmask import toy
+from retmask.data import load_instructions
+from retmask.detect import read_jsonl
+from retmask.heads import HeadSet
+from retmask.pairs import PairJob, PairsConfig, load_pairs
+
+pytestmark = pytest.mark.skipif(not toy.available(), reason="toy model not built")
+ROOT = Path(__file__).resolve().parents[1]
+DATA = str(toy.ASSET_DIR.parent / "instructions.jsonl")
+HEADS = "0-2,0-3,1-2,1-3"
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "retmask.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _gz(folder):
+    return b"".join(gzip.open(p).read() for p in sorted(Path(folder).glob("pairs-*.jsonl.gz")))
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+    model, tok = toy.load()
+    out = tmp_path_factory.mktemp("pairs")
+    job = PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(max_new_tokens=12, shard_pairs=7),
+                  model_name="toy", slots=16)
+    summary = job.run(load_instructions(DATA, limit=20), out, progress=False)
+    return out, summary
+
+
+def test_pairs_format_and_content(pairs_dir):
+    out, s = pairs_dir
+    pairs = load_pairs(out)
+    assert s["instructions"] == 20 and s["pairs"] == len(pairs) and s["pairs"] + sum(s["dropped"].values()) == 20
+    assert len(s["shards"]) == -(-len(pairs) // 7)  # sharded by shard_pairs
+    answers = {json.loads(line)["id"]: json.loads(line)["answer"] for line in open(DATA)}
+    right = 0
+    for p in pairs:
+        assert [m["role"] for m in p["prompt"]] == ["user"]
+        assert p["chosen"][0]["role"] == p["rejected"][0]["role"] == "assistant"
+        assert p["chosen"][0]["content"] and p["chosen"][0]["content"] != p["rejected"][0]["content"]
+        m = p["meta"]
+        assert m["heads_sha"] == HeadSet.from_list(HEADS).digest() and m["model"] == "toy"
+        assert {m["chosen_finish"], m["rejected_finish"]} <= {"eos", "length"}
+        right += answers[p["source_id"]] in p["chosen"][0]["content"]
+    assert right >= 0.8 * len(pairs)  # the original copies the needle; the ablated one cannot
+
+
+def test_pairs_do_not_depend_on_batching(pairs_dir, tmp_path):
+    out, _ = pairs_dir
+    model, tok = toy.load()
+    job = PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(max_new_tokens=12, shard_pairs=7),
+                  model_name="toy", slots=2)
+    job.run(load_instructions(DATA, limit=20), tmp_path, progress=False)
+    assert _gz(tmp_path) == _gz(out)
+
+
+ARGS = ["pairs", "--data", DATA, "--limit", "20", "--heads", HEADS, "--max-new-tokens", "12", "--no-progress"]
+
+
+def test_resume_after_sigkill_and_two_processes(pairs_dir, tmp_path):
+    ref, _ = pairs_dir
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "-m", "retmask.cli", *ARGS, "--slots", "2", "--out", str(out)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = out / "work" / "rank-00000.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(read_jsonl(work)) < 4:
+        time.sleep(0.1)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert 4 <= len(read_jsonl(work)) < 20
+    r = _cli(*ARGS, "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ids = [x["id"] for x in read_jsonl(work)]
+    assert sorted(ids) == list(range(20))  # none lost, none twice
+    # the same pairs as one uninterrupted run (shard size differs: compare records)
+    assert [json.loads(x) for x in _gz(out).splitlines()] == [json.loads(x) for x in _gz(ref).splitlines()]
+
+    ddp = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29533", "-m", "retmask.cli", *ARGS, "--out", str(ddp)], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((ddp / "work").glob("rank-*.jsonl"))) == 2
+    assert [json.loads(x) for x in _gz(ddp).splitlines()] == [json.loads(x) for x in _gz(ref).splitlines()]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--heads", "9-0"], "head 9-0 does not exist"),  # a heads list for another (deeper) model
+    (["--scores", "{scores}", "--tau", "5"], "no head has a mean score >= tau"),
+    (["--heads", HEADS, "--out", "{blocked}/x"], "not writable"),
+    (["--heads", HEADS, "--data", "{nocols}"], "none holds instructions"),
+    (["--heads", HEADS, "--data", "{empty}"], "empty"),
+])
+def test_bad_inputs_fail_early_with_one_message(tmp_path, args, message):
+    (tmp_path / "scores.json").write_text(json.dumps({"0-0": [0.2], "0-1": [0.0]}))
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    (tmp_path / "nocols.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    fill = {"scores": tmp_path / "scores.json", "blocked": tmp_path / "blocked", "nocols": tmp_path / "nocols.jsonl",
+            "empty": tmp_path / "empty.jsonl"}
+    args = [a.format(**fill) for a in args]
+    base = ["pairs", "--data", DATA, "--limit", "4", "--max-new-tokens", "4", "--out", str(tmp_path / "o")]
+    r = _cli(*base, *args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dpo_checkpoint_reloads_and_generates(pairs_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from retmask.train import TrainConfig, train
+
+    out, _ = pairs_dir
+    res = train(str(toy.ASSET_DIR), out, tmp_path, TrainConfig.preset("toy", epochs=1.0, effective_batch=4, per_device_batch=4), log=lambda *_: None)
+    assert res["metrics"]["rewards/margins"] > 0  # chosen pulled above rejected
+    before = toy.load()[0]
+    m = AutoModelForCausalLM.from_pretrained(res["final"])
+    tok = AutoTokenizer.from_pretrained(res["final"])
+    changed = any(not torch.equal(a, b) for a, b in zip(m.state_dict().values(), before.state_dict().values()))
+    assert changed
+    ids = tok.apply_chat_template([{"role": "user", "content": json.loads(open(DATA).readline())["messages"][0]
+                                    ["content"]}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    g = m.generate(**ids, max_new_tokens=6, do_sample=False)
+    assert g.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_train_refuses_empty_pairs_folder(tmp_path):
+    r = _cli("train", "--pairs", str(tmp_path))
+    assert r.returncode == 2 and "no pairs" in r.stderr
+
+
+def test_helmet_commands():
+    r = _cli("helmet", "runs/train/toy/final")
+    assert r.returncode == 0 and "--model_name_or_path runs/train/toy/final" in r.stdout and "recall" in r.stdout
