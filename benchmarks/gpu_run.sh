@@ -19,6 +19,7 @@ $PY -m retmask.cli check-kernels 2>&1 | tee -a "$LOG" | tail -n 3
 $PY benchmarks/bench_prefill.py ${PREFILL_ARGS:-} >>"$LOG" 2>&1 || echo "bench_prefill failed (see log.txt)"
 $PY benchmarks/bench_decode.py ${DECODE_ARGS:-} >>"$LOG" 2>&1 || echo "bench_decode failed (see log.txt)"
 $PY benchmarks/bench_engine.py ${ENGINE_ARGS:-} >>"$LOG" 2>&1 || echo "bench_engine failed (see log.txt)"
+$PY benchmarks/bench_detect.py ${DETECT_ARGS:-} >>"$LOG" 2>&1 || echo "bench_detect failed (see log.txt)"
 cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT"/ 2>/dev/null
 $PY benchmarks/report.py --print
 echo "cuda tests exit code: $tests_rc"

@@ -101,23 +101,25 @@ def prepare_out(out: Path, config: dict, *, resume: bool, overwrite: bool, names
         raise ValueError("--resume and --overwrite exclude each other")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise ValueError(f"output folder {out} is not writable ({e.strerror}); choose another --out") from None
     cfg_path = out / "config.json"
     existing = [p for p in out.iterdir() if p.name in names or p.name.startswith(("tests-", "pairs-"))]
-    if existing or cfg_path.exists():
+    old_cfg = cfg_path.read_text() if cfg_path.exists() else None
+    _barrier()  # every rank decides from the same snapshot
+    if existing or old_cfg is not None:
         if overwrite:
             if _dist()[0] == 0:
                 import shutil
 
-                for p in existing + ([cfg_path] if cfg_path.exists() else []):
+                for p in existing + ([cfg_path] if old_cfg is not None else []):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
             _barrier()
         elif resume:
-            old = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+            old = json.loads(old_cfg) if old_cfg is not None else None
             if old is not None and old != config:
                 diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
                 raise ValueError(f"{out} holds a run with a different configuration ({', '.join(diff)}); "
@@ -125,6 +127,7 @@ def prepare_out(out: Path, config: dict, *, resume: bool, overwrite: bool, names
         else:
             raise ValueError(f"{out} already holds results; pass --resume to continue them or --overwrite "
                              "to start over")
+    _barrier()  # every rank has looked before rank 0 writes
     if _dist()[0] == 0:
         cfg_path.write_text(json.dumps(config, indent=1) + "\n")
     _barrier()

@@ -3,6 +3,7 @@ Hugging Face hub name (downloaded only when the user names it)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -62,7 +63,7 @@ def check_writable(folder) -> None:
     p = Path(folder)
     try:
         p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".write-test"
+        probe = p / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:

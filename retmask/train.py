@@ -114,11 +114,12 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
         ckpt = str(cks[-1]) if cks else None
     trainer.train(resume_from_checkpoint=ckpt)
     final = out / "final"
-    model = trainer.model
-    if cfg.lora:
-        model = model.merge_and_unload()
+    if cfg.lora:  # merge the adapter so the checkpoint is a plain transformers model
+        if trainer.is_world_process_zero():
+            trainer.model.merge_and_unload().save_pretrained(final, safe_serialization=True)
+    else:
+        trainer.save_model(str(final))  # gathers ZeRO-3 / FSDP shards into one checkpoint
     if trainer.is_world_process_zero():
-        model.save_pretrained(final, safe_serialization=True)
         tok.save_pretrained(final)
         hist = trainer.state.log_history
         steps = [h for h in hist if "loss" in h]

@@ -68,3 +68,14 @@ def test_engine_benchmark_tiny(tmp_path):
     assert {r["provider"] for r in rows} == {"engine (both policies, one pass)", "generate x2 (sdpa, static cache)",
                                              "engine, scope all", "engine, scope generated"}
     assert all(float(r["tok_per_s"]) > 0 for r in rows)
+
+
+def test_detect_benchmark_tiny(tmp_path):
+    out = tmp_path / "d.csv"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_detect.py"), "--tiny", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = list(csv.DictReader(open(out)))
+    assert {r["provider"] for r in rows} == {"retmask", "reference-style"}
+    assert all(float(r["seconds"]) > 0 and float(r["floor_s"]) > 0 for r in rows)

@@ -185,5 +185,23 @@ def test_causal_check_on_toy(toy_model, detected):
     res = causal.run_niah(model, tok, grid, pols, progress=False, slots=8)
     rec = {r["policy"]: r["recall"] for r in res["policies"]}
     assert rec["original"] >= 95
-    assert rec["heads-all"] <= 20 and rec["heads-generated"] <= 20
+    assert rec["heads-all"] <= 20
+    # scope `generated` leaves the heads on at the last prompt position, which predicts the first of the
+    # four answer words: at most that word survives
+    assert rec["heads-generated"] <= 30
     assert rec["non-retrieval-all"] >= 80
+
+
+def test_niah_command(detected, tmp_path, capsys):
+    from retmask.cli import main
+
+    out, _ = detected
+    rc = main(["niah", "--scores", str(out / "head_scores.json"), "--tau", "0.5", "--controls", "random",
+               "--scopes", "all", "--min", "160", "--max", "320", "--lengths", "2", "--depths", "2", "--needles", "1",
+               "--steps", "6", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| original" in text and "heads-all" in text and "random-all" in text
+    res = json.loads((tmp_path / "niah.json").read_text())
+    assert [p["policy"] for p in res["policies"]] == ["original", "heads-all", "random-all"]
+    assert (tmp_path / "niah-heads-all.png").exists()

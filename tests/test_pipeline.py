@@ -149,3 +149,17 @@ def test_train_refuses_empty_pairs_folder(tmp_path):
 def test_helmet_commands():
     r = _cli("helmet", "runs/train/toy/final")
     assert r.returncode == 0 and "--model_name_or_path runs/train/toy/final" in r.stdout and "recall" in r.stdout
+
+
+def test_demo_end_to_end(tmp_path):
+    from retmask.demo import run
+
+    out = tmp_path / "demo"
+    assert run(out, n_instructions=24) == 0
+    s = json.loads((out / "summary.json").read_text())
+    before, after = s["NIAH recall %, original"].split(" -> ")
+    assert float(before) >= 95 and float(after) >= 90  # DPO on its own pairs keeps the model working
+    assert float(s["NIAH recall %, heads-all"].split(" -> ")[0]) <= 20
+    for f in ("detect/head_scores.json", "detect/heads.png", "pairs/summary.json", "train/final/model.safetensors",
+              "niah-before/niah.json", "niah-after/niah-original.png"):
+        assert (out / f).exists(), f

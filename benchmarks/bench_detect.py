@@ -1,0 +1,136 @@
+"""Detection cost per NIAH test, 4K to 128K, on a Llama-3.1-8B-shaped random model (nothing downloaded).
+
+Providers, per context length:
+  - `retmask`: the engine (chunked prefill without logits, 50 decode steps with the decode kernel's
+    per-head argmax) plus `retrieval_scores` on the device: what `retmask detect` runs per test.
+  - `reference-style`: what Wu et al.'s detector does: one forward over the whole prompt with logits at
+    every position, then 50 decode steps each recomputing eager attention (repeat_kv and a full
+    softmax, `output_attentions=True`) and a Python loop over every (layer, head) with a device sync
+    each; run at the lengths where it fits (`--baseline-max`).
+  - `prefill floor`: the prompt's FLOPs (linear layers + causal attention) over the measured bf16
+    matmul rate: no detector can do a test faster than its prefill.
+Reported: seconds per test, peak GPU memory, ratio to the floor, speed-up over the baseline.
+
+    python benchmarks/bench_detect.py
+    python benchmarks/bench_detect.py --tiny        # CPU smoke run on a tiny Llama
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import benchlib
+from bench_engine import LLAMA_8B, TINY, _peak_gb, _peak_reset, _sync, build
+from retmask.engine import ORIGINAL, Engine, GenConfig, Group
+from retmask.scoring import retrieval_scores
+
+STEPS = 50
+
+
+def matmul_tflops(device, dtype, n: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = benchlib.median_ms(lambda: a @ b)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def prefill_flops(c, L: int) -> float:
+    """Forward FLOPs of an L-token prefill: 2 x params-in-matmuls x L + causal attention (QK and PV)."""
+    d, hd = c.hidden_size, c.head_dim
+    per_layer = d * c.num_attention_heads * hd * 2 + d * c.num_key_value_heads * hd * 2 + 3 * d * c.intermediate_size
+    linear = 2 * L * c.num_hidden_layers * per_layer
+    attn = 2 * 2 * c.num_hidden_layers * c.num_attention_heads * hd * L * L / 2
+    return linear + attn
+
+
+def run_retmask(model, prompt, span, device, chunk):
+    L = len(prompt)
+    with Engine(model, slots=1, max_len=L + STEPS, chunk=chunk) as eng:
+        list(eng.generate([Group(prompt[:64], [ORIGINAL])], GenConfig(max_new_tokens=2, return_argmax=True)))
+        _sync(device)
+        _peak_reset(device)
+        t = time.perf_counter()
+        res = next(iter(eng.generate([Group(prompt, [ORIGINAL])],
+                                     GenConfig(max_new_tokens=STEPS, return_argmax=True))))
+        row = res.rows[0]
+        sc = retrieval_scores(torch.tensor(prompt, device=device), span, row.tokens, row.argmax.to(device))
+        sc.sum().item()
+        _sync(device)
+        return time.perf_counter() - t, _peak_gb(device)
+
+
+@torch.no_grad()
+def run_reference_style(model, prompt, span, device):
+    model.set_attn_implementation("sdpa")
+    ids = torch.tensor([prompt], device=device)
+    _sync(device)
+    _peak_reset(device)
+    t = time.perf_counter()
+    out = model(ids[:, :-1], use_cache=True)  # logits at every prompt position
+    past = out.past_key_values
+    model.set_attn_implementation("eager")
+    inp = ids[:, -1:]
+    c = model.config
+    score = [[0.0] * c.num_attention_heads for _ in range(c.num_hidden_layers)]
+    s, e = span
+    for _ in range(STEPS):
+        o = model(inp, past_key_values=past, use_cache=True, output_attentions=True)
+        past = o.past_key_values
+        tok = o.logits[0, -1].argmax()
+        for layer in range(c.num_hidden_layers):
+            for h in range(c.num_attention_heads):
+                i = int(o.attentions[layer][0, h, -1].argmax())  # one sync per head per step
+                if s <= i < e and int(ids[0, i]) == int(tok):
+                    score[layer][h] += 1 / (e - s)
+        inp = tok.view(1, 1)
+    _sync(device)
+    sec = time.perf_counter() - t
+    model.set_attn_implementation("sdpa")
+    return sec, _peak_gb(device)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072")
+    ap.add_argument("--baseline-max", type=int, default=32768, help="longest length the baseline runs at")
+    ap.add_argument("--chunk", type=int, default=8192)
+    ap.add_argument("--out", type=Path, default=benchlib.RESULTS / "detect.csv")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny Llama")
+    args = ap.parse_args(argv)
+    device = benchlib.resolve_mode(args, "detect", dict(lengths="96,160", baseline_max=160, chunk=64),
+                                   interpreter=False)
+    if device is None:
+        return 2
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build(TINY if args.tiny else LLAMA_8B, device, dtype)
+    c = model.config
+    st = benchlib.stamp()
+    tflops = matmul_tflops(device, dtype, 256 if args.tiny else 8192)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for L in (int(x) for x in args.lengths.split(",")):
+        prompt = torch.randint(10, c.vocab_size, (L,), generator=g).tolist()
+        span = (L // 2, L // 2 + 12)
+        floor = prefill_flops(c, L) / (tflops * 1e12)
+        sec, peak = run_retmask(model, prompt, span, device, args.chunk)
+        base = run_reference_style(model, prompt, span, device) if L <= args.baseline_max else None
+        for name, r in (("retmask", (sec, peak)), ("reference-style", base)):
+            if r is None:
+                continue
+            rows.append(dict(st, provider=name, length=L, steps=STEPS, seconds=f"{r[0]:.3f}", peak_gb=f"{r[1]:.2f}",
+                             floor_s=f"{floor:.3f}", vs_floor=f"{r[0] / floor:.2f}",
+                             speedup=f"{base[0] / sec:.1f}" if (name == "retmask" and base) else "",
+                             matmul_tflops=f"{tflops:.0f}"))
+    benchlib.append_rows(args.out, rows)
+    print(f"\nwrote {len(rows)} rows to {args.out}\n")
+    print(benchlib.table(rows, ["provider", "length", "seconds", "peak_gb", "floor_s", "vs_floor", "speedup"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
