@@ -123,7 +123,7 @@ def main(argv=None) -> int:
             if r is None:
                 continue
             rows.append(dict(st, provider=name, length=L, steps=STEPS, seconds=f"{r[0]:.3f}", peak_gb=f"{r[1]:.2f}",
-                             floor_s=f"{floor:.3f}", vs_floor=f"{r[0] / floor:.2f}",
+                             floor_s=f"{floor:.3g}", vs_floor=f"{r[0] / floor:.2f}",
                              speedup=f"{base[0] / sec:.1f}" if (name == "retmask" and base) else "",
                              matmul_tflops=f"{tflops:.0f}"))
     benchlib.append_rows(args.out, rows)
