@@ -163,3 +163,18 @@ def test_demo_end_to_end(tmp_path):
     for f in ("detect/head_scores.json", "detect/heads.png", "pairs/summary.json", "train/final/model.safetensors",
               "niah-before/niah.json", "niah-after/niah-original.png"):
         assert (out / f).exists(), f
+
+
+def test_dpo_lora_with_precomputed_reference(pairs_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from retmask.train import TrainConfig, train
+
+    out, _ = pairs_dir
+    cfg = TrainConfig.preset("toy", epochs=1.0, effective_batch=4, per_device_batch=4, lora=True, lora_r=4,
+                             precompute_ref=True, learning_rate=1e-3)
+    res = train(str(toy.ASSET_DIR), out, tmp_path, cfg, log=lambda *_: None)
+    m = AutoModelForCausalLM.from_pretrained(res["final"])  # merged: a plain transformers checkpoint
+    assert not any("lora" in k for k in m.state_dict())
+    before = toy.load()[0].state_dict()
+    assert any(not torch.equal(v, before[k]) for k, v in m.state_dict().items() if k in before)
