@@ -51,7 +51,7 @@ def run(out: str | Path = "runs/demo", *, seed: int = 0, model_dir: str | Path |
     st = score_stats(scores)
     rows += [["detection tests (counted)", f"{s['tests']} ({s['counted']})"],
              ["heads with score >= 0.5", f"{len(heads)}: {','.join(heads.names())}"],
-             ["score Gini / top-1 share", f"{st.gini:.3f} / {st.top1_share:.3f}"]]
+             ["score Gini / share of the top 1 % heads", f"{st.gini:.3f} / {st.top1_share:.3f}"]]
 
     step("2/4 preference pairs: original (chosen) vs heads off (rejected), one batched pass")
     ins = load_instructions(str(toy.ASSET_DIR.parent / "instructions.jsonl"), limit=n_instructions)
@@ -62,7 +62,7 @@ def run(out: str | Path = "runs/demo", *, seed: int = 0, model_dir: str | Path |
              ["pairs dropped", json.dumps(ps["dropped"]) if ps["dropped"] else "none"]]
 
     step("3/4 DPO (TRL DPOTrainer, reference = the original toy model)")
-    res = train(str(model_dir), out / "pairs", out / "train", TrainConfig.preset("toy", seed=seed))
+    res = train(str(model_dir), out / "pairs", out / "train", TrainConfig.preset("toy", seed=seed), quiet=True)
     m, f = res.get("metrics", {}), res.get("first", {})
     rows += [["DPO loss first -> last", f"{f.get('loss', float('nan')):.4f} -> {m.get('loss', float('nan')):.4f}"],
              ["DPO reward margin first -> last",

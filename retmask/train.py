@@ -77,7 +77,7 @@ def dpo_config(cfg: TrainConfig, out: Path, world: int, cpu: bool):
 
 
 def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool = False,
-          log=print) -> dict:
+          log=print, quiet: bool = False) -> dict:
     """Run DPO; returns {"final": path, "metrics": last logged values, "history": log history}."""
     import torch
     from datasets import Dataset
@@ -108,6 +108,11 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
                                  task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model_path, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
                          peft_config=peft_config)
+    if quiet:  # one progress bar, no per-step log dicts on stdout (they stay in train.json)
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.args.disable_tqdm = False
     ckpt = None
     if resume:
         cks = sorted((out / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
