@@ -188,6 +188,7 @@ class Detector:
         longest = max(len(p) for p, _ in groups)
         kw = dict(self.engine_kw)
         kw.setdefault("max_len", longest + cfg.steps)
+        kw.setdefault("private_len", cfg.steps)  # original rows only: the prompt KV lives in the shared pool
         if "slots" not in kw and "kv_budget_gb" not in kw:
             kw["slots"] = 4
         gen = GenConfig(max_new_tokens=cfg.steps, eos_ids=(), return_argmax=True)

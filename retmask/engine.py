@@ -182,13 +182,18 @@ class Engine:
         tokenizer: needed only for stop strings.
         slots: rows decoded together. Or give `kv_budget_gb` and the engine sizes it.
         max_len: per-row context capacity (prompt + new tokens).
+        private_len: capacity of each row's private KV (default max_len). A row keeps its prompt KV
+            privately only at layers at or above its group's shared depth; when every row leaves the
+            prompt intact (the original policy, scope `generated`: detection, NIAH) the private part
+            holds only the new tokens, so `private_len = max_new_tokens` cuts the cache nearly in half.
         chunk: prefill chunk length (tokens).
         sharing: store identical prompt KV once per group (off: every row has its own, for checks).
         on_too_long: "error" (default) or "skip" for a prompt that cannot fit `max_len`.
     """
 
     def __init__(self, model, tokenizer=None, *, slots: int | None = None, kv_budget_gb: float | None = None,
-                 max_len: int = 4096, chunk: int = 1024, sharing: bool = True, on_too_long: str = "error"):
+                 max_len: int = 4096, chunk: int = 1024, sharing: bool = True, on_too_long: str = "error",
+                 private_len: int | None = None):
         hf.attach(model)
         self.model, self.tokenizer = model, tokenizer
         self.d = hf.dims(model)
@@ -199,6 +204,9 @@ class Engine:
         if chunk < 1 or max_len < 2:
             raise ValueError("chunk must be >= 1 and max_len >= 2")
         self.max_len, self.chunk, self.sharing, self.on_too_long = max_len, chunk, sharing, on_too_long
+        self.private_len = max_len if private_len is None else private_len
+        if not 1 <= self.private_len <= max_len:
+            raise ValueError(f"private_len={private_len}: must lie in [1, max_len={max_len}]")
         per_slot = self.bytes_per_slot()
         if slots is None:
             if kv_budget_gb is None:
@@ -218,14 +226,15 @@ class Engine:
         """Private K/V of one row plus (at worst) one pool segment, all layers."""
         d = self.d
         elt = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
-        return 2 * 2 * d.n_layers * d.n_kv_heads * self.max_len * d.head_dim * elt
+        return 2 * d.n_layers * d.n_kv_heads * (self.max_len + self.private_len) * d.head_dim * elt
 
     # ---- storage -------------------------------------------------------------------------
     def _alloc(self):
         d, s, dev = self.d, self.slots, self.device
         kv = (s, d.n_kv_heads, self.max_len, d.head_dim)
-        self.k = [torch.zeros(kv, dtype=self.dtype, device=dev) for _ in range(d.n_layers)]
-        self.v = [torch.zeros(kv, dtype=self.dtype, device=dev) for _ in range(d.n_layers)]
+        priv = (s, d.n_kv_heads, self.private_len, d.head_dim)
+        self.k = [torch.zeros(priv, dtype=self.dtype, device=dev) for _ in range(d.n_layers)]
+        self.v = [torch.zeros(priv, dtype=self.dtype, device=dev) for _ in range(d.n_layers)]
         self.pk = [torch.zeros(kv, dtype=self.dtype, device=dev) for _ in range(d.n_layers)]
         self.pv = [torch.zeros(kv, dtype=self.dtype, device=dev) for _ in range(d.n_layers)]
         self.pool_len = torch.zeros(s, dtype=torch.int32, device=dev)
@@ -313,13 +322,19 @@ class Engine:
                     p.heads.validate(self.d.n_layers, self.d.n_heads)
             if self.on_too_long == "error" and self._too_long(g, cfg):
                 raise ValueError(f"group {i} (key {g.key!r}): prompt of {len(g.prompt)} tokens + max_new_tokens="
-                                 f"{cfg.max_new_tokens} does not fit max_len={self.max_len}; raise max_len or "
+                                 f"{cfg.max_new_tokens} does not fit max_len={self.max_len} (private_len="
+                                 f"{self.private_len}); raise them or "
                                  "use on_too_long='skip'")
         if cfg.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: Engine(model, tokenizer, ...)")
 
     def _too_long(self, g, cfg) -> bool:
-        return len(g.prompt) - 1 + cfg.max_new_tokens > self.max_len
+        plen = len(g.prompt) - 1
+        if plen + cfg.max_new_tokens > self.max_len:
+            return True
+        depth = min(p.prompt_depth(self.d.n_layers) for p in g.policies) if self.sharing else 0
+        private = cfg.max_new_tokens + (plen if depth < self.d.n_layers else 0)
+        return private > self.private_len
 
     def _prefill(self, admitted, st: "_Slots", cfg: GenConfig):
         d = self.d

@@ -172,3 +172,25 @@ def test_policies_context_for_plain_transformers(family):
     assert gen[1, 12:].tolist() == hf_greedy(zeroed, ids[1, 4:].tolist(), 6)
     with pytest.raises(ValueError, match="keep bitmap has 2 rows"), hf.policies(m, [None, HEADS]):
         m(ids[:1].repeat(3, 1))
+
+
+def test_short_private_cache_for_rows_that_share_the_prompt(family):
+    """private_len = new tokens: original and scope-`generated` rows keep their prompt KV in the pool only;
+    tokens and argmax equal a full-size private cache; a scope-`all` row that needs private prompt KV is refused."""
+    _, m, ref, _ = family
+    ps = prompts(seed=3)
+    pols = [ORIGINAL, Policy(HEADS, "generated")]
+    cfg = GenConfig(max_new_tokens=NEW, return_argmax=True)
+    out = {}
+    for plen in (48, NEW):
+        with Engine(m, slots=4, max_len=48, chunk=8, private_len=plen) as eng:
+            out[plen] = {r.key: r for r in eng.generate([Group(p, pols, key=i) for i, p in enumerate(ps)], cfg)}
+    for i in range(len(ps)):
+        for a, b in zip(out[48][i].rows, out[NEW][i].rows):
+            assert a.tokens == b.tokens and torch.equal(a.argmax, b.argmax)
+    assert out[NEW][0].rows[0].tokens == hf_greedy(ref, ps[0])
+    with Engine(m, slots=4, max_len=48, private_len=NEW) as eng:
+        with pytest.raises(ValueError, match="private_len"):
+            list(eng.generate([Group(ps[0], [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=NEW)))
+    with pytest.raises(ValueError, match="private_len=0"):
+        Engine(m, slots=1, max_len=48, private_len=0)
