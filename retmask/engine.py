@@ -105,15 +105,23 @@ class _Prefill:
     owns_masks = True
 
     def __init__(self, eng: "Engine", n_groups: int, rows: int, lsh: int, plen: int, keep: torch.Tensor,
-                 row2group: torch.Tensor):
+                 row2group: torch.Tensor, pool_seg: int | None = None):
         d, dev = eng.d, eng.device
         self.eng, self.lsh, self.plen = eng, lsh, plen
         self.n_groups, self.rows, self.row2group = n_groups, rows, row2group
         self.keep = keep  # (R, L, Hq)
         self.layer_all_on = keep.all(-1).all(0).tolist()  # (L,)
         shape = lambda n: (n, d.n_kv_heads, plen + 1, d.head_dim)  # noqa: E731  (+1: a trash slot for pads)
-        self.k = [torch.zeros(shape(n_groups if l < lsh else rows), dtype=eng.dtype, device=dev) for l in range(d.n_layers)]
-        self.v = [torch.zeros_like(t) for t in self.k]
+        # One group: its shared layers are prefilled straight into its pool segment (no staging copy).
+        self.in_place = pool_seg is not None and plen + 1 <= eng.max_len
+        self.k, self.v = [], []
+        for l in range(d.n_layers):
+            if l < lsh and self.in_place:
+                self.k.append(eng.pk[l][pool_seg: pool_seg + 1, :, : plen + 1])  # (1, Hkv, plen+1, D) view
+                self.v.append(eng.pv[l][pool_seg: pool_seg + 1, :, : plen + 1])
+            else:
+                self.k.append(torch.zeros(shape(n_groups if l < lsh else rows), dtype=eng.dtype, device=dev))
+                self.v.append(torch.zeros_like(self.k[-1]))
         self.dest = {}  # batch size -> (N, C) destination index of each chunk position
         self.kv_lens = {}
 
@@ -354,7 +362,8 @@ class Engine:
         row2group = torch.tensor([gi for gi, (g, rows) in enumerate(batch) for _ in rows], device=dev)
         keep = torch.stack([self._keep_row(p, prompt=True) for g, _ in batch for p in g.policies])  # (R, L, Hq)
         if plen > 0:
-            ctx = _Prefill(self, len(batch), len(slots), lsh, plen, keep.to(dev), row2group)
+            ctx = _Prefill(self, len(batch), len(slots), lsh, plen, keep.to(dev), row2group,
+                           pool_seg=segs[0] if len(batch) == 1 else None)
             pads = torch.tensor([plen - (len(g.prompt) - 1) for g, _ in batch], device=dev)
             ids = torch.zeros(len(batch), plen, dtype=torch.long, device=dev)
             for gi, (g, _) in enumerate(batch):
@@ -376,6 +385,8 @@ class Engine:
             slot_t = torch.tensor(slots, device=dev)
             for l in range(d.n_layers):
                 if l < lsh:
+                    if ctx.in_place:
+                        continue
                     self.pk[l][seg_t, :, :plen] = ctx.k[l][:, :, :plen]
                     self.pv[l][seg_t, :, :plen] = ctx.v[l][:, :, :plen]
                 else:
