@@ -50,7 +50,7 @@ def prefill_flops(c, L: int) -> float:
 
 def run_retmask(model, prompt, span, device, chunk):
     L = len(prompt)
-    with Engine(model, slots=1, max_len=L + STEPS, chunk=chunk) as eng:
+    with Engine(model, slots=1, max_len=L + STEPS, chunk=chunk, private_len=STEPS) as eng:
         list(eng.generate([Group(prompt[:64], [ORIGINAL])], GenConfig(max_new_tokens=2, return_argmax=True)))
         _sync(device)
         _peak_reset(device)
