@@ -178,3 +178,21 @@ def test_dpo_lora_with_precomputed_reference(pairs_dir, tmp_path):
     assert not any("lora" in k for k in m.state_dict())
     before = toy.load()[0].state_dict()
     assert any(not torch.equal(v, before[k]) for k, v in m.state_dict().items() if k in before)
+
+
+def test_reject_model_pairs(pairs_dir, tmp_path):
+    """--reject-model: chosen from the model (the same texts as the batched run: same seeds), rejected
+    from another model (here the toy with the heads' o_proj columns zeroed)."""
+    from retmask import hf
+
+    ref, _ = pairs_dir
+    model, tok = toy.load()
+    other = hf.zeroed_copy(toy.load()[0], HeadSet.from_list(HEADS))
+    job = PairJob(model, tok, None, PairsConfig(max_new_tokens=12), model_name="toy", reject=(other, tok),
+                  reject_name="toy-zeroed", slots=8)
+    s = job.run(load_instructions(DATA, limit=20), tmp_path, progress=False)
+    got = {json.loads(x)["id"]: json.loads(x) for x in _gz(tmp_path).splitlines()}
+    want = {json.loads(x)["id"]: json.loads(x) for x in _gz(ref).splitlines()}
+    assert s["pairs"] >= 15 and all(p["meta"]["reject_model"] == "toy-zeroed" for p in got.values())
+    for i in set(got) & set(want):
+        assert got[i]["chosen"] == want[i]["chosen"]
