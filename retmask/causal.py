@@ -10,30 +10,15 @@ ROUGE-1 recall of the answer in the response is above 50 % (the detection's coun
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import niah, scoring
 from .engine import ORIGINAL, Engine, GenConfig, Group, Policy
 from .heads import HeadSet
 
-NIAH_STEPS = 32
-
-
-@dataclass(frozen=True)
-class GridConfig:
-    min_len: int = 1000
-    max_len: int = 8000
-    n_lengths: int = 5
-    n_depths: int = 5
-    n_needles: int = 3
-    needles: str | None = None
-    haystack: str | None = None
-    placement: str = "sentence"
-    buffer: int = 200
-    steps: int = NIAH_STEPS
-    chat: bool | None = None
-    seed: int = 0
+GridConfig = niah.GridConfig
+# The command's grid when none is given: smaller than detection's, answers need few steps.
+DEFAULTS = dict(min_len=1000, max_len=8000, n_lengths=5, n_depths=5, steps=32)
 
 
 def make_policies(selected: HeadSet | None, scores: dict | None, controls=("random", "non-retrieval"),
@@ -46,9 +31,7 @@ def make_policies(selected: HeadSet | None, scores: dict | None, controls=("rand
     for c in controls:
         if scores is None:
             raise ValueError(f"control {c!r} needs the score table the heads came from (--scores)")
-        sets.append((c, HeadSet.from_scores(scores, topk=len(selected), control=c, seed=seed)
-                     if selected.source.get("topk") is not None or selected.source.get("tau") is None
-                     else HeadSet.from_scores(scores, tau=selected.source["tau"], control=c, seed=seed)))
+        sets.append((c, selected.control(scores, c, seed=seed)))
     for name, hs in sets:
         for sc in scopes:
             out.append(Policy(hs, sc, f"{name}-{sc}"))
@@ -61,14 +44,8 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
     from tqdm.auto import tqdm
 
     g = grid_cfg
-    needles, hays = niah.load_source(g.needles, g.haystack, g.n_needles, seed=g.seed)
-    tests = niah.grid(g.min_len, g.max_len, g.n_lengths, g.n_depths, len(needles))
-    prompts: dict[tuple, list] = {}
-    for t in tests:
-        p = tuple(niah.prompt_ids(tok, hays[t.needle_idx], needles[t.needle_idx], t.length, t.depth,
-                                  placement=g.placement, buffer=g.buffer, chat=g.chat))
-        prompts.setdefault(p, []).append(t)
-    items = list(prompts.items())
+    needles, hays, tests = g.load()
+    items = list(g.unique_prompts(tok, needles, hays, tests).items())
     kw = dict(engine_kw)
     kw.setdefault("max_len", max(len(p) for p, _ in items) + g.steps)
     if "slots" not in kw and "kv_budget_gb" not in kw:
@@ -104,11 +81,8 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
 
 
 def per_policy_table(result: dict, label: str) -> dict:
-    recs = [{"length": r["length"], "depth": r["depth"], "rouge": r["policies"][label]["rouge"]}
-            for r in result["tests"]]
-    from .detect import niah_table
-
-    return niah_table(recs)
+    return niah.niah_table([{"length": r["length"], "depth": r["depth"], "rouge": r["policies"][label]["rouge"]}
+                            for r in result["tests"]])
 
 
 def write(result: dict, out: str | Path, model_name: str) -> list[Path]:

@@ -194,7 +194,7 @@ def _detect(args) -> int:
 
     from tabulate import tabulate
 
-    from . import models
+    from . import models, runs
     from .detect import DetectConfig, Detector
 
     base = _default_len(args)
@@ -206,7 +206,7 @@ def _detect(args) -> int:
     cfg.check()
     name = models.display_name(args.model)
     out = Path(args.out or f"runs/detect/{name}")
-    models.check_writable(out)
+    runs.check_writable(out)
     device = _dist_init() or args.device
     model, tok = models.load(args.model, dtype=args.dtype, device=device)
     det = Detector(model, tok, cfg, model_name=args.model, **_engine_kw(args))
@@ -227,31 +227,21 @@ def _niah(args) -> int:
     from tabulate import tabulate
 
     from . import causal, models
-    from .heads import HeadSet, load_scores
+    from .heads import load_scores
 
-    base = {k: v for k, v in _default_len(args).items()}
-    grid = causal.GridConfig(**_grid_kw(args, base))
+    grid = causal.GridConfig(**_grid_kw(args, {**causal.DEFAULTS, **_default_len(args)}))
+    grid.check()
     scores = load_scores(args.scores) if args.scores else None
-    selected = None
-    if args.heads:
-        selected = HeadSet.from_list(args.heads)
-    elif args.tau is not None or args.topk is not None:
-        if scores is None:
-            raise ValueError("--tau/--topk need --scores (a head score file)")
-        selected = HeadSet.from_scores(scores, tau=args.tau, topk=args.topk)
+    selected = _select_heads(args, args.scores)
     controls = [c for c in args.controls.split(",") if c.strip()]
     scopes = [c for c in args.scopes.split(",") if c.strip()]
     for c in controls:
         if c not in ("random", "non-retrieval"):
             raise ValueError(f"--controls: unknown control {c!r}; use random and/or non-retrieval")
     policies = causal.make_policies(selected, scores, controls=controls if selected else (), scopes=scopes)
-    model, tok = models.load(args.model, dtype=args.dtype, device=args.device)
-    from .hf import dims
-
-    d = dims(model)
     for p in policies:
-        if p.heads is not None:
-            p.heads.validate(d.n_layers, d.n_heads)
+        models.check_heads(args.model, p.heads)
+    model, tok = models.load(args.model, dtype=args.dtype, device=args.device)
     res = causal.run_niah(model, tok, grid, policies, progress=not args.no_progress, **_engine_kw(args))
     print(tabulate(causal.table_rows(res), tablefmt="github",
                    headers=["policy", "heads off", "scope", "ROUGE-1 recall %", "pass %"], disable_numparse=True))
@@ -270,13 +260,14 @@ def _select_heads(args, scores_path):
         return None
     if not scores_path:
         raise ValueError("--tau/--topk need --scores (a head score file from `retmask detect`)")
-    return HeadSet.from_scores(scores_path, tau=args.tau, topk=args.topk, control=args.control, seed=args.seed)
+    return HeadSet.from_scores(scores_path, tau=args.tau, topk=args.topk, control=getattr(args, "control", None),
+                               seed=args.seed)
 
 
 def _pairs(args) -> int:
     from pathlib import Path
 
-    from . import models, toy
+    from . import models, runs, toy
     from .data import load_instructions
     from .pairs import PairJob, PairsConfig
 
@@ -291,7 +282,7 @@ def _pairs(args) -> int:
         kw["thinking"] = args.thinking == "on"
     cfg = PairsConfig.paper(args.model, **kw)
     models.check_heads(args.model, hs)
-    models.check_writable(out)
+    runs.check_writable(out)
     data = args.data or str(toy.ASSET_DIR.parent / "instructions.jsonl")
     ins = load_instructions(data, split=args.split, start=args.start, end=args.end, limit=args.limit)
     print(f"{len(ins.items)} instructions from {data} (schema {ins.schema!r}); skipped {dict(ins.skipped) or 'none'}")

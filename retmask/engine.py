@@ -336,20 +336,21 @@ class Engine:
         if cfg.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: Engine(model, tokenizer, ...)")
 
+    def _shared_depth(self, g: Group) -> int:
+        """Layers whose prompt KV is stored once for the whole group (the sharing rule)."""
+        return min(p.prompt_depth(self.d.n_layers) for p in g.policies) if self.sharing else 0
+
     def _too_long(self, g, cfg) -> bool:
         plen = len(g.prompt) - 1
         if plen + cfg.max_new_tokens > self.max_len:
             return True
-        depth = min(p.prompt_depth(self.d.n_layers) for p in g.policies) if self.sharing else 0
-        private = cfg.max_new_tokens + (plen if depth < self.d.n_layers else 0)
+        private = cfg.max_new_tokens + (plen if self._shared_depth(g) < self.d.n_layers else 0)
         return private > self.private_len
 
     def _prefill(self, admitted, st: "_Slots", cfg: GenConfig):
-        d = self.d
         by_depth: dict[int, list] = {}
         for g, rows in admitted:
-            depth = min(p.prompt_depth(d.n_layers) for p in g.policies) if self.sharing else 0
-            by_depth.setdefault(depth, []).append((g, rows))
+            by_depth.setdefault(self._shared_depth(g), []).append((g, rows))
         for lsh, batch in by_depth.items():
             self._prefill_batch(batch, lsh, st, cfg)
 

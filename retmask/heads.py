@@ -96,22 +96,28 @@ class HeadSet:
             best = scores[ranked[0]]
             raise ValueError(f"tau={tau}: no head has a mean score >= tau (the best is {best:.4f}); lower tau")
         if control is not None:
-            rng = random.Random(seed)
-            if control == "random":
-                if n_layers is not None and n_heads is not None:
-                    pool = [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
-                else:
-                    pool = sorted(scores)
-            elif control == "non-retrieval":
-                sel = set(chosen)
-                pool = sorted(h for h in scores if h not in sel)
-            else:
-                raise ValueError(f"control={control!r}: use 'random' or 'non-retrieval'")
-            if len(pool) < len(chosen):
-                raise ValueError(f"control={control}: only {len(pool)} heads to draw {len(chosen)} from")
-            chosen = rng.sample(pool, len(chosen))
-            src.update(control=control, seed=seed)
+            return cls(tuple(sorted(chosen)), src).control(scores, control, seed=seed, n_layers=n_layers,
+                                                          n_heads=n_heads)
         return cls(tuple(sorted(chosen)), src)
+
+    def control(self, scores: dict[Head, float], kind: str, *, seed: int = 42, n_layers: int | None = None,
+                n_heads: int | None = None) -> "HeadSet":
+        """A same-size control set (seeded): `random` from every head (the score table's, or the
+        n_layers x n_heads grid), `non-retrieval` from the scored heads outside this set."""
+        rng = random.Random(seed)
+        if kind == "random":
+            if n_layers is not None and n_heads is not None:
+                pool = [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
+            else:
+                pool = sorted(scores)
+        elif kind == "non-retrieval":
+            sel = set(self.heads)
+            pool = sorted(h for h in scores if h not in sel)
+        else:
+            raise ValueError(f"control={kind!r}: use 'random' or 'non-retrieval'")
+        if len(pool) < len(self):
+            raise ValueError(f"control={kind}: only {len(pool)} heads to draw {len(self)} from")
+        return HeadSet(tuple(sorted(rng.sample(pool, len(self)))), {**self.source, "control": kind, "seed": seed})
 
     # ---- use ------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -3,7 +3,6 @@ Hugging Face hub name (downloaded only when the user names it)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 
@@ -57,14 +56,3 @@ def check_heads(name: str, heads) -> None:
         n_layers, n_heads = c.num_hidden_layers, c.num_attention_heads
     heads.validate(n_layers, n_heads)
 
-
-def check_writable(folder) -> None:
-    """Fail before expensive work when the output folder cannot be created or written."""
-    p = Path(folder)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"output folder {p} is not writable ({e.strerror}); choose another --out") from None

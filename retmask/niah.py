@@ -17,6 +17,7 @@ depth below 100, exactly as the reference's released runs did.
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,60 @@ from .synth import Needle
 PROMPT = "<book>{context}</book>\nBased on the content of the book, Question: {question}\nAnswer:"
 LLAMA2_PERIOD_IDS = (29889, 869)
 PLACEMENTS = ("sentence", "faithful")
+
+
+GRID_PRESETS = {
+    # Wu et al.'s README run and RetMask's released runs (lengths 0-5000)
+    "wu": dict(min_len=1000, max_len=50000),
+    "retmask": dict(min_len=0, max_len=5000),
+    "128k": dict(min_len=4000, max_len=128000),
+}
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """A NIAH grid and how its prompts are built and answered (defaults: the reference detector's)."""
+
+    min_len: int = 1000
+    max_len: int = 50000
+    n_lengths: int = 20
+    n_depths: int = 10
+    n_needles: int = 3
+    needles: str | None = None  # JSONL; None: the built-in synthetic needles
+    haystack: str | None = None  # file or folder; None: the built-in synthetic haystack
+    placement: str = "sentence"
+    buffer: int = 200
+    steps: int = 50  # greedy decode steps per test
+    chat: bool | None = None  # None: use the chat template when the tokenizer has one
+    seed: int = 0
+
+    @classmethod
+    def preset(cls, name: str, **kw) -> "GridConfig":
+        if name not in GRID_PRESETS:
+            raise ValueError(f"preset {name!r}: use one of {sorted(GRID_PRESETS)}")
+        return cls(**{**GRID_PRESETS[name], **kw})
+
+    def check(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement={self.placement!r}: use one of {PLACEMENTS}")
+        if self.steps < 1:
+            raise ValueError("steps must be >= 1")
+        grid(self.min_len, self.max_len, self.n_lengths, self.n_depths, self.n_needles)
+
+    def load(self) -> tuple[list[Needle], list[str], list["Test"]]:
+        """(needles, one haystack per needle, the tests in grid order), after checking the config."""
+        self.check()
+        ns, hs = load_source(self.needles, self.haystack, self.n_needles, seed=self.seed)
+        return ns, hs, grid(self.min_len, self.max_len, self.n_lengths, self.n_depths, len(ns))
+
+    def unique_prompts(self, tokenizer, needles, haystacks, tests) -> dict[tuple, list["Test"]]:
+        """Each distinct prompt -> the tests that use it, in grid order (identical prompts run once)."""
+        out: dict[tuple, list] = {}
+        for t in tests:
+            p = tuple(prompt_ids(tokenizer, haystacks[t.needle_idx], needles[t.needle_idx], t.length, t.depth,
+                                 placement=self.placement, buffer=self.buffer, chat=self.chat))
+            out.setdefault(p, []).append(t)
+        return out
 
 
 @dataclass(frozen=True)
@@ -128,18 +183,17 @@ def load_source(needles: str | None, haystack: str | None, n_needles: int | None
 # placement and prompt
 
 
+_PERIODS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _period_ids(tokenizer) -> frozenset[int]:
-    cached = getattr(tokenizer, "_retmask_period_ids", None)
-    if cached is not None:
-        return cached
-    toks = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    ids = frozenset(i for i, t in enumerate(toks)
-                    if t is not None and t.replace("Ġ", "").replace("▁", "").replace("Ċ", "").strip()[-1:] in ".!?")
-    try:
-        tokenizer._retmask_period_ids = ids
-    except AttributeError:
-        pass
-    return ids
+    """Ids of the tokens that end a sentence (their text ends in . ! or ?), once per tokenizer."""
+    if tokenizer not in _PERIODS:
+        toks = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        _PERIODS[tokenizer] = frozenset(
+            i for i, t in enumerate(toks)
+            if t is not None and t.replace("Ġ", "").replace("▁", "").replace("Ċ", "").strip()[-1:] in ".!?")
+    return _PERIODS[tokenizer]
 
 
 def context_ids(tokenizer, haystack: str, needle: Needle, length: int, depth: float, *,
@@ -199,3 +253,15 @@ def find_span(prompt: list[int], answer_ids: list[int]) -> tuple[int, int]:
         if len(set(prompt[i: i + n]) & want) / len(want) > 0.9:
             return (i, i + n)
     return (-1, -1)
+
+
+def niah_table(records: list[dict]) -> dict:
+    """{"lengths", "depths", "recall": [[mean ROUGE-1 recall over needles]]} (percent) from records
+    holding length, depth and rouge."""
+    lengths = sorted({r["length"] for r in records})
+    depths = sorted({r["depth"] for r in records})
+    acc: dict = {}
+    for r in records:
+        acc.setdefault((r["length"], r["depth"]), []).append(r["rouge"])
+    table = [[sum(acc[(L, d)]) / len(acc[(L, d)]) if (L, d) in acc else None for d in depths] for L in lengths]
+    return {"lengths": lengths, "depths": depths, "recall": table}

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .detect import _append, _barrier, _dist, prepare_out, read_jsonl
+from .runs import append_record, barrier, dist, drop_torn_tail, prepare_out, read_jsonl
 from .engine import ORIGINAL, Engine, GenConfig, Group, Policy
 from .heads import HeadSet
 from .sampling import Sampling
@@ -79,7 +79,7 @@ class PairJob:
         """instructions: `data.Instructions` (or a list of (source id, text))."""
         items = list(getattr(instructions, "items", instructions))
         out = Path(out)
-        rank, world = _dist()
+        rank, world = dist()
         prepare_out(out, {**self.config_dict(), "n_instructions": len(items)}, resume=resume,
                     overwrite=overwrite, names=("summary.json", "work"))
         if rank == 0:
@@ -90,14 +90,12 @@ class PairJob:
         done = {r["id"] for p in work.glob("rank-*.jsonl") for r in read_jsonl(p)}
         mine = [i for i in range(rank, len(items), world) if i not in done]
         path = work / f"rank-{rank:05d}.jsonl"
-        if path.is_file():
-            good = read_jsonl(path)
-            path.write_text("".join(json.dumps(r) + "\n" for r in good))
+        drop_torn_tail(path)
         t0 = time.perf_counter()
         n_tok = self._generate(items, mine, path, progress and rank == 0) if mine else 0
-        _barrier()
+        barrier()
         summary = self.merge(out, items, n_tok, time.perf_counter() - t0) if rank == 0 else {}
-        _barrier()
+        barrier()
         return summary
 
     # ---- generation ------------------------------------------------------------------------
@@ -142,7 +140,7 @@ class PairJob:
                 pols = [ORIGINAL, Policy(self.heads, self.cfg.scope, "ablated")]
                 for i, plen, (ch, rj) in self._gen(self.model, self.tok, rows, pols, progress, "pairs"):
                     n_tok += len(ch.tokens) + len(rj.tokens)
-                    _append(f, self._record(items, i, plen, ch, rj, self.tok, self.tok))
+                    append_record(f, self._record(items, i, plen, ch, rj, self.tok, self.tok))
             else:
                 rmodel, rtok = self.reject
                 chosen = {i: (plen, r[0]) for i, plen, r in self._gen(self.model, self.tok, rows, [ORIGINAL],
@@ -150,7 +148,7 @@ class PairJob:
                 for i, _, r in self._gen(rmodel, rtok, rows, [ORIGINAL], progress, "rejected"):
                     plen, ch = chosen[i]
                     n_tok += len(ch.tokens) + len(r[0].tokens)
-                    _append(f, self._record(items, i, plen, ch, r[0], self.tok, rtok))
+                    append_record(f, self._record(items, i, plen, ch, r[0], self.tok, rtok))
         return n_tok
 
     def _record(self, items, i, plen, ch, rj, tok_c, tok_r) -> dict:

@@ -5,44 +5,44 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _plt():
+def _heatmap(data, path: str | Path, title: str, *, xlabel: str, ylabel: str, label: str, size, ticks=None,
+             **imshow) -> None:
+    """Draw `data` (rows x columns) with a colour bar and save it; `ticks(ax)` sets custom ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    fig, ax = plt.subplots(figsize=size)
+    im = ax.imshow(data, aspect="auto", **imshow)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if ticks is not None:
+        ticks(ax)
+    fig.colorbar(im, ax=ax, label=label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def head_heatmap(scores, path: str | Path, title: str) -> None:
     """Layer x head heatmap of mean retrieval scores ((layers, heads) array-like)."""
-    plt = _plt()
     rows = [list(map(float, r)) for r in (scores.tolist() if hasattr(scores, "tolist") else scores)]
     L, H = len(rows), len(rows[0])
-    fig, ax = plt.subplots(figsize=(max(4, 0.25 * H + 2), max(3, 0.25 * L + 1.5)))
-    im = ax.imshow(rows, aspect="auto", cmap="viridis", origin="lower", vmin=0)
-    ax.set_xlabel("query head")
-    ax.set_ylabel("layer")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="mean retrieval score")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _heatmap(rows, path, title, xlabel="query head", ylabel="layer", label="mean retrieval score",
+             size=(max(4, 0.25 * H + 2), max(3, 0.25 * L + 1.5)), cmap="viridis", origin="lower", vmin=0)
 
 
 def niah_heatmap(table: dict, path: str | Path, title: str) -> None:
-    """Depth x length heatmap of NIAH recall (percent), from `detect.niah_table`."""
-    plt = _plt()
+    """Depth x length heatmap of NIAH recall (percent), from `niah.niah_table`."""
     grid = [[float("nan") if v is None else v for v in row] for row in table["recall"]]  # (lengths, depths)
     data = list(map(list, zip(*grid)))  # (depths, lengths)
-    fig, ax = plt.subplots(figsize=(max(4, 0.4 * len(table["lengths"]) + 2), 3.6))
-    im = ax.imshow(data, aspect="auto", cmap="RdYlGn", vmin=0, vmax=100, origin="upper")
-    ax.set_xticks(range(len(table["lengths"])), [str(x) for x in table["lengths"]], rotation=60, fontsize=7)
-    ax.set_yticks(range(len(table["depths"])), [f"{d:.0f}" for d in table["depths"]], fontsize=7)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth (%)")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="ROUGE-1 recall (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    def ticks(ax):
+        ax.set_xticks(range(len(table["lengths"])), [str(x) for x in table["lengths"]], rotation=60, fontsize=7)
+        ax.set_yticks(range(len(table["depths"])), [f"{d:.0f}" for d in table["depths"]], fontsize=7)
+
+    _heatmap(data, path, title, xlabel="context length (tokens)", ylabel="needle depth (%)",
+             label="ROUGE-1 recall (%)", size=(max(4, 0.4 * len(table["lengths"]) + 2), 3.6), ticks=ticks,
+             cmap="RdYlGn", vmin=0, vmax=100, origin="upper")

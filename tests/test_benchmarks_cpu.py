@@ -58,24 +58,23 @@ def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch):
     assert "commit" in text
 
 
-def test_engine_benchmark_tiny(tmp_path):
-    out = tmp_path / "e.csv"
+def _run_model_bench(script, out):
+    """A model-level benchmark (no kernels in the interpreter) in its tiny mode; its CSV rows."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_engine.py"), "--tiny", "--out", str(out)],
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--out", str(out)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
-    rows = list(csv.DictReader(open(out)))
+    return list(csv.DictReader(open(out)))
+
+
+def test_engine_benchmark_tiny(tmp_path):
+    rows = _run_model_bench("bench_engine.py", tmp_path / "e.csv")
     assert {r["provider"] for r in rows} == {"engine (both policies, one pass)", "generate x2 (sdpa, static cache)",
                                              "engine, scope all", "engine, scope generated"}
     assert all(float(r["tok_per_s"]) > 0 for r in rows)
 
 
 def test_detect_benchmark_tiny(tmp_path):
-    out = tmp_path / "d.csv"
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_detect.py"), "--tiny", "--out", str(out)],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    rows = list(csv.DictReader(open(out)))
+    rows = _run_model_bench("bench_detect.py", tmp_path / "d.csv")
     assert {r["provider"] for r in rows} == {"retmask", "reference-style"}
     assert all(float(r["seconds"]) > 0 and float(r["floor_s"]) > 0 for r in rows)

@@ -1,0 +1,93 @@
+"""Run folders that survive crashes: records appended with an fsync each, torn last lines dropped,
+an existing run never mixed in silently, and the torchrun rank / world helpers around them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def dist() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    if dist()[1] > 1:
+        torch.distributed.barrier()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Complete lines of a JSONL file; a torn last line (a crash mid-write) is ignored."""
+    out = []
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+def append_record(f, rec: dict) -> None:
+    """One JSON line, on disk before this returns."""
+    f.write(json.dumps(rec) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Rewrite `path` without a torn last line, so appends start on a clean line."""
+    if path.is_file():
+        text = "".join(json.dumps(r) + "\n" for r in read_jsonl(path))
+        if path.read_text() != text:
+            path.write_text(text)
+
+
+def check_writable(folder) -> None:
+    """Fail before expensive work when the output folder cannot be created or written."""
+    p = Path(folder)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output folder {p} is not writable ({e.strerror}); choose another --out") from None
+
+
+def prepare_out(out: Path, config: dict, *, resume: bool, overwrite: bool, names: tuple[str, ...]) -> None:
+    """Make `out` ready: refuse to mix with an existing run unless told how (resume / overwrite)."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    check_writable(out)
+    cfg_path = out / "config.json"
+    existing = [p for p in out.iterdir() if p.name in names or p.name.startswith(("tests-", "pairs-"))]
+    old_cfg = cfg_path.read_text() if cfg_path.exists() else None
+    barrier()  # every rank decides from the same snapshot
+    if existing or old_cfg is not None:
+        if overwrite:
+            if dist()[0] == 0:
+                for p in existing + ([cfg_path] if old_cfg is not None else []):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            barrier()
+        elif resume:
+            old = json.loads(old_cfg) if old_cfg is not None else None
+            if old is not None and old != config:
+                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+                raise ValueError(f"{out} holds a run with a different configuration ({', '.join(diff)}); "
+                                 "use another --out or --overwrite")
+        else:
+            raise ValueError(f"{out} already holds results; pass --resume to continue them or --overwrite "
+                             "to start over")
+    barrier()  # every rank has looked before rank 0 writes
+    if dist()[0] == 0:
+        cfg_path.write_text(json.dumps(config, indent=1) + "\n")
+    barrier()
