@@ -64,10 +64,10 @@ def _peak_gb(device) -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
 
 
-def run_engine(model, groups, cfg, slots, max_len, device):
-    eng = Engine(model, slots=slots, max_len=max_len, chunk=4096)
-    try:
-        list(eng.generate(groups[:1], GenConfig(max_new_tokens=4)))  # warm-up (compile, allocator)
+def run_engine(model, groups, cfg, slots, max_len, device, decode="auto"):
+    """Seconds, decode steps, tokens and peak GB of one engine run, and the decode mode it ran in."""
+    with Engine(model, slots=slots, max_len=max_len, chunk=4096, decode=decode) as eng:
+        list(eng.generate(groups[:1], GenConfig(max_new_tokens=4)))  # warm-up (compile, allocator, graph)
         _sync(device)
         _peak_reset(device)
         t = time.perf_counter()
@@ -75,9 +75,8 @@ def run_engine(model, groups, cfg, slots, max_len, device):
         out = list(eng.generate(groups, cfg, progress=lambda n: steps.__setitem__(0, steps[0] + 1)))
         _sync(device)
         sec = time.perf_counter() - t
-    finally:
-        eng.close()
-    return sec, steps[0], sum(len(r.tokens) for g in out for r in g.rows), _peak_gb(device)
+        mode = eng.decode if not eng.graph_errors else "static (capture failed: " + eng.graph_errors[0][:80] + ")"
+    return sec, steps[0], sum(len(r.tokens) for g in out for r in g.rows), _peak_gb(device), mode
 
 
 def run_generate_twice(model, heads: HeadSet, prompts, new, device):
@@ -112,12 +111,14 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=512)
     ap.add_argument("--long-prompt", type=int, default=32768)
     ap.add_argument("--long-new", type=int, default=256)
+    ap.add_argument("--eager-pairs", default="1,32",
+                    help="pair counts also run with decode='eager' (no CUDA graph), to show what the graph buys")
     ap.add_argument("--heads", type=int, default=33, help="heads switched off (Llama-3.1-8B at tau 0.1: 33)")
     ap.add_argument("--out", type=Path, default=benchlib.RESULTS / "engine.csv")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny Llama")
     args = ap.parse_args(argv)
     device = benchlib.resolve_mode(args, "engine", dict(
-        pairs="1,3", prompt=16, new=8, long_prompt=200, long_new=4, heads=3), interpreter=False)
+        pairs="1,3", eager_pairs="1", prompt=16, new=8, long_prompt=200, long_new=4, heads=3), interpreter=False)
     if device is None:
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -134,31 +135,38 @@ def main(argv=None) -> int:
         prompts = torch.randint(10, c.vocab_size, (n, args.prompt), generator=g).tolist()
         groups = [Group(p, [ORIGINAL, Policy(hs)], key=i) for i, p in enumerate(prompts)]
         cfg = GenConfig(max_new_tokens=args.new)
-        sec, steps, toks, peak = run_engine(model, groups, cfg, 2 * n, args.prompt + args.new, device)
-        step_ms = 1e3 * sec / max(1, steps)
         mean_ctx = args.prompt + args.new / 2
         floor_ms = 1e3 * (w_bytes + 2 * n * mean_ctx * kv_tok) / (copy_gbs * 1e9)  # bytes read per step / bandwidth
+        runs = [("engine (both policies, one pass)", "auto")]
+        if str(n) in args.eager_pairs.split(","):
+            runs.append(("engine, decode eager (no CUDA graph)", "eager"))
+        timed = []
+        for name, decode in runs:
+            sec, steps, toks, peak, mode = run_engine(model, groups, cfg, 2 * n, args.prompt + args.new, device, decode)
+            timed.append((name, mode, sec, toks, peak, 1e3 * sec / max(1, steps)))
         b_sec, b_toks, b_peak = run_generate_twice(model, hs, prompts, args.new, device)
-        for name, s, t, p in (("engine (both policies, one pass)", sec, toks, peak),
-                              ("generate x2 (sdpa, static cache)", b_sec, b_toks, b_peak)):
-            rows.append(dict(st, sweep="pairs", provider=name, pairs=n, prompt=args.prompt, new=args.new,
-                             scope="all", seconds=f"{s:.3f}", tok_per_s=f"{t / s:.1f}",
-                             step_ms=f"{step_ms:.2f}" if name.startswith("engine") else "",
-                             floor_ms=f"{floor_ms:.2f}" if name.startswith("engine") else "",
-                             speedup=f"{b_sec / sec:.2f}" if name.startswith("engine") else "",
+        timed.append(("generate x2 (sdpa, static cache)", "hf", b_sec, b_toks, b_peak, None))
+        for name, mode, s, t, p, step_ms in timed:
+            eng = step_ms is not None
+            rows.append(dict(st, sweep="pairs", provider=name, decode=mode, pairs=n, prompt=args.prompt,
+                             new=args.new, scope="all", seconds=f"{s:.3f}", tok_per_s=f"{t / s:.1f}",
+                             step_ms=f"{step_ms:.2f}" if eng else "", floor_ms=f"{floor_ms:.2f}" if eng else "",
+                             floor_frac=f"{floor_ms / step_ms:.2f}" if eng else "",
+                             speedup=f"{b_sec / s:.2f}" if eng else "",
                              peak_gb=f"{p:.2f}", copy_gbs=f"{copy_gbs:.0f}"))
     prompt = torch.randint(10, c.vocab_size, (args.long_prompt,), generator=g).tolist()
     for scope in ("all", "generated"):
         groups = [Group(prompt, [ORIGINAL, Policy(hs, scope)])]
-        sec, steps, toks, peak = run_engine(model, groups, GenConfig(max_new_tokens=args.long_new), 2,
-                                            args.long_prompt + args.long_new, device)
-        rows.append(dict(st, sweep="long", provider=f"engine, scope {scope}", pairs=1, prompt=args.long_prompt,
-                         new=args.long_new, scope=scope, seconds=f"{sec:.3f}", tok_per_s=f"{toks / sec:.1f}",
-                         step_ms="", floor_ms="", speedup="", peak_gb=f"{peak:.2f}", copy_gbs=f"{copy_gbs:.0f}"))
+        sec, steps, toks, peak, mode = run_engine(model, groups, GenConfig(max_new_tokens=args.long_new), 2,
+                                                  args.long_prompt + args.long_new, device)
+        rows.append(dict(st, sweep="long", provider=f"engine, scope {scope}", decode=mode, pairs=1,
+                         prompt=args.long_prompt, new=args.long_new, scope=scope, seconds=f"{sec:.3f}",
+                         tok_per_s=f"{toks / sec:.1f}", step_ms=f"{1e3 * sec / max(1, steps):.2f}", floor_ms="",
+                         floor_frac="", speedup="", peak_gb=f"{peak:.2f}", copy_gbs=f"{copy_gbs:.0f}"))
     benchlib.append_rows(args.out, rows)
     print(f"\nwrote {len(rows)} rows to {args.out}\n")
-    print(benchlib.table(rows, ["sweep", "provider", "pairs", "prompt", "new", "seconds", "tok_per_s", "step_ms",
-                                "floor_ms", "speedup", "peak_gb"]))
+    print(benchlib.table(rows, ["sweep", "provider", "decode", "pairs", "prompt", "new", "seconds", "tok_per_s",
+                                "step_ms", "floor_ms", "floor_frac", "speedup", "peak_gb"]))
     return 0
 
 

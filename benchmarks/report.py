@@ -14,6 +14,7 @@ from pathlib import Path
 import benchlib
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+NONE_YET = "_No GPU results committed yet: run `make bench-gpu` on a CUDA machine._"
 
 
 def _pivot(rows, row_key, col_key, val_key, fmt=lambda v: v):
@@ -41,7 +42,7 @@ def _footnote(rows):
 def prefill_section() -> str:
     rows = benchlib.read_latest(benchlib.RESULTS / "prefill.csv")
     if not rows:
-        return "_No GPU results committed yet: run `make bench-gpu` on a CUDA machine._"
+        return NONE_YET
     none_off = [r for r in rows if float(r["off"]) == 0]
     out = ["Useful TFLOP/s, no head off:\n", _pivot(none_off, "length", "provider", "tflops")]
     half = [r for r in rows if r["provider"] == "retmask" and r["vs_none_off"]]
@@ -54,7 +55,7 @@ def prefill_section() -> str:
 def decode_section() -> str:
     rows = benchlib.read_latest(benchlib.RESULTS / "decode.csv")
     if not rows:
-        return "_No GPU results committed yet: run `make bench-gpu` on a CUDA machine._"
+        return NONE_YET
     lens = [r for r in rows if r["sweep"] == "length" and float(r["off"]) == 0]
     out = [f"GB/s of K/V read, no head off (measured copy bandwidth {rows[0]['copy_gbs']} GB/s):\n",
            _pivot(lens, "length", "provider", "gbs")]
@@ -70,7 +71,39 @@ def decode_section() -> str:
     return "".join(out) + _footnote(rows)
 
 
-SECTIONS = {"prefill": prefill_section, "decode": decode_section}
+def engine_section() -> str:
+    rows = benchlib.read_latest(benchlib.RESULTS / "engine.csv")
+    if not rows:
+        return NONE_YET
+    pairs = [r for r in rows if r["sweep"] == "pairs"]
+    out = ["Output tokens per second, both policies together (64-token prompts, 512 new tokens):\n",
+           _pivot(pairs, "pairs", "provider", "tok_per_s"),
+           "\n\nEngine speed-up over `generate` run twice (target: >= 3 at 32+ pairs) and share of the "
+           "bandwidth floor (weights + KV bytes per step over copy bandwidth; target: >= 0.60 at 1 pair):\n",
+           benchlib.table([r for r in pairs if r["speedup"]],
+                          ["pairs", "provider", "decode", "step_ms", "floor_ms", "floor_frac", "speedup", "peak_gb"])]
+    long = [r for r in rows if r["sweep"] == "long"]
+    if long:
+        out += ["\n\nOne pair on a long prompt:\n",
+                benchlib.table(long, ["prompt", "new", "scope", "decode", "seconds", "tok_per_s", "peak_gb"])]
+    return "".join(out) + _footnote(rows)
+
+
+def detect_section() -> str:
+    rows = benchlib.read_latest(benchlib.RESULTS / "detect.csv")
+    if not rows:
+        return NONE_YET
+    out = ["Seconds per detection test (prompt + 50 decode steps with per-head argmax):\n",
+           _pivot(rows, "length", "provider", "seconds"),
+           "\n\nretmask against its targets (peak <= 40 GB and <= 1.3x the prefill floor at 128K; "
+           ">= 10x the reference-style detector at 32K):\n",
+           benchlib.table([r for r in rows if r["provider"] == "retmask"],
+                          ["length", "seconds", "peak_gb", "floor_s", "vs_floor", "speedup"])]
+    return "".join(out) + _footnote(rows)
+
+
+SECTIONS = {"prefill": prefill_section, "decode": decode_section, "engine": engine_section,
+            "detect": detect_section}
 
 
 def main(argv=None) -> int:

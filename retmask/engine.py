@@ -13,6 +13,7 @@ groups decode together in fixed slots; a finished row frees its slot for the nex
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -20,12 +21,14 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from retmask.kernels import masked_attention, masked_decode
+from retmask.kernels._launch import next_pow2
 
 from . import hf
 from .heads import HeadSet
 from .sampling import Sampling, next_tokens
 
 SCOPES = ("all", "generated")
+DECODE_MODES = ("auto", "eager", "static", "graph")
 
 
 @dataclass(frozen=True)
@@ -152,12 +155,20 @@ class _Prefill:
 
 
 class _Decode:
-    """Attention context of one decode step over all slots."""
+    """Attention context of one decode step over all slots.
+
+    Eager (`static=False`): built for one step from the host state; layers where every head is on
+    skip the keep bitmap and layers with no shared segment skip the pool. Static: built once over
+    fixed buffers and used for every step; each layer always gets the bitmap and the pool (a row
+    with segment -1 reads none), so the launches never depend on the step and a CUDA graph can
+    replay them."""
 
     owns_masks = True
 
-    def __init__(self, eng: "Engine", keep: torch.Tensor, layer_all_on: list[bool], want_argmax: bool):
-        self.eng, self.keep, self.layer_all_on = eng, keep, layer_all_on
+    def __init__(self, eng: "Engine", keep: torch.Tensor, layer_all_on: list[bool] | None, want_argmax: bool,
+                 max_group_rows: int, static: bool = False):
+        self.eng, self.keep, self.layer_all_on, self.static = eng, keep, layer_all_on, static
+        self.max_group_rows = max_group_rows
         self.argmax = torch.full((eng.slots, eng.d.n_layers, eng.d.n_heads), -1, dtype=torch.int64,
                                  device=eng.device) if want_argmax else None
 
@@ -166,11 +177,11 @@ class _Decode:
         ar = e._slot_ids
         e.k[l][ar, :, e.kv_len[l].long()] = k[:, :, 0]  # the new token's K/V at each row's private end
         e.v[l][ar, :, e.kv_len[l].long()] = v[:, :, 0]
-        keep = None if self.layer_all_on[l] else self.keep[:, l]
+        keep = self.keep[:, l] if self.static or not self.layer_all_on[l] else None
         shared = {}
-        if e.layer_shared[l]:
+        if self.static or e.layer_shared[l]:
             shared = dict(shared_k=e.pk[l], shared_v=e.pv[l], shared_lens=e.pool_len, row_seg=e.row_seg[l],
-                          max_group_rows=e.max_group_rows)
+                          max_group_rows=self.max_group_rows)
         res = masked_decode(q[:, :, 0], e.k[l], e.v[l], e.kv_len[l] + 1, keep, window=window, scale=scaling,
                             return_argmax=self.argmax is not None, check_values=False, **shared)
         if self.argmax is not None:
@@ -180,6 +191,60 @@ class _Decode:
 
     def expand(self, layer, t):
         return t
+
+
+class _StaticStep:
+    """The decode step over fixed device buffers (input ids, positions, keep bitmap in; logits and
+    argmax out): the same launches every step and no host sync, so on CUDA it is captured once as a
+    CUDA graph and replayed. A capture that fails warns and leaves the step running eagerly."""
+
+    def __init__(self, eng: "Engine", want_argmax: bool, max_group_rows: int, capture: bool):
+        d, s, dev = eng.d, eng.slots, eng.device
+        self.eng = eng
+        self.ids = torch.zeros(s, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(s, 1, dtype=torch.long, device=dev)
+        self.keep = torch.zeros(s, d.n_layers, d.n_heads, dtype=torch.bool, device=dev)
+        self.ctx = _Decode(eng, self.keep, None, want_argmax, max_group_rows, static=True)
+        self.logits: torch.Tensor | None = None
+        self.graph = None
+        self.error: str | None = None
+        if capture:
+            self._capture()
+
+    def _forward(self) -> torch.Tensor:
+        with hf.active(self.ctx):
+            self.logits = self.eng.model(input_ids=self.ids, position_ids=self.pos, use_cache=False).logits[:, -1]
+        return self.logits
+
+    def _capture(self):
+        # The buffers hold all heads off, so warm-up reads nothing; its K/V writes land at each row's
+        # next free position, which the next real step overwrites before any read.
+        dev = self.eng.device
+        try:
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # compile the Triton kernels, let cuBLAS pick, outside the capture
+                for _ in range(2):
+                    self._forward()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._forward()
+            self.graph = graph
+        except Exception as e:  # noqa: BLE001  (any capture failure falls back to running the same step)
+            self.graph = None
+            self.error = f"{type(e).__name__}: {e}"
+            warnings.warn(f"retmask engine: CUDA graph capture of the decode step failed ({self.error}); "
+                          "decoding without a graph (Engine(decode='static') avoids the attempt)", stacklevel=3)
+
+    def run(self, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.pos.copy_(pos)
+        self.keep.copy_(keep)
+        if self.graph is None:
+            return self._forward()
+        self.graph.replay()
+        return self.logits
 
 
 class Engine:
@@ -197,11 +262,16 @@ class Engine:
         chunk: prefill chunk length (tokens).
         sharing: store identical prompt KV once per group (off: every row has its own, for checks).
         on_too_long: "error" (default) or "skip" for a prompt that cannot fit `max_len`.
+        decode: how each decode step runs. "eager": the attention context is rebuilt from the host
+            state every step. "static": every step runs the same launches over fixed buffers (what
+            a CUDA graph captures). "graph": the static step captured once as a CUDA graph per
+            (argmax on/off, largest group) and replayed (CUDA only). "auto" (default): "graph" on
+            CUDA, "eager" elsewhere. All give the same tokens.
     """
 
     def __init__(self, model, tokenizer=None, *, slots: int | None = None, kv_budget_gb: float | None = None,
                  max_len: int = 4096, chunk: int = 1024, sharing: bool = True, on_too_long: str = "error",
-                 private_len: int | None = None):
+                 private_len: int | None = None, decode: str = "auto"):
         hf.attach(model)
         self.model, self.tokenizer = model, tokenizer
         self.d = hf.dims(model)
@@ -213,6 +283,13 @@ class Engine:
             raise ValueError("chunk must be >= 1 and max_len >= 2")
         self.max_len, self.chunk, self.sharing, self.on_too_long = max_len, chunk, sharing, on_too_long
         self.private_len = max_len if private_len is None else private_len
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode={decode!r}: use one of {', '.join(DECODE_MODES)}")
+        if decode == "graph" and self.device.type != "cuda":
+            raise ValueError(f"decode='graph' needs a CUDA model (this one is on {self.device}); use 'auto'")
+        self.decode = ("graph" if self.device.type == "cuda" else "eager") if decode == "auto" else decode
+        self._steps: dict[tuple[bool, int], _StaticStep] = {}
+        self._group_max = 1
         if not 1 <= self.private_len <= max_len:
             raise ValueError(f"private_len={private_len}: must lie in [1, max_len={max_len}]")
         per_slot = self.bytes_per_slot()
@@ -267,10 +344,23 @@ class Engine:
         return hook
 
     def close(self):
-        """Remove the engine's hooks from the model (the model stays attached to retmask attention)."""
+        """Remove the engine's hooks from the model (the model stays attached to retmask attention) and
+        drop its captured decode steps."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self._steps.clear()
+
+    @property
+    def graph_errors(self) -> list[str]:
+        """Why each failed CUDA graph capture failed (empty when every capture worked)."""
+        return [s.error for s in self._steps.values() if s.error]
+
+    def _static_step(self, want_argmax: bool) -> _StaticStep:
+        key = (want_argmax, self._group_max)
+        if key not in self._steps:
+            self._steps[key] = _StaticStep(self, want_argmax, self._group_max, capture=self.decode == "graph")
+        return self._steps[key]
 
     def __enter__(self) -> "Engine":
         return self
@@ -285,6 +375,9 @@ class Engine:
         `progress(n_tokens)` is called after each step with the tokens it produced."""
         groups = list(groups)
         self._check(groups, cfg)
+        # rows of one group in the decode kernel's shared-segment tile: fixed per call so the static step
+        # (and its CUDA graph) serves every step; a power of two, as the kernel rounds it
+        self._group_max = next_pow2(max((len(g.policies) for g in groups), default=1))
         queue = deque(groups)
         d, S = self.d, self.slots
         st = _Slots(S, d.n_layers, d.n_heads)
@@ -440,18 +533,24 @@ class Engine:
         active = torch.tensor(st.active, device=dev)
         keep = torch.where(torch.tensor(st.in_prompt)[:, None, None], st.keep_prompt, st.keep_gen)
         keep &= torch.tensor(st.active)[:, None, None]  # idle slots: every head off, nothing read
-        layer_all_on = keep.all(-1).all(0).tolist()
-        ctx = _Decode(self, keep.to(dev), layer_all_on, cfg.return_argmax)
-        ids = torch.tensor(st.next_in, device=dev)[:, None]
-        pos = torch.tensor(st.pos, device=dev)[:, None]
-        with hf.active(ctx):
-            logits = self.model(input_ids=ids, position_ids=pos, use_cache=False).logits[:, -1]  # (S, V)
+        ids = torch.tensor(st.next_in)[:, None]
+        pos = torch.tensor(st.pos)[:, None]
+        if self.decode == "eager":
+            ctx = _Decode(self, keep.to(dev), keep.all(-1).all(0).tolist(), cfg.return_argmax, self.max_group_rows)
+            with hf.active(ctx):
+                logits = self.model(input_ids=ids.to(dev), position_ids=pos.to(dev),
+                                    use_cache=False).logits[:, -1]  # (S, V)
+        else:
+            step = self._static_step(cfg.return_argmax)
+            logits = step.run(ids, pos, keep)
+            ctx = step.ctx
         self.kv_len += active.to(torch.int32)[None, :]
         seeds = torch.tensor(st.seed, dtype=torch.int64)
         steps = torch.tensor(st.n_gen, dtype=torch.int64)
         tok = next_tokens(logits, cfg.sampling, seeds, steps).tolist()
-        am = ctx.argmax.cpu() if cfg.return_argmax else None  # one transfer per step
-        lg = logits.float().cpu() if cfg.keep_logits else None
+        # one transfer per step; a copy even on CPU, where the static step reuses its output buffers
+        am = ctx.argmax.to("cpu", copy=True) if cfg.return_argmax else None
+        lg = logits.to("cpu", torch.float32, copy=True) if cfg.keep_logits else None
         done = []
         for slot in range(self.slots):
             if not st.active[slot]:

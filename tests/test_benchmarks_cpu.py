@@ -38,26 +38,6 @@ def test_tiny_mode(tmp_path, script, providers):
     assert len(list(csv.DictReader(open(out)))) == 2 * len(rows)
 
 
-def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import benchlib
-        import report
-    finally:
-        sys.path.pop(0)
-    assert _run("bench_prefill.py", tmp_path / "prefill.csv").returncode == 0
-    assert _run("bench_decode.py", tmp_path / "decode.csv").returncode == 0
-    monkeypatch.setattr(benchlib, "RESULTS", tmp_path)
-    readme = tmp_path / "README.md"
-    readme.write_text("a\n<!-- bench:prefill -->\nold\n<!-- /bench:prefill -->\nb\n"
-                      "<!-- bench:decode -->\nold\n<!-- /bench:decode -->\n")
-    monkeypatch.setattr(report, "README", readme)
-    assert report.main([]) == 0
-    text = readme.read_text()
-    assert "old" not in text and "| length | retmask |" in text and "Argmax cost" in text
-    assert "commit" in text
-
-
 def _run_model_bench(script, out):
     """A model-level benchmark (no kernels in the interpreter) in its tiny mode; its CSV rows."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -67,14 +47,48 @@ def _run_model_bench(script, out):
     return list(csv.DictReader(open(out)))
 
 
-def test_engine_benchmark_tiny(tmp_path):
-    rows = _run_model_bench("bench_engine.py", tmp_path / "e.csv")
-    assert {r["provider"] for r in rows} == {"engine (both policies, one pass)", "generate x2 (sdpa, static cache)",
-                                             "engine, scope all", "engine, scope generated"}
+@pytest.fixture(scope="module")
+def model_benches(tmp_path_factory):
+    """engine.csv and detect.csv from one tiny run of each model-level benchmark."""
+    d = tmp_path_factory.mktemp("results")
+    return d, _run_model_bench("bench_engine.py", d / "engine.csv"), _run_model_bench("bench_detect.py", d / "detect.csv")
+
+
+def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch, model_benches):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import benchlib
+        import report
+    finally:
+        sys.path.pop(0)
+    results, *_ = model_benches
+    for name in ("engine", "detect"):
+        (tmp_path / f"{name}.csv").write_bytes((results / f"{name}.csv").read_bytes())
+    assert _run("bench_prefill.py", tmp_path / "prefill.csv").returncode == 0
+    assert _run("bench_decode.py", tmp_path / "decode.csv").returncode == 0
+    monkeypatch.setattr(benchlib, "RESULTS", tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n" + "".join(f"<!-- bench:{n} -->\nold\n<!-- /bench:{n} -->\n"
+                                      for n in ("prefill", "decode", "engine", "detect")))
+    monkeypatch.setattr(report, "README", readme)
+    assert report.main([]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "| length | retmask |" in text and "Argmax cost" in text
+    assert "| pairs | engine (both policies, one pass) |" in text and "One pair on a long prompt" in text
+    assert "| length | retmask | reference-style |" in text and "vs_floor" in text
+    assert text.count("commit") == 4
+
+
+def test_engine_benchmark_tiny(model_benches):
+    _, rows, _ = model_benches
+    assert {r["provider"] for r in rows} == {"engine (both policies, one pass)", "engine, decode eager (no CUDA graph)",
+                                             "generate x2 (sdpa, static cache)", "engine, scope all",
+                                             "engine, scope generated"}
     assert all(float(r["tok_per_s"]) > 0 for r in rows)
+    assert {r["decode"] for r in rows if r["provider"].startswith("engine")} == {"eager"}  # auto on CPU
 
 
-def test_detect_benchmark_tiny(tmp_path):
-    rows = _run_model_bench("bench_detect.py", tmp_path / "d.csv")
+def test_detect_benchmark_tiny(model_benches):
+    _, _, rows = model_benches
     assert {r["provider"] for r in rows} == {"retmask", "reference-style"}
     assert all(float(r["seconds"]) > 0 and float(r["floor_s"]) > 0 for r in rows)
