@@ -317,7 +317,9 @@ def _train(args) -> int:
     load_pairs(args.pairs)  # fails early with a clear message when there are none
     out = Path(args.out or f"runs/train/{models.display_name(args.model)}")
     res = train(path, args.pairs, out, cfg, resume=args.resume)
-    m = res.get("metrics", {})
+    if "metrics" not in res:  # not the main process (accelerate launch): rank 0 reports
+        return 0
+    m = res["metrics"]
     if m:
         print(f"final loss {m.get('loss', float('nan')):.4f}, reward margin {m.get('rewards/margins', float('nan')):.4f}")
     print(f"wrote {res['final']} (loads with transformers' from_pretrained)")

@@ -91,6 +91,8 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
     if not pairs:
         raise ValueError(f"{pairs_dir} holds no pairs (all dropped?): nothing to train on")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if int(os.environ.get("RANK", "0")) != 0:  # one process speaks
+        log = lambda *_a, **_k: None  # noqa: E731
     cpu = not torch.cuda.is_available()
     if cpu and cfg.bf16:
         cfg = replace(cfg, bf16=False)

@@ -141,6 +141,49 @@ def test_dpo_checkpoint_reloads_and_generates(pairs_dir, tmp_path):
     assert g.shape[1] > ids["input_ids"].shape[1]
 
 
+@pytest.mark.parametrize("name,kind", [("zero3.yaml", "DEEPSPEED"), ("fsdp.yaml", "FSDP")])
+def test_shipped_accelerate_configs_load(name, kind):
+    """accelerate reads the shipped multi-GPU configs, and every plugin key is one its launcher knows."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    import retmask
+
+    cfg = load_config_from_file(str(Path(retmask.__file__).parent / "configs" / name))  # unknown top keys raise
+    assert cfg.distributed_type.name == kind and cfg.mixed_precision == "bf16"
+    known = {o for a in launch_command_parser()._actions for o in a.option_strings}
+    plugin = cfg.deepspeed_config if kind == "DEEPSPEED" else cfg.fsdp_config
+    assert plugin and all(f"--{k}" in known for k in plugin), sorted(k for k in plugin if f"--{k}" not in known)
+
+
+def test_dpo_two_processes_with_accelerate_launch(pairs_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): gradient accumulation counts both, rank 0 alone
+    reports and writes one checkpoint that reloads. (The ZeRO-3 / FSDP configs need GPUs.)"""
+    import socket
+
+    from transformers import AutoModelForCausalLM
+
+    out, _ = pairs_dir
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = tmp_path / "cpu2.yaml"  # MULTI_GPU + use_cpu: accelerate's torchrun launcher, DDP over gloo on CPU
+    cfg.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
+                   f"num_processes: 2\nmachine_rank: 0\nmain_process_port: {port}\nmixed_precision: 'no'\n"
+                   "use_cpu: true\nrdzv_backend: static\nsame_network: true\n")
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "-m",
+                        "retmask.cli", "train", "--pairs", str(out), "--out", str(tmp_path / "run"), "--epochs", "1",
+                        "--effective-batch", "8", "--per-device-batch", "2"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("effective batch 8 (2 x 2 x 2 accumulation)") == 1, r.stdout[:600]  # world 2, rank 0 speaks
+    assert r.stdout.count("wrote ") == 1
+    res = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert res["pairs"] == 20 and res["metrics"]["rewards/margins"] > 0
+    assert AutoModelForCausalLM.from_pretrained(res["final"]).config.num_hidden_layers == toy.CONFIG["num_hidden_layers"]
+
+
 def test_train_refuses_empty_pairs_folder(tmp_path):
     r = _cli("train", "--pairs", str(tmp_path))
     assert r.returncode == 2 and "no pairs" in r.stderr
