@@ -24,7 +24,7 @@ import triton.language as tl
 from ._checks import check_decode
 from ._launch import alloc, dot_precision, interpreting, next_pow2, sm_count
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a jit function reads only constexpr globals
 _MIN_SPLIT_KEYS = 256  # fewest keys worth a program of their own on a GPU
 
 
