@@ -67,6 +67,7 @@ def _attn_fwd(
     b = bh // HQ
     h = bh % HQ
     hk = h // GQA
+    b64 = b.to(tl.int64)  # row offsets in int64: a batch of long rows passes 2**31 elements
     kv_len = SKV
     if HAS_LENS:
         kv_len = tl.load(LENS + b).to(tl.int32)
@@ -99,10 +100,10 @@ def _attn_fwd(
     qmask = offs_m[:, None] < SQ
     if not EVEN_D:
         qmask = qmask & (offs_d[None, :] < D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+    q = tl.load(Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=qmask, other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    k_base = K + b64 * stride_kb + hk * stride_kh
+    v_base = V + b64 * stride_vb + hk * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -114,7 +115,7 @@ def _attn_fwd(
                                 win, mid_hi, hi, BLOCK_N, BLOCK_D, EVEN_D, True, HAS_WINDOW, PREC, qk_scale)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]  # rows with no visible key (or an off head) have acc = 0
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+    tl.store(O + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=qmask)
 
 
