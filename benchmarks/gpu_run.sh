@@ -2,7 +2,12 @@
 # Everything a CUDA machine should run, in one call: install, CUDA tests (bf16), kernel check,
 # benchmarks, report. Uses the machine's own python3 (torch and triton already there) and installs
 # nothing from the network. Results land in benchmarks/results/ and, when $OUT is set, are copied
-# there (log.txt, the CSVs and the plots); a short table prints last.
+# there after each stage (log.txt, the CSVs and the plots), so a call cut short keeps what finished.
+# Each stage has its own time limit (seconds; override with e.g. T_ENGINE=300), so one slow stage
+# cannot starve the rest of a 10-minute call; a short table prints last.
+#
+#   bash benchmarks/gpu_run.sh                  # every stage
+#   bash benchmarks/gpu_run.sh tests engine     # only these stages
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
@@ -10,16 +15,45 @@ OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 PY=${PYTHON:-python3}
+STAGES=${*:-tests prefill decode engine detect}
+declare -A LIMIT=([tests]=${T_TESTS:-150} [prefill]=${T_PREFILL:-80} [decode]=${T_DECODE:-80}
+                  [engine]=${T_ENGINE:-160} [detect]=${T_DETECT:-100})
+declare -A STATUS
+
 $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || { cat "$LOG"; exit 1; }
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 | tee -a "$LOG"
-$PY -m pytest -q -m cuda tests -p no:cacheprovider 2>&1 | tee -a "$LOG" | tail -n 8
-tests_rc=${PIPESTATUS[0]}
-$PY -m retmask.cli check-kernels 2>&1 | tee -a "$LOG" | tail -n 3
-$PY benchmarks/bench_prefill.py ${PREFILL_ARGS:-} >>"$LOG" 2>&1 || echo "bench_prefill failed (see log.txt)"
-$PY benchmarks/bench_decode.py ${DECODE_ARGS:-} >>"$LOG" 2>&1 || echo "bench_decode failed (see log.txt)"
-$PY benchmarks/bench_engine.py ${ENGINE_ARGS:-} >>"$LOG" 2>&1 || echo "bench_engine failed (see log.txt)"
-$PY benchmarks/bench_detect.py ${DETECT_ARGS:-} >>"$LOG" 2>&1 || echo "bench_detect failed (see log.txt)"
-cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT"/ 2>/dev/null
-$PY benchmarks/report.py --print
-echo "cuda tests exit code: $tests_rc"
+  $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+  'transformers', transformers.__version__)"; } 2>&1 | tee -a "$LOG"
+
+save() { cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT"/ 2>/dev/null; true; }
+
+run_stage() {  # name, command...
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "== $name (limit ${LIMIT[$name]} s)" | tee -a "$LOG"
+  timeout --kill-after=10 "${LIMIT[$name]}" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  case $rc in
+    0) STATUS[$name]="ok" ;;
+    124|137) STATUS[$name]="cut at ${LIMIT[$name]} s" ;;
+    *) STATUS[$name]="exit $rc" ;;
+  esac
+  STATUS[$name]="${STATUS[$name]} ($((SECONDS - t0)) s)"
+  echo "== $name: ${STATUS[$name]}" | tee -a "$LOG"
+  save
+}
+
+for s in $STAGES; do
+  case $s in
+    tests) run_stage tests $PY -m pytest -q -m cuda tests -p no:cacheprovider
+           grep -E "passed|failed|error" "$LOG" | tail -n 3 ;;
+    prefill) run_stage prefill $PY benchmarks/bench_prefill.py ${PREFILL_ARGS:-} ;;
+    decode) run_stage decode $PY benchmarks/bench_decode.py ${DECODE_ARGS:-} ;;
+    engine) run_stage engine $PY benchmarks/bench_engine.py ${ENGINE_ARGS:-} ;;
+    detect) run_stage detect $PY benchmarks/bench_detect.py ${DETECT_ARGS:-} ;;
+    *) echo "unknown stage $s (tests prefill decode engine detect)"; exit 2 ;;
+  esac
+done
+$PY benchmarks/report.py --print 2>&1 | tee "$OUT/report.md"
+echo
+for s in $STAGES; do printf '%-8s %s\n' "$s" "${STATUS[$s]}"; done
