@@ -252,3 +252,23 @@ def test_cuda_graph_decode_equals_eager():
         for a, b in zip(eager[i].rows, graph[i].rows):
             assert a.tokens == b.tokens, f"group {i}, {a.policy}"
             assert torch.equal(a.argmax, b.argmax)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cuda_engine_greedy_equals_generate(name):
+    """On a GPU, in fp32 (Triton kernels with exact fp32 dots, CUDA graph decode): greedy tokens equal
+    `generate` on the plain model and on the zeroed copy, with sharing and slot refill."""
+    m = tiny(name).cuda()
+    ref = copy.deepcopy(m)
+    zeroed = hf.zeroed_copy(copy.deepcopy(m), HEADS)
+    ps = prompts()
+    with Engine(m, slots=5, max_len=48, chunk=7) as eng:
+        res = {r.key: r for r in eng.generate([Group(p, [ORIGINAL, Policy(HEADS)], key=i) for i, p in enumerate(ps)],
+                                              GenConfig(max_new_tokens=NEW))}
+        assert eng.decode == "graph" and eng.graph_errors == []
+    for i, p in enumerate(ps):
+        for row, model in zip(res[i].rows, (ref, zeroed)):
+            want = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=NEW, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+            assert row.tokens == want, f"prompt {i}, {row.policy}"
