@@ -4,7 +4,8 @@ The interpreter that runs the kernels on CPU never lowers them to PTX, so an err
 compiler (a type or layout the backend rejects, a Triton version's API change) would first show on
 a GPU. `compile_all(arch)` lowers every kernel with the arguments and constexprs its launcher uses
 (bf16 with head dim 128 and every feature on and off, fp16 / 64 and fp32 / 32 with all on, every
-autotune config of the prefill kernel) through Triton's own compiler and the bundled `ptxas`, and returns one record per variant.
+autotune config of the prefill kernel) through Triton's own compiler and the bundled `ptxas`, and returns one record per variant (a
+variant whose shared memory exceeds the architecture's limit fails too: its launch would).
 
     TRITON_INTERPRET=0 python -m retmask.kernels.aot        # sm_90 (H100/H200) and sm_80 (A100)
 """
@@ -34,6 +35,11 @@ class Compiled:
     ok: bool
     seconds: float
     error: str = ""
+    shared_bytes: int = 0  # shared memory per program
+
+
+# largest dynamic shared memory per block (bytes): H100/H200 and A100
+SHARED_LIMIT = {90: 232448, 80: 166912}
 
 
 def _signature(fn, pointers: dict[str, str], constexprs: dict, floats=("qk_scale", "sm_scale")) -> dict[str, str]:
@@ -58,9 +64,14 @@ def _compile(fn, pointers, constexprs, arch, num_warps, num_stages, label) -> Co
     t = time.perf_counter()
     try:
         src = ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs), constexprs=constexprs)
-        triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps,
-                                                                             num_stages=num_stages))
-        return Compiled(fn.__name__, label, arch, True, time.perf_counter() - t)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps,
+                                                                                 num_stages=num_stages))
+        shared = int(k.metadata.shared)
+        limit = SHARED_LIMIT.get(arch)
+        if limit is not None and shared > limit:  # the launch would fail with "out of resources"
+            return Compiled(fn.__name__, label, arch, False, time.perf_counter() - t,
+                            f"needs {shared} bytes of shared memory, sm_{arch} has {limit}", shared)
+        return Compiled(fn.__name__, label, arch, True, time.perf_counter() - t, shared_bytes=shared)
     except Exception as e:  # noqa: BLE001  (reported per variant)
         chain = [e]
         while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:  # the innermost error says why
@@ -128,7 +139,8 @@ def main(argv=None) -> int:
     for arch in archs:
         for r in compile_all(arch):
             failed += not r.ok
-            print(f"{'ok  ' if r.ok else 'FAIL'} sm_{r.arch} {r.kernel:15s} {r.variant} ({r.seconds:.1f} s)"
+            print(f"{'ok  ' if r.ok else 'FAIL'} sm_{r.arch} {r.kernel:15s} {r.variant} "
+                  f"({r.shared_bytes // 1024} KiB shared, {r.seconds:.1f} s)"
                   + (f"\n     {r.error[:2000]}" if r.error else ""))
     print(f"{failed} failed")
     return 1 if failed else 0
