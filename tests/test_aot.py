@@ -21,11 +21,11 @@ BAD_KERNEL = textwrap.dedent('''
         tl.store(X + offs, tl.load(X + offs, mask=offs < n) * SCALE, mask=offs < n)
 
     r = aot._compile(bad, {"X": "*fp32"}, {"BLOCK": 16}, 90, 4, 3, "bad")
-    print("ok" if r.ok else r.error.replace("\n", " | "))
+    print("ok" if r.ok else r.error.replace(chr(10), " | "))
     fn, ptr, ce, w, s, label = next(aot._decode_variants())
     aot.SHARED_LIMIT[90] = 1024  # a kernel over the architecture's shared memory fails like its launch would
     r = aot._compile(fn, ptr, ce, 90, w, s, label)
-    print("ok" if r.ok else r.error.replace("\n", " | "))
+    print("ok" if r.ok else r.error.replace(chr(10), " | "))
 ''')
 
 
