@@ -8,8 +8,10 @@ imports only torch and triton, and never touches CUDA at import.
 
 from __future__ import annotations
 
+from ._checks import check_decode
 from .backend import BACKEND_ENV, resolve_backend
 from .reference import masked_attention_reference, masked_decode_reference
+from .segments import SegmentLayout, segment_layout
 
 __all__ = [
     "BACKEND_ENV",
@@ -18,6 +20,8 @@ __all__ = [
     "masked_decode",
     "masked_decode_reference",
     "resolve_backend",
+    "SegmentLayout",
+    "segment_layout",
 ]
 
 
@@ -47,7 +51,7 @@ def masked_attention(q, k, v, keep=None, *, kv_lens=None, window=None, scale=Non
 
 def masked_decode(
     q, k_cache, v_cache, kv_lens, keep=None, *, window=None, scale=None, return_argmax=False,
-    shared_k=None, shared_v=None, shared_lens=None, row_seg=None, max_group_rows=None,
+    shared_k=None, shared_v=None, shared_lens=None, row_seg=None, max_group_rows=None, seg_layout=None,
     check_values=True,
 ):
     """One new query per row over its KV cache (flash-decoding), optionally after a shared segment.
@@ -70,6 +74,9 @@ def masked_decode(
             counted from the segment's start. Rows of one group read a segment tile once for all.
         max_group_rows: an upper bound on the rows that share one segment; giving it saves a
             host sync (the kernel is then graph-capturable).
+        seg_layout: `segment_layout(row_seg, G)`, the rows grouped by segment; computed here when
+            absent. A caller whose row_seg changes only when rows join or leave passes it to save
+            a sort per call.
         check_values: check lengths and segment ids (host syncs); turn off in hot loops.
 
     Returns:
@@ -79,7 +86,10 @@ def masked_decode(
     kw = dict(window=window, scale=scale, return_argmax=return_argmax, shared_k=shared_k, shared_v=shared_v,
               shared_lens=shared_lens, row_seg=row_seg, check_values=check_values)
     if fn is not masked_decode_reference:
-        kw["max_group_rows"] = max_group_rows
+        kw.update(max_group_rows=max_group_rows, seg_layout=seg_layout)
+    elif seg_layout is not None:  # the reference reads row_seg directly; check what it was given all the same
+        check_decode(q, k_cache, v_cache, kv_lens, keep, window, scale, shared_k, shared_v, shared_lens, row_seg,
+                     False, seg_layout)
     return fn(q, k_cache, v_cache, kv_lens, keep, **kw)
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .segments import segment_layout
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
@@ -169,7 +171,7 @@ class SharedArgs:
 
 def check_decode(
     q, k_cache, v_cache, kv_lens, keep, window, scale, shared_k, shared_v, shared_lens, row_seg,
-    check_values=True,
+    check_values=True, seg_layout=None,
 ) -> DecodeArgs:
     _tensor("q", q, 3, "(B, Hq, D)")
     _tensor("k_cache", k_cache, 4, "(B, Hkv, Smax, D)")
@@ -210,6 +212,23 @@ def check_decode(
         shared_lens = _lengths("shared_lens", shared_lens, g, "G", q)
         row_seg = _lengths("row_seg", row_seg, b, "B", q)
         shared = SharedArgs(shared_k, shared_v, shared_lens, row_seg, g, shared_k.shape[2])
+    if seg_layout is not None:
+        if shared is None:
+            _fail("seg_layout: given without a shared segment (shared_k, shared_v, shared_lens, row_seg)")
+        if not isinstance(seg_layout, tuple) or len(seg_layout) != 3:
+            _fail("seg_layout: expected (order, starts, counts) as retmask.kernels.segment_layout returns")
+        for name, t, n, nn in zip(("order", "starts", "counts"), seg_layout, (b, shared.n_seg, shared.n_seg),
+                                  ("B", "G", "G")):
+            _tensor(f"seg_layout.{name}", t, 1, f"({nn},)")
+            if t.shape[0] != n or t.dtype != torch.int32 or not t.is_contiguous():
+                _fail(f"seg_layout.{name}: expected a contiguous int32 tensor of {n} entries ({nn}), got "
+                      f"{t.dtype} {_shape(t)}; build it with retmask.kernels.segment_layout(row_seg, {shared.n_seg})")
+            _same_device(f"seg_layout.{name}", t, q)
+        if check_values:
+            want = segment_layout(shared.seg, shared.n_seg)
+            if not all(torch.equal(x, y) for x, y in zip(seg_layout, want)):
+                _fail("seg_layout: does not match row_seg; recompute it with segment_layout(row_seg, G) whenever "
+                      "row_seg changes")
     if check_values:
         if shared is None:
             _range("kv_lens", kv_lens, 1, smax, "each row needs at least its new token, at most Smax")

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ._checks import check_decode
 from ._launch import alloc, dot_precision, interpreting, next_pow2, sm_count
+from .segments import segment_layout
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a jit function reads only constexpr globals
 _MIN_SPLIT_KEYS = 256  # fewest keys worth a program of their own on a GPU
@@ -279,12 +280,12 @@ def _num_splits(n_keys: int, n_programs_other: int, device: torch.device, block_
 
 def masked_decode_triton(
     q, k_cache, v_cache, kv_lens, keep=None, *, window=None, scale=None, return_argmax=False,
-    shared_k=None, shared_v=None, shared_lens=None, row_seg=None, max_group_rows=None,
+    shared_k=None, shared_v=None, shared_lens=None, row_seg=None, max_group_rows=None, seg_layout=None,
     check_values=True,
 ):
     """Triton launcher of `retmask.kernels.masked_decode`; inputs as there."""
     a = check_decode(q, k_cache, v_cache, kv_lens, keep, window, scale, shared_k, shared_v, shared_lens,
-                     row_seg, check_values)
+                     row_seg, check_values, seg_layout)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k_cache = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
     v_cache = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
@@ -317,12 +318,7 @@ def masked_decode_triton(
     seg_t = sh.seg if sh is not None else a.kv_lens
     shlens_t = sh.lens if sh is not None else a.kv_lens
     if sh is not None:
-        seg64 = sh.seg.to(torch.int64)
-        order = torch.argsort(seg64, stable=True).to(torch.int32)  # rows sorted by segment; -1 first
-        counts = torch.zeros(sh.n_seg + 1, dtype=torch.int32, device=dev)
-        counts.scatter_add_(0, seg64 + 1, torch.ones_like(seg64, dtype=torch.int32))
-        starts = (torch.cumsum(counts, 0) - counts)[1:].to(torch.int32)  # first sorted row of each segment
-        counts = counts[1:]
+        order, starts, counts = seg_layout if seg_layout is not None else segment_layout(sh.seg, sh.n_seg)
         if max_group_rows is None:
             max_group_rows = int(counts.max()) if sh.n_seg else 1  # one host sync; pass it to avoid
         elif check_values and sh.n_seg and int(counts.max()) > max_group_rows:

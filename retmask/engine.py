@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from retmask.kernels import masked_attention, masked_decode
+from retmask.kernels import SegmentLayout, masked_attention, masked_decode, segment_layout
 from retmask.kernels._launch import next_pow2
 
 from . import hf
@@ -181,7 +181,7 @@ class _Decode:
         shared = {}
         if self.static or e.layer_shared[l]:
             shared = dict(shared_k=e.pk[l], shared_v=e.pv[l], shared_lens=e.pool_len, row_seg=e.row_seg[l],
-                          max_group_rows=self.max_group_rows)
+                          max_group_rows=self.max_group_rows, seg_layout=e.seg_layout.select(l))
         res = masked_decode(q[:, :, 0], e.k[l], e.v[l], e.kv_len[l] + 1, keep, window=window, scale=scaling,
                             return_argmax=self.argmax is not None, check_values=False, **shared)
         if self.argmax is not None:
@@ -325,6 +325,9 @@ class Engine:
         self.pool_len = torch.zeros(s, dtype=torch.int32, device=dev)
         self.kv_len = torch.zeros(d.n_layers, s, dtype=torch.int32, device=dev)  # private keys per layer, row
         self.row_seg = torch.full((d.n_layers, s), -1, dtype=torch.int32, device=dev)
+        # rows grouped by segment per layer, kept in step with row_seg (fixed buffers: a CUDA graph reads them)
+        self.seg_layout = SegmentLayout(*(torch.zeros(d.n_layers, s, dtype=torch.int32, device=dev) for _ in range(3)))
+        self._sync_segments()
         self._slot_ids = torch.arange(s, device=dev)
 
     def _make_hook(self, layer: int):
@@ -513,7 +516,13 @@ class Engine:
                 keep[layer, h] = False
         return keep
 
+    def _sync_segments(self):
+        """Recompute the per-layer segment layout after row_seg changed (rows joined or left)."""
+        for buf, val in zip(self.seg_layout, segment_layout(self.row_seg, self.slots)):
+            buf.copy_(val)
+
     def _refresh_layout(self, st: "_Slots"):
+        self._sync_segments()
         self.layer_shared = (self.row_seg >= 0).any(1).tolist()
         counts = {}
         for slot in range(self.slots):
@@ -578,6 +587,8 @@ class Engine:
         for slot, _ in done:
             self.kv_len[:, slot] = 0
             self.row_seg[:, slot] = -1
+        if done:
+            self._sync_segments()
         return done
 
     def _hit_stop(self, tokens: list[int], stops: tuple[str, ...]) -> bool:

@@ -124,6 +124,32 @@ def test_group_size_bound_avoids_sync_and_is_checked():
         masked_decode_triton(q, kc, vc, lens, keep, max_group_rows=2, **shared)
 
 
+def test_precomputed_segment_layout():
+    """A layout computed once (batched over layers, as the engine keeps it) gives the same result as the
+    per-call one; the layout groups rows exactly as a plain Python grouping does."""
+    from retmask.kernels import segment_layout
+
+    q, kc, vc, lens, keep, window, shared = make_shared(SHARED[1], torch.float32)
+    seg = shared["row_seg"]
+    n_seg = shared["shared_k"].shape[0]
+    lay = segment_layout(torch.stack([seg, torch.full_like(seg, -1)]), n_seg).select(0)  # (2, B) -> entry 0
+    rows = lay.order.tolist()
+    for gi in range(n_seg):
+        got = rows[lay.starts[gi]: lay.starts[gi] + lay.counts[gi]]
+        assert got == [b for b in range(len(seg)) if seg[b] == gi]  # in row order
+    a = masked_decode_triton(q, kc, vc, lens, keep, return_argmax=True, max_group_rows=4, seg_layout=lay, **shared)
+    b = masked_decode_triton(q, kc, vc, lens, keep, return_argmax=True, max_group_rows=4, **shared)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+    stale = segment_layout(torch.full_like(seg, -1), n_seg)
+    with pytest.raises(ValueError, match="seg_layout: does not match row_seg"):
+        masked_decode_triton(q, kc, vc, lens, keep, seg_layout=stale, **shared)
+    with pytest.raises(ValueError, match="seg_layout.counts: expected a contiguous int32"):
+        masked_decode_triton(q, kc, vc, lens, keep, seg_layout=(lay.order, lay.starts, lay.counts.long()), **shared)
+    with pytest.raises(ValueError, match="seg_layout: given without a shared segment"):
+        masked_decode_triton(q, kc, vc, lens, keep, seg_layout=lay)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_argmax_ties_go_to_lowest_position(impl):
     """Exact ties (integer-valued data, exactly representable scores) across tiles, chunks and the seam."""
