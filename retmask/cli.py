@@ -119,6 +119,8 @@ def _model_args(p):
     p.add_argument("--slots", type=int, help="rows decoded together (default: 4, or from --kv-budget-gb)")
     p.add_argument("--kv-budget-gb", type=float, help="KV-cache memory the engine may use")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens)")
+    p.add_argument("--decode", choices=["auto", "eager", "static", "graph"], default="auto",
+                   help="decode step: auto = a CUDA graph on CUDA, eager elsewhere")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -173,7 +175,7 @@ def _dist_init() -> str | None:
 
 
 def _engine_kw(args) -> dict:
-    kw = {"chunk": args.chunk}
+    kw = {"chunk": args.chunk, "decode": args.decode}
     if args.slots is not None:
         kw["slots"] = args.slots
     if args.kv_budget_gb is not None:

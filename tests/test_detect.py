@@ -196,12 +196,15 @@ def test_niah_command(detected, tmp_path, capsys):
     from retmask.cli import main
 
     out, _ = detected
-    rc = main(["niah", "--scores", str(out / "head_scores.json"), "--tau", "0.5", "--controls", "random",
-               "--scopes", "all", "--min", "160", "--max", "320", "--lengths", "2", "--depths", "2", "--needles", "1",
-               "--steps", "6", "--out", str(tmp_path), "--no-progress"])
+    args = ["niah", "--scores", str(out / "head_scores.json"), "--tau", "0.5", "--controls", "random",
+            "--scopes", "all", "--min", "160", "--max", "320", "--lengths", "2", "--depths", "2", "--needles", "1",
+            "--steps", "6", "--no-progress"]
+    rc = main(args + ["--out", str(tmp_path)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "| original" in text and "heads-all" in text and "random-all" in text
     res = json.loads((tmp_path / "niah.json").read_text())
     assert [p["policy"] for p in res["policies"]] == ["original", "heads-all", "random-all"]
     assert (tmp_path / "niah-heads-all.png").exists()
+    assert main(args + ["--out", str(tmp_path / "static"), "--decode", "static"]) == 0  # the graph's step, uncaptured
+    assert json.loads((tmp_path / "static" / "niah.json").read_text())["policies"] == res["policies"]
