@@ -290,6 +290,7 @@ class Engine:
         self.decode = ("graph" if self.device.type == "cuda" else "eager") if decode == "auto" else decode
         self._steps: dict[tuple[bool, int], _StaticStep] = {}
         self._group_max = 1
+        self._busy = False
         if not 1 <= self.private_len <= max_len:
             raise ValueError(f"private_len={private_len}: must lie in [1, max_len={max_len}]")
         per_slot = self.bytes_per_slot()
@@ -376,8 +377,21 @@ class Engine:
         """Yield each group's result as soon as all its rows finish (not in input order).
 
         `progress(n_tokens)` is called after each step with the tokens it produced."""
+        if self._busy:
+            raise RuntimeError("Engine.generate: an earlier generate() on this engine is still running (its "
+                               "iterator is not exhausted); finish it or call its .close() first")
         groups = list(groups)
         self._check(groups, cfg)
+        self._busy = True
+        try:
+            yield from self._run(groups, cfg, progress)
+        finally:  # also when the caller stops early: no stale row may stay in the cache or a segment
+            self._busy = False
+            self.kv_len.zero_()
+            self.row_seg.fill_(-1)
+            self._sync_segments()
+
+    def _run(self, groups: list[Group], cfg: GenConfig, progress) -> Iterator[GroupResult]:
         # rows of one group in the decode kernel's shared-segment tile: fixed per call so the static step
         # (and its CUDA graph) serves every step; a power of two, as the kernel rounds it
         self._group_max = next_pow2(max((len(g.policies) for g in groups), default=1))
@@ -399,10 +413,11 @@ class Engine:
                     results[id(g)] = [None] * len(rows)
             if not st.active_count:
                 continue
-            toks = self._step(st, cfg)
+            produced = st.active_count  # every active row gets one token this step
+            done = self._step(st, cfg)
             if progress is not None:
-                progress(len(toks))
-            for slot, res in toks:
+                progress(produced)
+            for slot, res in done:
                 gid, row = st.group[slot], st.row[slot]
                 results[gid][row] = res
                 g = st.groups[gid]

@@ -121,6 +121,32 @@ def test_stops_and_finish_reasons(family):
     assert r.rows[0].tokens == free[:cut] and r.rows[0].finish == "eos"
 
 
+def test_one_generation_at_a_time_and_clean_after_an_early_stop(family):
+    _, m, ref, _ = family
+    ps = prompts(4, (5, 30, 12))
+    cfg = GenConfig(max_new_tokens=NEW)
+    with Engine(m, slots=4, max_len=48) as eng:
+        first = eng.generate([Group(p, [ORIGINAL, Policy(HEADS)], key=i) for i, p in enumerate(ps)], cfg)
+        next(first)  # stop after one group: rows of the others are mid-flight
+        with pytest.raises(RuntimeError, match="still running"):
+            next(eng.generate([Group(ps[0], [ORIGINAL])], cfg))
+        first.close()
+        again = {r.key: r for r in eng.generate([Group(p, [ORIGINAL], key=i) for i, p in enumerate(ps)], cfg)}
+    for i, p in enumerate(ps):
+        assert again[i].rows[0].tokens == hf_greedy(ref, p)
+
+
+def test_progress_counts_generated_tokens(family):
+    """progress(n) gets the tokens each step produced: over a run they add up to every row's tokens."""
+    _, m, *_ = family
+    seen = []
+    groups = [Group(p, [ORIGINAL, Policy(HEADS)], key=i) for i, p in enumerate(prompts(3, (6, 11, 4)))]
+    with Engine(m, slots=3, max_len=40) as eng:  # slots for one pair at a time: refill mid-run
+        out = list(eng.generate(groups, GenConfig(max_new_tokens=5, eos_ids=(7, 11, 13)), progress=seen.append))
+    assert sum(seen) == sum(len(r.tokens) for g in out for r in g.rows)
+    assert max(seen) <= 3 and len(seen) >= 5
+
+
 def test_bad_inputs(family):
     _, m, *_ = family
     with Engine(m, slots=2, max_len=16) as eng:
