@@ -111,9 +111,15 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
     trainer = DPOTrainer(model=model_path, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
                          peft_config=peft_config)
     if quiet:  # one progress bar, no per-step log dicts on stdout (they stay in train.json)
-        from transformers.trainer_callback import PrinterCallback
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        class _BarOnly(ProgressCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                pass
 
         trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_BarOnly())
         trainer.args.disable_tqdm = False
     ckpt = None
     if resume:
