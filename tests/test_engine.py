@@ -305,3 +305,25 @@ def test_cuda_engine_greedy_equals_generate(name):
             want = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=NEW, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
             assert row.tokens == want, f"prompt {i}, {row.policy}"
+
+
+def test_failed_graph_capture_warns_and_falls_back(monkeypatch):
+    """A capture that fails (here: no CUDA at all) warns once, says why in graph_errors, and the
+    step runs uncaptured with the same tokens."""
+    m = tiny("llama")
+    ps = prompts(8, (9, 14))
+    groups = lambda: [Group(p, [ORIGINAL, Policy(HEADS)], key=i) for i, p in enumerate(ps)]  # noqa: E731
+    cfg = GenConfig(max_new_tokens=5)
+    with Engine(m, slots=4, max_len=40, decode="static") as eng:
+        want = {r.key: r.rows for r in eng.generate(groups(), cfg)}
+
+    def no_cuda(*a, **k):
+        raise RuntimeError("no CUDA here")
+
+    monkeypatch.setattr(torch.cuda, "Stream", no_cuda)
+    with Engine(m, slots=4, max_len=40, decode="static") as eng:
+        eng.decode = "graph"  # what "auto" picks on CUDA; the capture then meets no_cuda
+        with pytest.warns(UserWarning, match="CUDA graph capture of the decode step failed .*no CUDA here"):
+            got = {r.key: r.rows for r in eng.generate(groups(), cfg)}
+        assert eng.graph_errors == ["RuntimeError: no CUDA here"]
+    assert {k: [r.tokens for r in v] for k, v in got.items()} == {k: [r.tokens for r in v] for k, v in want.items()}
