@@ -70,6 +70,7 @@ def next_tokens(logits: torch.Tensor, cfg: Sampling, seed: torch.Tensor, step: t
         before = probs.cumsum(-1) - probs  # mass strictly before each token
         drop = before >= cfg.top_p  # keep the smallest prefix whose mass reaches top_p
         scores = scores.scatter(-1, order, srt.masked_fill(drop, float("-inf")))
-    u = uniform(seed.to(torch.int64), step.to(torch.int64), scores.shape[-1]).to(scores.device)
+    dev = scores.device  # the (B, V) noise is made where the logits are, never on the host
+    u = uniform(seed.to(dev, torch.int64), step.to(dev, torch.int64), scores.shape[-1])
     gumbel = -torch.log(-torch.log(u))
     return (scores.double() + gumbel).argmax(-1)
