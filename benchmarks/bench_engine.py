@@ -65,8 +65,10 @@ def _peak_gb(device) -> float:
 
 
 def run_engine(model, groups, cfg, slots, max_len, device, decode="auto"):
-    """Seconds, decode steps, tokens and peak GB of one engine run, and the decode mode it ran in."""
-    with Engine(model, slots=slots, max_len=max_len, chunk=4096, decode=decode) as eng:
+    """Seconds, decode steps, tokens and peak GB of one engine run, and the decode mode it ran in.
+    The cache is sized for the groups' policies, as `retmask pairs` sizes it."""
+    with Engine(model, slots=slots, max_len=max_len, chunk=4096, decode=decode, policies=groups[0].policies,
+                private_len=cfg.max_new_tokens) as eng:
         list(eng.generate(groups[:1], GenConfig(max_new_tokens=4)))  # warm-up (compile, allocator, graph)
         _sync(device)
         _peak_reset(device)

@@ -48,6 +48,8 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
     items = list(g.unique_prompts(tok, needles, hays, tests).items())
     kw = dict(engine_kw)
     kw.setdefault("max_len", max(len(p) for p, _ in items) + g.steps)
+    kw.setdefault("policies", policies)  # pool the prompt layers every policy leaves intact
+    kw.setdefault("private_len", g.steps)
     if "slots" not in kw and "kv_budget_gb" not in kw:
         kw["slots"] = max(4, 2 * len(policies))
     eos = tuple(x for x in [tok.eos_token_id] if x is not None)

@@ -179,7 +179,7 @@ class _Decode:
         e.v[l][ar, :, e.kv_len[l].long()] = v[:, :, 0]
         keep = self.keep[:, l] if self.static or not self.layer_all_on[l] else None
         shared = {}
-        if self.static or e.layer_shared[l]:
+        if l < e.pool_layers and (self.static or e.layer_shared[l]):
             shared = dict(shared_k=e.pk[l], shared_v=e.pv[l], shared_lens=e.pool_len, row_seg=e.row_seg[l],
                           max_group_rows=self.max_group_rows, seg_layout=e.seg_layout.select(l))
         res = masked_decode(q[:, :, 0], e.k[l], e.v[l], e.kv_len[l] + 1, keep, window=window, scale=scaling,
@@ -255,10 +255,16 @@ class Engine:
         tokenizer: needed only for stop strings.
         slots: rows decoded together. Or give `kv_budget_gb` and the engine sizes it.
         max_len: per-row context capacity (prompt + new tokens).
-        private_len: capacity of each row's private KV (default max_len). A row keeps its prompt KV
-            privately only at layers at or above its group's shared depth; when every row leaves the
-            prompt intact (the original policy, scope `generated`: detection, NIAH) the private part
-            holds only the new tokens, so `private_len = max_new_tokens` cuts the cache nearly in half.
+        policies: the policies of the groups this engine will run (a sizing hint; other groups still
+            run when they fit). The prompt layers such a group shares (below its shared depth) get a
+            pool, stored once per group; the layers above get no pool and full-length private KV; and
+            the pool has one segment per `len(policies)` slots. For a RetMask pair whose heads start
+            at layer 2 of 32, the cache per row is then about half of what it is without the hint.
+            Default: every layer has a pool, one segment per slot.
+        private_len: private KV capacity at the layers that have a pool (default max_len). A row
+            keeps only its new tokens there when its group shares the layer, so `private_len =
+            max_new_tokens` saves the most. Detection and NIAH are the extreme case: every row leaves
+            the prompt intact (the original policy, scope `generated`), so every layer is shared.
         chunk: prefill chunk length (tokens).
         sharing: store identical prompt KV once per group (off: every row has its own, for checks).
         on_too_long: "error" (default) or "skip" for a prompt that cannot fit `max_len`.
@@ -271,7 +277,7 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, slots: int | None = None, kv_budget_gb: float | None = None,
                  max_len: int = 4096, chunk: int = 1024, sharing: bool = True, on_too_long: str = "error",
-                 private_len: int | None = None, decode: str = "auto"):
+                 private_len: int | None = None, decode: str = "auto", policies: Sequence[Policy] | None = None):
         hf.attach(model)
         self.model, self.tokenizer = model, tokenizer
         self.d = hf.dims(model)
@@ -293,6 +299,13 @@ class Engine:
         self._busy = False
         if not 1 <= self.private_len <= max_len:
             raise ValueError(f"private_len={private_len}: must lie in [1, max_len={max_len}]")
+        L = self.d.n_layers
+        if policies is not None and not policies:
+            raise ValueError("policies: give at least one (the rows of a typical group), or None")
+        # layers with a pool (shareable prompt KV) and the private capacity of each layer
+        self.pool_layers = (min(p.prompt_depth(L) for p in policies) if policies else L) if sharing else 0
+        self.private_cap = [self.private_len if l < self.pool_layers else max_len for l in range(L)]
+        self.group_rows = len(policies) if policies else 1
         per_slot = self.bytes_per_slot()
         if slots is None:
             if kv_budget_gb is None:
@@ -302,6 +315,7 @@ class Engine:
                 raise ValueError(f"kv_budget_gb={kv_budget_gb}: one row needs {per_slot / 1e9:.3f} GB at "
                                  f"max_len={max_len}; raise the budget or lower max_len")
         self.slots = slots
+        self.n_segments = max(1, slots // self.group_rows)
         self.skipped = 0
         self._ctx = None
         self._hooks = [layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
@@ -309,25 +323,26 @@ class Engine:
         self._alloc()
 
     def bytes_per_slot(self) -> int:
-        """Private K/V of one row plus (at worst) one pool segment, all layers."""
+        """K/V bytes per row: its private cache at every layer plus its share of a pool segment."""
         d = self.d
         elt = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
-        return 2 * d.n_layers * d.n_kv_heads * (self.max_len + self.private_len) * d.head_dim * elt
+        tokens = sum(self.private_cap) + self.pool_layers * self.max_len / self.group_rows
+        return int(2 * d.n_kv_heads * d.head_dim * elt * tokens)
 
     # ---- storage -------------------------------------------------------------------------
     def _alloc(self):
-        d, s, dev = self.d, self.slots, self.device
-        kv = (s, d.n_kv_heads, self.max_len, d.head_dim)
-        priv = (s, d.n_kv_heads, self.private_len, d.head_dim)
-        self.k = [torch.zeros(priv, dtype=self.dtype, device=dev) for _ in range(d.n_layers)]
-        self.v = [torch.zeros(priv, dtype=self.dtype, device=dev) for _ in range(d.n_layers)]
-        self.pk = [torch.zeros(kv, dtype=self.dtype, device=dev) for _ in range(d.n_layers)]
-        self.pv = [torch.zeros(kv, dtype=self.dtype, device=dev) for _ in range(d.n_layers)]
-        self.pool_len = torch.zeros(s, dtype=torch.int32, device=dev)
+        d, s, g, dev = self.d, self.slots, self.n_segments, self.device
+        kv = lambda n, length: torch.zeros(n, d.n_kv_heads, length, d.head_dim, dtype=self.dtype, device=dev)  # noqa: E731
+        self.k = [kv(s, self.private_cap[l]) for l in range(d.n_layers)]
+        self.v = [kv(s, self.private_cap[l]) for l in range(d.n_layers)]
+        pool = [self.max_len if l < self.pool_layers else 0 for l in range(d.n_layers)]  # no pool: 0 keys
+        self.pk = [kv(g, pool[l]) for l in range(d.n_layers)]
+        self.pv = [kv(g, pool[l]) for l in range(d.n_layers)]
+        self.pool_len = torch.zeros(g, dtype=torch.int32, device=dev)
         self.kv_len = torch.zeros(d.n_layers, s, dtype=torch.int32, device=dev)  # private keys per layer, row
         self.row_seg = torch.full((d.n_layers, s), -1, dtype=torch.int32, device=dev)
         # rows grouped by segment per layer, kept in step with row_seg (fixed buffers: a CUDA graph reads them)
-        self.seg_layout = SegmentLayout(*(torch.zeros(d.n_layers, s, dtype=torch.int32, device=dev) for _ in range(3)))
+        self.seg_layout = SegmentLayout(*(torch.zeros(d.n_layers, n, dtype=torch.int32, device=dev) for n in (s, g, g)))
         self._sync_segments()
         self._slot_ids = torch.arange(s, device=dev)
 
@@ -397,11 +412,12 @@ class Engine:
         self._group_max = next_pow2(max((len(g.policies) for g in groups), default=1))
         queue = deque(groups)
         d, S = self.d, self.slots
-        st = _Slots(S, d.n_layers, d.n_heads)
+        st = _Slots(S, d.n_layers, d.n_heads, self.n_segments)
         results: dict[int, list] = {}
         while queue or st.active_count:
             admitted = []
-            while queue and len(queue[0].policies) <= st.free_count():
+            # a group needs its rows' slots and one pool segment (taken when it is prefilled)
+            while queue and len(queue[0].policies) <= st.free_count() and len(st.free_segs) > len(admitted):
                 g = queue.popleft()
                 if self._too_long(g, cfg):
                     self.skipped += 1
@@ -442,21 +458,22 @@ class Engine:
             if self.on_too_long == "error" and self._too_long(g, cfg):
                 raise ValueError(f"group {i} (key {g.key!r}): prompt of {len(g.prompt)} tokens + max_new_tokens="
                                  f"{cfg.max_new_tokens} does not fit max_len={self.max_len} (private_len="
-                                 f"{self.private_len}); raise them or "
-                                 "use on_too_long='skip'")
+                                 f"{self.private_len} at the {self.pool_layers} layers with a pool; this group "
+                                 f"shares {self._shared_depth(g)}); raise them, give policies= matching the "
+                                 "groups, or use on_too_long='skip'")
         if cfg.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: Engine(model, tokenizer, ...)")
 
     def _shared_depth(self, g: Group) -> int:
-        """Layers whose prompt KV is stored once for the whole group (the sharing rule)."""
-        return min(p.prompt_depth(self.d.n_layers) for p in g.policies) if self.sharing else 0
+        """Layers whose prompt KV is stored once for the whole group: the sharing rule, within the pool."""
+        return min(min(p.prompt_depth(self.d.n_layers) for p in g.policies), self.pool_layers)
 
     def _too_long(self, g, cfg) -> bool:
         plen = len(g.prompt) - 1
         if plen + cfg.max_new_tokens > self.max_len:
             return True
-        private = cfg.max_new_tokens + (plen if self._shared_depth(g) < self.d.n_layers else 0)
-        return private > self.private_len
+        lsh = self._shared_depth(g)  # below it a row keeps only its new tokens privately
+        return any(cfg.max_new_tokens + (plen if l >= lsh else 0) > cap for l, cap in enumerate(self.private_cap))
 
     def _prefill(self, admitted, st: "_Slots", cfg: GenConfig):
         by_depth: dict[int, list] = {}
@@ -533,7 +550,7 @@ class Engine:
 
     def _sync_segments(self):
         """Recompute the per-layer segment layout after row_seg changed (rows joined or left)."""
-        for buf, val in zip(self.seg_layout, segment_layout(self.row_seg, self.slots)):
+        for buf, val in zip(self.seg_layout, segment_layout(self.row_seg, self.n_segments)):
             buf.copy_(val)
 
     def _refresh_layout(self, st: "_Slots"):
@@ -614,7 +631,7 @@ class Engine:
 class _Slots:
     """Host-side state of the decode slots."""
 
-    def __init__(self, n: int, n_layers: int, n_heads: int):
+    def __init__(self, n: int, n_layers: int, n_heads: int, n_segments: int):
         self.n = n
         self.active = [False] * n
         self.group = [None] * n
@@ -630,7 +647,7 @@ class _Slots:
         self.logits = [[] for _ in range(n)]
         self.keep_prompt = torch.ones(n, n_layers, n_heads, dtype=torch.bool)  # at the last prompt token
         self.keep_gen = torch.ones(n, n_layers, n_heads, dtype=torch.bool)  # at generated tokens
-        self.free_segs = list(range(n))
+        self.free_segs = list(range(n_segments))
         self.groups, self.group_seg = {}, {}
         self._free = list(range(n))
 

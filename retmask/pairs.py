@@ -99,9 +99,12 @@ class PairJob:
         return summary
 
     # ---- generation ------------------------------------------------------------------------
-    def _engine(self, model, prompts, **over):
+    def _engine(self, model, prompts, policies, **over):
         kw = dict(self.engine_kw)
         kw.setdefault("max_len", max(len(p) for p in prompts) + self.cfg.max_new_tokens)
+        # size the cache for this job's groups: a pool only for the prompt layers a pair shares
+        kw.setdefault("policies", policies)
+        kw.setdefault("private_len", self.cfg.max_new_tokens)
         if "slots" not in kw and "kv_budget_gb" not in kw:
             kw["slots"] = 8
         kw.update(over)
@@ -126,7 +129,7 @@ class PairJob:
             n[0] += k
             bar.set_postfix_str(f"{n[0] / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
 
-        with self._engine(model, list(prompts.values())) as eng:
+        with self._engine(model, list(prompts.values()), policies) as eng:
             for res in eng.generate(groups, gen, progress=on_step):
                 bar.update(1)
                 yield res.key, len(prompts[res.key]), res.rows

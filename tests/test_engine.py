@@ -341,3 +341,32 @@ def test_cuda_sampling_matches_cpu_and_stays_on_the_device():
     cpu = next_tokens(logits, cfg, seeds, steps)
     gpu = next_tokens(logits.cuda(), cfg, seeds, steps)
     assert gpu.device.type == "cuda" and (gpu.cpu() == cpu).float().mean() >= 0.98  # exact but for float near-ties
+
+
+def test_policies_hint_sizes_the_cache_and_keeps_tokens_exact(family):
+    """With policies=[original, ablated] the engine pools only the prompt layers the pair shares (below
+    layer 1 here), keeps full private KV above and new tokens only below: same tokens as `generate`,
+    fewer bytes per row; a group that would share less than the pool allows and does not fit is refused."""
+    _, m, ref, zeroed = family
+    pair = [ORIGINAL, Policy(HEADS)]
+    ps = prompts()
+    with Engine(m, slots=4, max_len=48, chunk=7, policies=pair, private_len=NEW) as eng:
+        assert eng.pool_layers == HEADS.lowest_layer == 1 and eng.n_segments == 2
+        assert [t.shape[2] for t in eng.pk] == [48, 0, 0, 0] and [t.shape[2] for t in eng.k] == [NEW, 48, 48, 48]
+        res = {r.key: r for r in eng.generate([Group(p, pair, key=i) for i, p in enumerate(ps)] +
+                                              [Group(ps[0], [ORIGINAL], key="alone")], GenConfig(max_new_tokens=NEW))}
+        # single-row groups: the 2 pool segments, not the 4 slots, bound how many run at once
+        singles = {r.key: r for r in eng.generate([Group(p, [ORIGINAL], key=i) for i, p in enumerate(ps)],
+                                                  GenConfig(max_new_tokens=NEW))}
+        assert all(singles[i].rows[0].tokens == hf_greedy(ref, p) for i, p in enumerate(ps))
+        with pytest.raises(ValueError, match=r"private_len=9 at the 1 layers with a pool; this group shares 0"):
+            list(eng.generate([Group(ps[0], [Policy(HeadSet.from_list("0-1"))])], GenConfig(max_new_tokens=NEW)))
+        hinted = eng.bytes_per_slot()
+    for i, p in enumerate(ps):
+        assert res[i].rows[0].tokens == hf_greedy(ref, p) and res[i].rows[1].tokens == hf_greedy(zeroed, p)
+    assert res["alone"].rows[0].tokens == hf_greedy(ref, ps[0])
+    with Engine(m, slots=4, max_len=48) as plain:
+        assert hinted < 0.6 * plain.bytes_per_slot()  # (9 + 3*48 + 48/2) vs 4*(48 + 48) token-layers
+    budget = 20 * plain.bytes_per_slot() / 1e9
+    with Engine(m, kv_budget_gb=budget, max_len=48, policies=pair, private_len=NEW) as sized:
+        assert sized.slots > 1.6 * 20
