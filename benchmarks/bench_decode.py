@@ -94,8 +94,7 @@ def providers(names, keep, hq, hkv):
     return out
 
 
-def sweep_lengths(args, device, dtype, hq, hkv, d, st, copy_gbs):
-    rows = []
+def sweep_lengths(args, device, dtype, hq, hkv, d, st, copy_gbs, rows):
     elt = torch.finfo(dtype).bits // 8
     for length in (int(x) for x in args.lengths.split(",")):
         b = max(1, args.tokens // length)
@@ -129,9 +128,8 @@ def sweep_lengths(args, device, dtype, hq, hkv, d, st, copy_gbs):
     return rows
 
 
-def sweep_shared(args, device, dtype, hq, hkv, d, st, copy_gbs):
+def sweep_shared(args, device, dtype, hq, hkv, d, st, copy_gbs, rows):
     """Groups of R rows on one shared segment of `length` keys (+ `private` keys each)."""
-    rows = []
     elt = torch.finfo(dtype).bits // 8
     priv = args.private
     for length in (int(x) for x in args.shared_lengths.split(",")):
@@ -197,11 +195,9 @@ def main(argv=None) -> int:
     st = benchlib.stamp()
     copy_gbs = benchlib.copy_bandwidth_gbs(device)
     print(f"measured copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
-    rows = sweep_lengths(args, device, dtype, hq, hkv, args.dim, st, copy_gbs)
-    rows += sweep_shared(args, device, dtype, hq, hkv, args.dim, st, copy_gbs)
-    for r in rows:
-        r["copy_gbs"] = f"{copy_gbs:.0f}"
-    benchlib.append_rows(args.out, rows)
+    rows = benchlib.RowLog(args.out, {"copy_gbs": f"{copy_gbs:.0f}"})  # each row is saved as it is measured
+    sweep_lengths(args, device, dtype, hq, hkv, args.dim, st, copy_gbs, rows)
+    sweep_shared(args, device, dtype, hq, hkv, args.dim, st, copy_gbs, rows)
     benchlib.plot([r for r in rows if r["sweep"] == "length"], "length", "gbs", "provider", args.out.with_suffix(".png"),
                   f"Decode, {hq}/{hkv} heads, D {args.dim}, {args.dtype} on {st['device']}", facet="off",
                   ylabel="GB/s of K/V read", hline=copy_gbs, hline_label="copy bandwidth")

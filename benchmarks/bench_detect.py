@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     st = benchlib.stamp()
     tflops = matmul_tflops(device, dtype, 256 if args.tiny else 8192)
     g = torch.Generator().manual_seed(0)
-    rows = []
+    rows = benchlib.RowLog(args.out)  # each row is saved as it is measured
     for L in (int(x) for x in args.lengths.split(",")):
         prompt = torch.randint(10, c.vocab_size, (L,), generator=g).tolist()
         span = (L // 2, L // 2 + 12)
@@ -126,7 +126,6 @@ def main(argv=None) -> int:
                              floor_s=f"{floor:.3g}", vs_floor=f"{r[0] / floor:.2f}",
                              speedup=f"{base[0] / sec:.1f}" if (name == "retmask" and base) else "",
                              matmul_tflops=f"{tflops:.0f}"))
-    benchlib.append_rows(args.out, rows)
     print(f"\nwrote {len(rows)} rows to {args.out}\n")
     print(benchlib.table(rows, ["provider", "length", "seconds", "peak_gb", "floor_s", "vs_floor", "speedup"]))
     return 0

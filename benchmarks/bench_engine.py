@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     w_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_tok = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * torch.finfo(dtype).bits // 8
     g = torch.Generator().manual_seed(0)
-    rows = []
+    rows = benchlib.RowLog(args.out)  # each row is saved as it is measured
     for n in (int(x) for x in args.pairs.split(",")):
         prompts = torch.randint(10, c.vocab_size, (n, args.prompt), generator=g).tolist()
         groups = [Group(p, [ORIGINAL, Policy(hs)], key=i) for i, p in enumerate(prompts)]
@@ -165,7 +165,6 @@ def main(argv=None) -> int:
                          prompt=args.long_prompt, new=args.long_new, scope=scope, seconds=f"{sec:.3f}",
                          tok_per_s=f"{toks / sec:.1f}", step_ms=f"{1e3 * sec / max(1, steps):.2f}", floor_ms="",
                          floor_frac="", speedup="", peak_gb=f"{peak:.2f}", copy_gbs=f"{copy_gbs:.0f}"))
-    benchlib.append_rows(args.out, rows)
     print(f"\nwrote {len(rows)} rows to {args.out}\n")
     print(benchlib.table(rows, ["sweep", "provider", "decode", "pairs", "prompt", "new", "seconds", "tok_per_s",
                                 "step_ms", "floor_ms", "floor_frac", "speedup", "peak_gb"]))

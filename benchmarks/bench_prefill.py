@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     hq, hkv = (int(x) for x in args.heads.split(","))
     d = args.dim
     st = benchlib.stamp()
-    rows = []
+    rows = benchlib.RowLog(args.out)  # each row is saved as it is measured
     for length in (int(x) for x in args.lengths.split(",")):
         b = max(1, args.tokens // length)
         g = torch.Generator(device=device).manual_seed(length)
@@ -146,7 +146,6 @@ def main(argv=None) -> int:
                                  vs_none_off=f"{ms / base_ms:.3f}" if name == "retmask" and base_ms else "",
                                  max_diff=f"{diff:.2e}"))
                 del got
-    benchlib.append_rows(args.out, rows)
     benchlib.plot(rows, "length", "tflops", "provider", args.out.with_suffix(".png"),
                   f"Causal prefill, {hq}/{hkv} heads, D {d}, {args.dtype} on {st['device']}", facet="off",
                   ylabel="TFLOP/s (useful)")

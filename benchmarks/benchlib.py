@@ -104,6 +104,28 @@ def table(rows: list[dict], cols: list[str]) -> str:
                     disable_numparse=True)
 
 
+class RowLog(list):
+    """Result rows that reach the CSV as they are made (`append_rows` per row), so a run cut short
+    by a time limit keeps every finished measurement. `extra` columns go at the end of each row."""
+
+    def __init__(self, path: Path, extra: dict | None = None):
+        super().__init__()
+        self.path, self.extra = Path(path), dict(extra or {})
+
+    def append(self, row: dict) -> None:
+        row = {**row, **self.extra}
+        append_rows(self.path, [row])
+        super().append(row)
+
+    def extend(self, rows) -> None:
+        for r in rows:
+            self.append(r)
+
+    def __iadd__(self, rows):
+        self.extend(rows)
+        return self
+
+
 def plot(rows: list[dict], x: str, y: str, series: str, path: Path, title: str, facet: str | None = None,
          ylabel: str | None = None, hline: float | None = None, hline_label: str = "") -> Path | None:
     """One line per series, y against x (log2 x axis); one panel per facet value. Needs matplotlib."""

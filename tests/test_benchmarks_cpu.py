@@ -92,3 +92,20 @@ def test_detect_benchmark_tiny(model_benches):
     _, _, rows = model_benches
     assert {r["provider"] for r in rows} == {"retmask", "reference-style"}
     assert all(float(r["seconds"]) > 0 and float(r["floor_s"]) > 0 for r in rows)
+
+
+def test_rows_reach_the_csv_as_they_are_made(tmp_path):
+    """A benchmark cut short by its time limit keeps every row it finished."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import benchlib
+    finally:
+        sys.path.pop(0)
+    rows = benchlib.RowLog(tmp_path / "r.csv", {"copy_gbs": "100"})
+    rows.append({"run": "1", "length": "4096", "ms": "0.5"})
+    assert list(csv.DictReader(open(tmp_path / "r.csv"))) == [{"run": "1", "length": "4096", "ms": "0.5",
+                                                               "copy_gbs": "100"}]
+    rows += [{"run": "1", "length": "8192", "ms": "0.9"}]
+    assert [r["length"] for r in csv.DictReader(open(tmp_path / "r.csv"))] == ["4096", "8192"] and len(rows) == 2
+    with pytest.raises(ValueError, match="columns"):
+        rows.append({"run": "1", "other": "x"})
