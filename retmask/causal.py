@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from . import niah, scoring
-from .engine import ORIGINAL, Engine, GenConfig, Group, Policy
+from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, default_size
 from .heads import HeadSet
 
 GridConfig = niah.GridConfig
@@ -51,7 +51,7 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
     kw.setdefault("policies", policies)  # pool the prompt layers every policy leaves intact
     kw.setdefault("private_len", g.steps)
     if "slots" not in kw and "kv_budget_gb" not in kw:
-        kw["slots"] = max(4, 2 * len(policies))
+        kw.update(default_size(model, len(items) * len(policies), max(4, 2 * len(policies))))
     eos = tuple(x for x in [tok.eos_token_id] if x is not None)
     cfg = GenConfig(max_new_tokens=g.steps, eos_ids=eos)
     groups = [Group(list(p), policies, key=i) for i, (p, _) in enumerate(items)]

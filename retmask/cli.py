@@ -116,7 +116,8 @@ def _model_args(p):
     p.add_argument("--model", default="toy", help="'toy' (shipped), a local folder or a hub name")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="default: cuda when available (the local rank's under torchrun), else cpu")
-    p.add_argument("--slots", type=int, help="rows decoded together (default: 4, or from --kv-budget-gb)")
+    p.add_argument("--slots", type=int, help="rows decoded together (default: from --kv-budget-gb; without it, "
+                   "70 %% of the GPU memory free after loading, capped at the job's rows; a few on CPU)")
     p.add_argument("--kv-budget-gb", type=float, help="KV-cache memory the engine may use")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens)")
     p.add_argument("--decode", choices=["auto", "eager", "static", "graph"], default="auto",

@@ -25,7 +25,7 @@ import torch
 
 from . import niah, scoring
 from .runs import append_record, barrier, dist, drop_torn_tail, prepare_out, read_jsonl
-from .engine import ORIGINAL, Engine, GenConfig, Group
+from .engine import ORIGINAL, Engine, GenConfig, Group, default_size
 from .heads import head_name, score_stats
 
 PRESETS = niah.GRID_PRESETS
@@ -70,7 +70,7 @@ class Detector:
         kw.setdefault("max_len", longest + cfg.steps)
         kw.setdefault("private_len", cfg.steps)  # original rows only: the prompt KV lives in the shared pool
         if "slots" not in kw and "kv_budget_gb" not in kw:
-            kw["slots"] = 4
+            kw.update(default_size(self.model, len(groups), 4))
         gen = GenConfig(max_new_tokens=cfg.steps, eos_ids=(), return_argmax=True)
         answers = [tok(n.real_needle, add_special_tokens=False)["input_ids"] for n in self.needles]
         n_tests = sum(len(ts) for _, ts in groups)

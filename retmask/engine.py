@@ -247,13 +247,25 @@ class _StaticStep:
         return self.logits
 
 
+def default_size(model, rows: int, cpu_slots: int, fraction: float = 0.7) -> dict:
+    """Engine sizing when the user gave neither `slots` nor `kv_budget_gb`. On CUDA: a KV budget of
+    `fraction` of the memory free after loading the model, capped at the `rows` the job has (a 128K
+    detection gets the slots that fit, a short one no more than it needs). Elsewhere: `cpu_slots`."""
+    p = next(model.parameters())
+    if p.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(p.device)
+        return {"kv_budget_gb": fraction * free / 1e9, "max_slots": max(1, rows)}
+    return {"slots": max(1, min(cpu_slots, rows))}
+
+
 class Engine:
     """Batched multi-policy generation over one Hugging Face causal LM (Llama, Qwen3, OLMo-3).
 
     Args:
         model: a loaded causal LM; it is switched to retmask attention (`hf.attach`).
         tokenizer: needed only for stop strings.
-        slots: rows decoded together. Or give `kv_budget_gb` and the engine sizes it.
+        slots: rows decoded together. Or give `kv_budget_gb` and the engine sizes it (at most
+            `max_slots`, when given). `default_size` picks one of them for a job.
         max_len: per-row context capacity (prompt + new tokens).
         policies: the policies of the groups this engine will run (a sizing hint; other groups still
             run when they fit). The prompt layers such a group shares (below its shared depth) get a
@@ -277,7 +289,8 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, slots: int | None = None, kv_budget_gb: float | None = None,
                  max_len: int = 4096, chunk: int = 1024, sharing: bool = True, on_too_long: str = "error",
-                 private_len: int | None = None, decode: str = "auto", policies: Sequence[Policy] | None = None):
+                 private_len: int | None = None, decode: str = "auto", policies: Sequence[Policy] | None = None,
+                 max_slots: int | None = None):
         hf.attach(model)
         self.model, self.tokenizer = model, tokenizer
         self.d = hf.dims(model)
@@ -312,8 +325,10 @@ class Engine:
                 raise ValueError("give slots (rows decoded together) or kv_budget_gb (KV memory to use)")
             slots = int(kv_budget_gb * 1e9 // per_slot)
             if slots < 1:
-                raise ValueError(f"kv_budget_gb={kv_budget_gb}: one row needs {per_slot / 1e9:.3f} GB at "
+                raise ValueError(f"kv_budget_gb={kv_budget_gb:.3g}: one row needs {per_slot / 1e9:.3f} GB at "
                                  f"max_len={max_len}; raise the budget or lower max_len")
+            if max_slots is not None:
+                slots = min(slots, max_slots)
         self.slots = slots
         self.n_segments = max(1, slots // self.group_rows)
         self.skipped = 0

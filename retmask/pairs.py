@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .runs import append_record, barrier, dist, drop_torn_tail, prepare_out, read_jsonl
-from .engine import ORIGINAL, Engine, GenConfig, Group, Policy
+from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, default_size
 from .heads import HeadSet
 from .sampling import Sampling
 
@@ -106,7 +106,7 @@ class PairJob:
         kw.setdefault("policies", policies)
         kw.setdefault("private_len", self.cfg.max_new_tokens)
         if "slots" not in kw and "kv_budget_gb" not in kw:
-            kw["slots"] = 8
+            kw.update(default_size(model, len(prompts) * len(policies), 8))
         kw.update(over)
         return Engine(model, **kw)
 

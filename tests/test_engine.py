@@ -370,3 +370,26 @@ def test_policies_hint_sizes_the_cache_and_keeps_tokens_exact(family):
     budget = 20 * plain.bytes_per_slot() / 1e9
     with Engine(m, kv_budget_gb=budget, max_len=48, policies=pair, private_len=NEW) as sized:
         assert sized.slots > 1.6 * 20
+
+
+def test_default_size_and_max_slots(monkeypatch):
+    """Without slots or a budget: a few slots on CPU (never more than the job's rows); on CUDA a budget
+    of the free memory, capped at the job's rows (memory query faked here)."""
+    from retmask.engine import default_size
+
+    m = tiny("llama")
+    assert default_size(m, rows=100, cpu_slots=4) == {"slots": 4}
+    assert default_size(m, rows=3, cpu_slots=4) == {"slots": 3}
+    with Engine(m, slots=1, max_len=64) as one:
+        per = one.bytes_per_slot()
+    with Engine(m, kv_budget_gb=50 * per / 1e9, max_len=64, max_slots=7) as eng:
+        assert eng.slots == 7
+    with Engine(m, kv_budget_gb=5 * per / 1e9, max_len=64, max_slots=7) as eng:
+        assert eng.slots == 5
+
+    class FakeParam:
+        device = torch.device("cuda", 0)
+
+    monkeypatch.setattr(m, "parameters", lambda: iter([FakeParam()]))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 10**9, 80 * 10**9))
+    assert default_size(m, rows=12, cpu_slots=4) == {"kv_budget_gb": 7.0, "max_slots": 12}
