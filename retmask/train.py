@@ -111,11 +111,10 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
     trainer = DPOTrainer(model=model_path, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
                          peft_config=peft_config)
     if quiet:  # one progress bar, no per-step log dicts on stdout (they stay in train.json)
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
         class _BarOnly(ProgressCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                pass
+            on_log = TrainerCallback.on_log  # the bar, without writing each step's log dict under it
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
