@@ -8,7 +8,6 @@ imports only torch and triton, and never touches CUDA at import.
 
 from __future__ import annotations
 
-from ._checks import check_decode
 from .backend import BACKEND_ENV, resolve_backend
 from .reference import masked_attention_reference, masked_decode_reference
 from .segments import SegmentLayout, segment_layout
@@ -84,12 +83,9 @@ def masked_decode(
     """
     fn = _pick("masked_decode", q)
     kw = dict(window=window, scale=scale, return_argmax=return_argmax, shared_k=shared_k, shared_v=shared_v,
-              shared_lens=shared_lens, row_seg=row_seg, check_values=check_values)
+              shared_lens=shared_lens, row_seg=row_seg, seg_layout=seg_layout, check_values=check_values)
     if fn is not masked_decode_reference:
-        kw.update(max_group_rows=max_group_rows, seg_layout=seg_layout)
-    elif seg_layout is not None:  # the reference reads row_seg directly; check what it was given all the same
-        check_decode(q, k_cache, v_cache, kv_lens, keep, window, scale, shared_k, shared_v, shared_lens, row_seg,
-                     False, seg_layout)
+        kw["max_group_rows"] = max_group_rows
     return fn(q, k_cache, v_cache, kv_lens, keep, **kw)
 
 

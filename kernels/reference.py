@@ -64,12 +64,14 @@ def masked_decode_reference(
     shared_v=None,
     shared_lens=None,
     row_seg=None,
+    seg_layout=None,
     check_values=True,
 ):
-    """One query per row over [shared segment] + private cache; see `retmask.kernels.masked_decode`."""
+    """One query per row over [shared segment] + private cache; see `retmask.kernels.masked_decode`.
+    `seg_layout` is checked like the kernel's, then unused: the reference reads row_seg directly."""
     a = check_decode(
         q, k_cache, v_cache, kv_lens, keep, window, scale, shared_k, shared_v, shared_lens, row_seg,
-        check_values,
+        check_values, seg_layout,
     )
     g = a.hq // a.hkv
     out = torch.zeros(a.b, a.hq, a.d, dtype=q.dtype, device=q.device)  # (B, Hq, D)

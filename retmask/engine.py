@@ -586,9 +586,9 @@ class Engine:
     @torch.no_grad()
     def _step(self, st: "_Slots", cfg: GenConfig):
         dev = self.device
-        active = torch.tensor(st.active, device=dev)
+        active = torch.tensor(st.active)
         keep = torch.where(torch.tensor(st.in_prompt)[:, None, None], st.keep_prompt, st.keep_gen)
-        keep &= torch.tensor(st.active)[:, None, None]  # idle slots: every head off, nothing read
+        keep &= active[:, None, None]  # idle slots: every head off, nothing read
         ids = torch.tensor(st.next_in)[:, None]
         pos = torch.tensor(st.pos)[:, None]
         if self.decode == "eager":
@@ -600,7 +600,7 @@ class Engine:
             step = self._static_step(cfg.return_argmax)
             logits = step.run(ids, pos, keep)
             ctx = step.ctx
-        self.kv_len += active.to(torch.int32)[None, :]
+        self.kv_len += active.to(dev, torch.int32)[None, :]
         seeds = torch.tensor(st.seed, dtype=torch.int64)
         steps = torch.tensor(st.n_gen, dtype=torch.int64)
         tok = next_tokens(logits, cfg.sampling, seeds, steps).tolist()

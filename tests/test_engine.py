@@ -29,7 +29,7 @@ def prompts(seed=1, lens=(20, 5, 13, 1, 30, 2)):
 
 
 def hf_greedy(model, p, n=NEW):
-    return model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+    return model.generate(torch.tensor([p], device=model.device), max_new_tokens=n, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, len(p):].tolist()
 
 
@@ -302,9 +302,7 @@ def test_cuda_engine_greedy_equals_generate(name):
         assert eng.decode == "graph" and eng.graph_errors == []
     for i, p in enumerate(ps):
         for row, model in zip(res[i].rows, (ref, zeroed)):
-            want = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=NEW, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
-            assert row.tokens == want, f"prompt {i}, {row.policy}"
+            assert row.tokens == hf_greedy(model, p), f"prompt {i}, {row.policy}"
 
 
 def test_failed_graph_capture_warns_and_falls_back(monkeypatch):
