@@ -101,7 +101,7 @@ def _decode_variants():
         for argmax, shared, keep in itertools.product((True, False), (True, False), (True, False)):
             if dt != "bf16" and not (argmax and shared and keep):
                 continue
-            part = dict(PM="*fp32", PL="*fp32", PACC="*fp32", PBEST="*fp32" if argmax else "*fp32",
+            part = dict(PM="*fp32", PL="*fp32", PACC="*fp32", PBEST="*fp32",
                         PPOS="*i32" if argmax else "*fp32")
             keep_p = "*u8" if keep else io
             flags = dict(HAS_KEEP=keep, HAS_WINDOW=not keep, ARGMAX=argmax, BLOCK_D=d, EVEN_D=True)

@@ -358,7 +358,7 @@ class Engine:
         self.row_seg = torch.full((d.n_layers, s), -1, dtype=torch.int32, device=dev)
         # rows grouped by segment per layer, kept in step with row_seg (fixed buffers: a CUDA graph reads them)
         self.seg_layout = SegmentLayout(*(torch.zeros(d.n_layers, n, dtype=torch.int32, device=dev) for n in (s, g, g)))
-        self._sync_segments()
+        self._refresh_layout()
         self._slot_ids = torch.arange(s, device=dev)
 
     def _make_hook(self, layer: int):
@@ -419,7 +419,7 @@ class Engine:
             self._busy = False
             self.kv_len.zero_()
             self.row_seg.fill_(-1)
-            self._sync_segments()
+            self._refresh_layout()
 
     def _run(self, groups: list[Group], cfg: GenConfig, progress) -> Iterator[GroupResult]:
         # rows of one group in the decode kernel's shared-segment tile: fixed per call so the static step
@@ -552,7 +552,7 @@ class Engine:
                                                     dtype=torch.int32)
                 self.row_seg[:, slot] = torch.tensor([segs[gi] if l < lsh and n > 0 else -1
                                                       for l in range(d.n_layers)], dtype=torch.int32)
-        self._refresh_layout(st)
+        self._refresh_layout()
 
     def _keep_row(self, p: Policy, prompt: bool) -> torch.Tensor:
         """(L, Hq) keep bitmap of a policy at a prompt position or a generated one."""
@@ -563,25 +563,17 @@ class Engine:
                 keep[layer, h] = False
         return keep
 
-    def _sync_segments(self):
-        """Recompute the per-layer segment layout after row_seg changed (rows joined or left)."""
+    def _refresh_layout(self):
+        """After row_seg changed (rows joined or left): the per-layer segment layout, in its fixed
+        buffers, and which layers have a row on a segment (eager steps skip the pool elsewhere)."""
         for buf, val in zip(self.seg_layout, segment_layout(self.row_seg, self.n_segments)):
             buf.copy_(val)
-
-    def _refresh_layout(self, st: "_Slots"):
-        self._sync_segments()
         self.layer_shared = (self.row_seg >= 0).any(1).tolist()
-        counts = {}
-        for slot in range(self.slots):
-            if st.active[slot]:
-                counts[st.group[slot]] = counts.get(st.group[slot], 0) + 1
-        self.max_group_rows = max(counts.values(), default=1)
 
     def _free_group(self, st: "_Slots", gid: int):
         seg = st.group_seg.pop(gid)
         st.free_segs.append(seg)
         st.groups.pop(gid)
-        self._refresh_layout(st)
 
     @torch.no_grad()
     def _step(self, st: "_Slots", cfg: GenConfig):
@@ -592,7 +584,7 @@ class Engine:
         ids = torch.tensor(st.next_in)[:, None]
         pos = torch.tensor(st.pos)[:, None]
         if self.decode == "eager":
-            ctx = _Decode(self, keep.to(dev), keep.all(-1).all(0).tolist(), cfg.return_argmax, self.max_group_rows)
+            ctx = _Decode(self, keep.to(dev), keep.all(-1).all(0).tolist(), cfg.return_argmax, self._group_max)
             with hf.active(ctx):
                 logits = self.model(input_ids=ids.to(dev), position_ids=pos.to(dev),
                                     use_cache=False).logits[:, -1]  # (S, V)
@@ -635,7 +627,7 @@ class Engine:
             self.kv_len[:, slot] = 0
             self.row_seg[:, slot] = -1
         if done:
-            self._sync_segments()
+            self._refresh_layout()
         return done
 
     def _hit_stop(self, tokens: list[int], stops: tuple[str, ...]) -> bool:
