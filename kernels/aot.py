@@ -4,8 +4,15 @@ The interpreter that runs the kernels on CPU never lowers them to PTX, so an err
 compiler (a type or layout the backend rejects, a Triton version's API change) would first show on
 a GPU. `compile_all(arch)` lowers every kernel with the arguments and constexprs its launcher uses
 (bf16 with head dim 128 and every feature on and off, fp16 / 64 and fp32 / 32 with all on, every
-autotune config of the prefill kernel) through Triton's own compiler and the bundled `ptxas`, and returns one record per variant (a
-variant whose shared memory exceeds the architecture's limit fails too: its launch would).
+autotune config of the prefill kernel) through Triton's own compiler and the bundled `ptxas`, and
+returns one record per variant. A variant whose shared memory exceeds the architecture's limit
+fails, as its launch would; an autotune config over it is only `pruned` (the autotuner skips it),
+unless no config of its variant fits.
+
+The pointers and strides are compiled as 16-aligned, the specialization Triton's launcher gives
+the contiguous tensors the kernels get, so the lowering is the one a GPU runs: each record counts
+the asynchronous (software-pipelined) loads of its main loops, and shared memory includes the
+pipeline's buffers. A kernel whose key loop loses its pipelining shows `async loads 0`.
 
     TRITON_INTERPRET=0 python -m retmask.kernels.aot        # sm_90 (H100/H200) and sm_80 (A100)
 """
@@ -13,6 +20,7 @@ variant whose shared memory exceeds the architecture's limit fails too: its laun
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +44,12 @@ class Compiled:
     seconds: float
     error: str = ""
     shared_bytes: int = 0  # shared memory per program
+    async_loads: int = 0  # asynchronous global->shared copies (cp.async / TMA) in the lowered kernel
+    pruned: bool = False  # an autotune config over the shared-memory limit: skipped by the autotuner, not a failure
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.ok else ("prune" if self.pruned else "FAIL")
 
 
 # largest dynamic shared memory per block (bytes): H100/H200 and A100
@@ -57,21 +71,34 @@ def _signature(fn, pointers: dict[str, str], constexprs: dict, floats=("qk_scale
     return sig
 
 
-def _compile(fn, pointers, constexprs, arch, num_warps, num_stages, label) -> Compiled:
+def _aligned(fn, pointers) -> dict:
+    """Triton's launcher specialization for 16-byte-aligned pointers and strides divisible by 16."""
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if name in pointers or name.startswith("stride_")}
+
+
+_ASYNC = re.compile(r"async_copy_global_to_local|async_tma_copy_global_to_local|descriptor_load")
+
+
+def _compile(fn, pointers, constexprs, arch, num_warps, num_stages, label, tuned=False) -> Compiled:
     if not isinstance(fn, JITFunction):
         raise RuntimeError(f"{getattr(fn, '__name__', fn)} is not a compiled Triton function (TRITON_INTERPRET=1 "
                            "was set when triton was imported); run the check with TRITON_INTERPRET=0")
     t = time.perf_counter()
     try:
-        src = ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs), constexprs=constexprs)
+        src = ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs), constexprs=constexprs,
+                        attrs=_aligned(fn, pointers))
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps,
                                                                                  num_stages=num_stages))
         shared = int(k.metadata.shared)
+        n_async = len(_ASYNC.findall(k.asm.get("ttgir", "")))
         limit = SHARED_LIMIT.get(arch)
         if limit is not None and shared > limit:  # the launch would fail with "out of resources"
             return Compiled(fn.__name__, label, arch, False, time.perf_counter() - t,
-                            f"needs {shared} bytes of shared memory, sm_{arch} has {limit}", shared)
-        return Compiled(fn.__name__, label, arch, True, time.perf_counter() - t, shared_bytes=shared)
+                            f"needs {shared} bytes of shared memory, sm_{arch} has {limit}", shared, n_async,
+                            pruned=tuned)
+        return Compiled(fn.__name__, label, arch, True, time.perf_counter() - t, shared_bytes=shared,
+                        async_loads=n_async)
     except Exception as e:  # noqa: BLE001  (reported per variant)
         chain = [e]
         while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:  # the innermost error says why
@@ -84,13 +111,13 @@ def _prefill_variants():
     cfgs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in attention._configs()]
     for dt, d in (("bf16", 128), ("fp16", 64), ("fp32", 32)):
         for keep, lens, window in ((True, True, True), (False, False, False)):
+            family = f"{dt} D{d} keep={keep} lens={lens} window={window}"
             for bm, bn, w, s in (cfgs if (dt, keep) == ("bf16", True) else cfgs[:1]):
                 io = _FLOAT[dt]
                 ptr = dict(Q=io, K=io, V=io, O=io, KEEP="*u8" if keep else io, LENS="*i32" if lens else io)
                 ce = dict(HAS_KEEP=keep, HAS_LENS=lens, HAS_WINDOW=window, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d,
                           EVEN_D=True, PREC="ieee" if dt == "fp32" else "tf32")
-                yield (attention._attn_fwd, ptr, ce, w, s,
-                       f"{dt} D{d} keep={keep} lens={lens} window={window} M{bm} N{bn} w{w} s{s}")
+                yield attention._attn_fwd, ptr, ce, w, s, f"{family} M{bm} N{bn} w{w} s{s}", family
 
 
 def _decode_variants():
@@ -112,23 +139,33 @@ def _decode_variants():
                                COUNTS="*i32", ORDER="*i32", **part)
                     ce = dict(flags, GROUP_MAX=group_max, GQ_P=gqa, M=max(16, group_max * gqa), BLOCK_N=block_n,
                               PREC=prec)
-                    yield decode._shared_split, ptr, ce, warps, 3, f"{label} group_max={group_max}"
+                    yield decode._shared_split, ptr, ce, warps, 3, f"{label} group_max={group_max}", None
             ptr = dict(Q=io, K=io, V=io, LENS="*i32", KEEP=keep_p, SEG="*i32", SHLENS="*i32", **part)
             ce = dict(flags, HAS_SHARED=shared, M=max(16, gqa), BLOCK_N=block_n, PREC=prec)
-            yield decode._private_split, ptr, ce, warps, 3, label
+            yield decode._private_split, ptr, ce, warps, 3, label, None
             ptr = dict(O=io, OPOS="*i64" if argmax else io, OSCORE="*fp32" if argmax else io, LENS="*i32",
                        KEEP=keep_p, SEG="*i32", SHLENS="*i32", **part)
             ce = dict(flags, HAS_SHARED=shared)
-            yield decode._combine, ptr, ce, 1 if d <= 64 else 2, 3, label
+            yield decode._combine, ptr, ce, 1 if d <= 64 else 2, 3, label, None
 
 
 def compile_all(arch: int = 90, progress=None) -> list[Compiled]:
-    """Compile every kernel variant for `arch` (90: Hopper, 80: Ampere); one record per variant."""
+    """Compile every kernel variant for `arch` (90: Hopper, 80: Ampere); one record per variant. An
+    autotune config over the shared-memory limit is pruned; if every config of a variant is, the
+    last one fails (the autotuner would have nothing to launch)."""
     out = []
-    for fn, ptr, ce, w, s, label in itertools.chain(_prefill_variants(), _decode_variants()):
-        out.append(_compile(fn, ptr, ce, arch, w, s, label))
+    families: dict[str, list[Compiled]] = {}
+    for fn, ptr, ce, w, s, label, family in itertools.chain(_prefill_variants(), _decode_variants()):
+        r = _compile(fn, ptr, ce, arch, w, s, label, tuned=family is not None)
+        if family is not None:
+            families.setdefault(family, []).append(r)
+        out.append(r)
         if progress:
-            progress(out[-1])
+            progress(r)
+    for family, rs in families.items():
+        if not any(r.ok for r in rs) and rs[-1].pruned:
+            rs[-1].pruned = False
+            rs[-1].error += f"; no autotune config of {family} fits"
     return out
 
 
@@ -138,10 +175,10 @@ def main(argv=None) -> int:
     failed = 0
     for arch in archs:
         for r in compile_all(arch):
-            failed += not r.ok
-            print(f"{'ok  ' if r.ok else 'FAIL'} sm_{r.arch} {r.kernel:15s} {r.variant} "
-                  f"({r.shared_bytes // 1024} KiB shared, {r.seconds:.1f} s)"
-                  + (f"\n     {r.error[:2000]}" if r.error else ""))
+            failed += r.status == "FAIL"
+            print(f"{r.status:4s} sm_{r.arch} {r.kernel:15s} {r.variant} "
+                  f"({r.shared_bytes // 1024} KiB shared, async loads {r.async_loads}, {r.seconds:.1f} s)"
+                  + (f"\n      {r.error[:2000]}" if r.error else ""))
     print(f"{failed} failed")
     return 1 if failed else 0
 

@@ -31,7 +31,11 @@ def _attn_tiles(
         kmask = cols[:, None] < kv_len
         if not EVEN_D:
             kmask = kmask & (offs_d[None, :] < D)
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kmask, other=0.0)
+        k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
+        if MASK or not EVEN_D:
+            k = tl.load(k_ptrs, mask=kmask, other=0.0)
+        else:  # the unmasked middle lies below kv_len: plain loads, which pipeline best
+            k = tl.load(k_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASK:
             vis = (cols[None, :] <= offs_m_pos[:, None]) & (cols[None, :] < kv_len)
@@ -44,7 +48,11 @@ def _attn_tiles(
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kmask, other=0.0)
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+        if MASK or not EVEN_D:
+            v = tl.load(v_ptrs, mask=kmask, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i

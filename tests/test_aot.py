@@ -5,6 +5,7 @@ compiler rejects (it once caught a plain-float global read inside a jit function
 in a subprocess with TRITON_INTERPRET=0, since under the interpreter `triton.jit` compiles nothing."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,10 +32,14 @@ BAD_KERNEL = textwrap.dedent('''
 
     r = aot._compile(bad, {"X": "*fp32"}, {"BLOCK": 16}, 90, 4, 3, "bad")
     print("ok" if r.ok else r.error.replace(chr(10), " | "))
-    fn, ptr, ce, w, s, label = next(aot._decode_variants())
+    fn, ptr, ce, w, s, label, _ = next(aot._decode_variants())
     aot.SHARED_LIMIT[90] = 1024  # a kernel over the architecture's shared memory fails like its launch would
     r = aot._compile(fn, ptr, ce, 90, w, s, label)
     print("ok" if r.ok else r.error.replace(chr(10), " | "))
+    # autotune configs over it are pruned; when all of a variant's are, the variant fails
+    two = list(aot._prefill_variants())[:2]
+    aot._prefill_variants, aot._decode_variants = (lambda: iter(two)), (lambda: iter(()))
+    print(" ".join(r.status for r in aot.compile_all(90)))
 ''')
 
 
@@ -47,9 +52,10 @@ def test_the_check_catches_a_kernel_the_gpu_compiler_rejects(tmp_path):
     (tmp_path / "bad_kernel.py").write_text(BAD_KERNEL)  # triton.jit reads the source from a file
     p = _python(str(tmp_path / "bad_kernel.py"))
     assert p.returncode == 0, p.stderr[-2000:]
-    glob, shared = p.stdout.strip().splitlines()[-2:]
+    glob, shared, tuned = p.stdout.strip().splitlines()[-3:]
     assert "global variable" in glob
     assert shared.startswith("needs ") and "bytes of shared memory, sm_90 has 1024" in shared
+    assert tuned == "prune FAIL"
 
 
 def test_every_kernel_variant_compiles_for_sm90():
@@ -59,6 +65,11 @@ def test_every_kernel_variant_compiles_for_sm90():
     compiled = [ln for ln in lines if ln.startswith("ok   sm_90")]
     assert {ln.split()[2] for ln in compiled} == {"_attn_fwd", "_shared_split", "_private_split", "_combine"}
     assert len(compiled) >= 40
+    # lowered as a GPU launch specializes them, the key loops of the prefill and decode kernels load
+    # K/V asynchronously (software-pipelined); a change that serializes them would show 0 here
+    for ln in compiled:
+        n_async = int(re.search(r"async loads (\d+)", ln).group(1))
+        assert (n_async > 0) == (ln.split()[2] != "_combine"), ln
 
 
 def test_interpreted_functions_are_refused_with_the_fix(monkeypatch):
