@@ -298,7 +298,8 @@ def _pairs(args) -> int:
     if s:
         print(f"{s['pairs']} pairs kept of {s['instructions']}; dropped {s['dropped'] or 'none'}; "
               f"{s['generated_tokens']} tokens generated" +
-              (f", {s['tokens_per_s']} tok/s this run" if s["tokens_per_s"] else ""))
+              (f", {s['tokens_per_s']} tok/s this run" if s["tokens_per_s"] else "") +
+              (f", decode slots {100 * s['slot_utilization']:.0f} % busy" if s.get("slot_utilization") else ""))
         print(f"wrote {out}/{s['shards'][0]} ... and {out}/summary.json")
     return 0
 

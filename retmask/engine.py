@@ -269,10 +269,16 @@ class Engine:
         max_len: per-row context capacity (prompt + new tokens).
         policies: the policies of the groups this engine will run (a sizing hint; other groups still
             run when they fit). The prompt layers such a group shares (below its shared depth) get a
-            pool, stored once per group; the layers above get no pool and full-length private KV; and
-            the pool has one segment per `len(policies)` slots. For a RetMask pair whose heads start
-            at layer 2 of 32, the cache per row is then about half of what it is without the hint.
-            Default: every layer has a pool, one segment per slot.
+            pool, stored once per group; the layers above get no pool and full-length private KV (see
+            `segments` for how many). For a RetMask pair whose heads start at layer 2 of 32, the
+            cache per row is then about half of what it is without the hint. Default: every layer
+            has a pool, one segment per slot.
+        segments: pool segments (groups that can hold prompt KV at once). A group keeps its segment
+            until its last row finishes, so with one segment per group of slots the early-finished
+            rows of a group leave their slots idle until then (for rows of independent lengths, about
+            a third of the slot-steps). Default: one per slot when a segment costs at most half a
+            row's private KV (a pair whose heads start low: a few pooled layers), so a finished row's
+            slot takes the next group at once; else one per `len(policies)` slots.
         private_len: private KV capacity at the layers that have a pool (default max_len). A row
             keeps only its new tokens there when its group shares the layer, so `private_len =
             max_new_tokens` saves the most. Detection and NIAH are the extreme case: every row leaves
@@ -290,7 +296,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, slots: int | None = None, kv_budget_gb: float | None = None,
                  max_len: int = 4096, chunk: int = 1024, sharing: bool = True, on_too_long: str = "error",
                  private_len: int | None = None, decode: str = "auto", policies: Sequence[Policy] | None = None,
-                 max_slots: int | None = None):
+                 max_slots: int | None = None, segments: int | None = None):
         hf.attach(model)
         self.model, self.tokenizer = model, tokenizer
         self.d = hf.dims(model)
@@ -319,30 +325,51 @@ class Engine:
         self.pool_layers = (min(p.prompt_depth(L) for p in policies) if policies else L) if sharing else 0
         self.private_cap = [self.private_len if l < self.pool_layers else max_len for l in range(L)]
         self.group_rows = len(policies) if policies else 1
-        per_slot = self.bytes_per_slot()
+        if segments is not None and segments < 1:
+            raise ValueError(f"segments={segments}: must be >= 1 (or None: sized with the slots)")
+        cheap = 2 * self.pool_layers * max_len <= sum(self.private_cap)  # a segment vs a row's private KV
+        self._segs_per_slot = 1.0 if (cheap or self.group_rows == 1) else 1.0 / self.group_rows
         if slots is None:
             if kv_budget_gb is None:
                 raise ValueError("give slots (rows decoded together) or kv_budget_gb (KV memory to use)")
-            slots = int(kv_budget_gb * 1e9 // per_slot)
+            budget = kv_budget_gb * 1e9 - (segments or 0) * self.bytes_per_segment()
+            per_slot = self.bytes_per_slot(with_pool=segments is None)
+            slots = int(budget // per_slot) if budget > 0 else 0
             if slots < 1:
                 raise ValueError(f"kv_budget_gb={kv_budget_gb:.3g}: one row needs {per_slot / 1e9:.3f} GB at "
-                                 f"max_len={max_len}; raise the budget or lower max_len")
+                                 f"max_len={max_len}" + (f" besides {segments} pool segments" if segments else "")
+                                 + "; raise the budget or lower max_len")
             if max_slots is not None:
                 slots = min(slots, max_slots)
         self.slots = slots
-        self.n_segments = max(1, slots // self.group_rows)
+        self.n_segments = segments or max(1, int(slots * self._segs_per_slot))
+        self.stats = {"steps": 0, "row_steps": 0, "slot_steps": 0}
         self.skipped = 0
         self._ctx = None
         self._hooks = [layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
                        for i, layer in enumerate(model.model.layers)]
         self._alloc()
 
-    def bytes_per_slot(self) -> int:
-        """K/V bytes per row: its private cache at every layer plus its share of a pool segment."""
-        d = self.d
+    def _token_bytes(self) -> int:
+        """K/V bytes of one token at one layer."""
         elt = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
-        tokens = sum(self.private_cap) + self.pool_layers * self.max_len / self.group_rows
-        return int(2 * d.n_kv_heads * d.head_dim * elt * tokens)
+        return 2 * self.d.n_kv_heads * self.d.head_dim * elt
+
+    def bytes_per_segment(self) -> int:
+        """K/V bytes of one pool segment (the prompt layers a group shares, at max_len)."""
+        return self._token_bytes() * self.pool_layers * self.max_len
+
+    def bytes_per_slot(self, with_pool: bool = True) -> int:
+        """K/V bytes per row: its private cache at every layer plus (`with_pool`) its share of the
+        pool segments, as sized by default."""
+        pool = self.bytes_per_segment() * self._segs_per_slot if with_pool else 0
+        return int(self._token_bytes() * sum(self.private_cap) + pool)
+
+    @property
+    def slot_utilization(self) -> float | None:
+        """Share of decoded slot-steps that produced a token (idle slots still run in the batch)."""
+        st = self.stats
+        return st["row_steps"] / st["slot_steps"] if st["slot_steps"] else None
 
     # ---- storage -------------------------------------------------------------------------
     def _alloc(self):
@@ -446,6 +473,9 @@ class Engine:
                 continue
             produced = st.active_count  # every active row gets one token this step
             done = self._step(st, cfg)
+            self.stats["steps"] += 1
+            self.stats["row_steps"] += produced
+            self.stats["slot_steps"] += self.slots
             if progress is not None:
                 progress(produced)
             for slot, res in done:

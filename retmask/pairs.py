@@ -92,6 +92,7 @@ class PairJob:
         path = work / f"rank-{rank:05d}.jsonl"
         drop_torn_tail(path)
         t0 = time.perf_counter()
+        self._slot_steps = {"row_steps": 0, "slot_steps": 0}  # this rank's decode slots: used / run
         n_tok = self._generate(items, mine, path, progress and rank == 0) if mine else 0
         barrier()
         summary = self.merge(out, items, n_tok, time.perf_counter() - t0) if rank == 0 else {}
@@ -133,6 +134,8 @@ class PairJob:
             for res in eng.generate(groups, gen, progress=on_step):
                 bar.update(1)
                 yield res.key, len(prompts[res.key]), res.rows
+            for k in self._slot_steps:
+                self._slot_steps[k] += eng.stats[k]
         bar.close()
 
     def _generate(self, items, mine, path: Path, progress) -> int:
@@ -189,7 +192,10 @@ class PairJob:
         toks = sum(r["meta"]["chosen_tokens"] + r["meta"]["rejected_tokens"] for r in recs.values())
         summary = {"config": self.config_dict(), "instructions": len(items), "pairs": len(kept), "dropped": dropped,
                    "generated_tokens": toks, "this_run_tokens": n_tok, "this_run_seconds": round(seconds, 2),
-                   "tokens_per_s": round(n_tok / seconds, 1) if seconds > 0 and n_tok else None, "shards": shards}
+                   "tokens_per_s": round(n_tok / seconds, 1) if seconds > 0 and n_tok else None,
+                   "slot_utilization": (round(self._slot_steps["row_steps"] / self._slot_steps["slot_steps"], 3)
+                                        if self._slot_steps["slot_steps"] else None),
+                   "shards": shards}
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
 

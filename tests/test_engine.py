@@ -348,7 +348,7 @@ def test_policies_hint_sizes_the_cache_and_keeps_tokens_exact(family):
     _, m, ref, zeroed = family
     pair = [ORIGINAL, Policy(HEADS)]
     ps = prompts()
-    with Engine(m, slots=4, max_len=48, chunk=7, policies=pair, private_len=NEW) as eng:
+    with Engine(m, slots=4, max_len=48, chunk=7, policies=pair, private_len=NEW, segments=2) as eng:
         assert eng.pool_layers == HEADS.lowest_layer == 1 and eng.n_segments == 2
         assert [t.shape[2] for t in eng.pk] == [48, 0, 0, 0] and [t.shape[2] for t in eng.k] == [NEW, 48, 48, 48]
         res = {r.key: r for r in eng.generate([Group(p, pair, key=i) for i, p in enumerate(ps)] +
@@ -364,7 +364,7 @@ def test_policies_hint_sizes_the_cache_and_keeps_tokens_exact(family):
         assert res[i].rows[0].tokens == hf_greedy(ref, p) and res[i].rows[1].tokens == hf_greedy(zeroed, p)
     assert res["alone"].rows[0].tokens == hf_greedy(ref, ps[0])
     with Engine(m, slots=4, max_len=48) as plain:
-        assert hinted < 0.6 * plain.bytes_per_slot()  # (9 + 3*48 + 48/2) vs 4*(48 + 48) token-layers
+        assert hinted < 0.6 * plain.bytes_per_slot()  # (9 + 3*48 + 48) vs 4*(48 + 48) token-layers
     budget = 20 * plain.bytes_per_slot() / 1e9
     with Engine(m, kv_budget_gb=budget, max_len=48, policies=pair, private_len=NEW) as sized:
         assert sized.slots > 1.6 * 20
@@ -391,3 +391,48 @@ def test_default_size_and_max_slots(monkeypatch):
     monkeypatch.setattr(m, "parameters", lambda: iter([FakeParam()]))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 10**9, 80 * 10**9))
     assert default_size(m, rows=12, cpu_slots=4) == {"kv_budget_gb": 7.0, "max_slots": 12}
+
+
+def test_segments_default_and_budget():
+    """One pool segment per slot when a segment costs at most half a row's private KV, else one per
+    group of slots; a budget with explicit segments pays for them first."""
+    m = tiny("llama")
+    pair = [ORIGINAL, Policy(HEADS)]
+    with Engine(m, slots=4, max_len=48, policies=pair, private_len=NEW) as eng:  # 1 pooled layer of 4: cheap
+        assert eng.n_segments == 4
+        assert eng.bytes_per_slot() == eng._token_bytes() * (NEW + 3 * 48 + 48)
+    gen_pair = [ORIGINAL, Policy(HEADS, "generated")]  # every layer pooled, 9 private tokens: dear
+    with Engine(m, slots=4, max_len=48, policies=gen_pair, private_len=NEW) as eng:
+        assert eng.pool_layers == 4 and eng.n_segments == 2
+        assert eng.bytes_per_slot() == eng._token_bytes() * (4 * NEW + 4 * 48 / 2)
+        seg, row = eng.bytes_per_segment(), eng.bytes_per_slot(with_pool=False)
+    with Engine(m, kv_budget_gb=(3 * seg + 5 * row) / 1e9, max_len=48, policies=gen_pair, private_len=NEW,
+                segments=3) as eng:
+        assert (eng.n_segments, eng.slots) == (3, 5)
+    with pytest.raises(ValueError, match="segments=0"):
+        Engine(m, slots=4, max_len=48, segments=0)
+    with pytest.raises(ValueError, match="besides 3 pool segments"):
+        Engine(m, kv_budget_gb=3 * seg / 1e9, max_len=48, policies=gen_pair, private_len=NEW, segments=3)
+
+
+def test_segment_per_slot_lets_a_finished_row_take_the_next_group():
+    """A group holds its pool segment until its last row ends. With one segment per pair of slots, the
+    slot of a row that stopped early idles until its partner stops; with one per slot it takes the next
+    group at once: fewer steps, a higher slot use, the same tokens (`stats` counts what ran)."""
+    m = tiny("llama")
+    pair = [ORIGINAL, Policy(HEADS)]
+    ps = prompts(seed=5, lens=(6, 9, 4, 11, 7, 5, 8, 10, 3, 12, 6, 9, 7, 4, 10, 5))
+    gen = GenConfig(max_new_tokens=14, sampling=Sampling(temperature=2.0), eos_ids=tuple(range(0, 128, 4)), seed=3)
+    runs = {}
+    for segs in (2, 4):
+        with Engine(m, slots=4, max_len=48, policies=pair, private_len=14, segments=segs) as eng:
+            res = {r.key: [row.tokens for row in r.rows] for r in
+                   eng.generate([Group(p, pair, key=i) for i, p in enumerate(ps)], gen)}
+            runs[segs] = (res, dict(eng.stats), eng.slot_utilization)
+    (res2, st2, use2), (res4, st4, use4) = runs[2], runs[4]
+    assert res2 == res4
+    lengths = [len(t) for rows in res4.values() for t in rows]
+    assert len(set(lengths)) > 3  # rows of one group do stop at different steps here
+    for st in (st2, st4):
+        assert st["row_steps"] == sum(lengths) and st["slot_steps"] == 4 * st["steps"]
+    assert st4["steps"] < st2["steps"] and use4 > use2

@@ -48,6 +48,7 @@ def test_pairs_format_and_content(pairs_dir):
     pairs = load_pairs(out)
     assert s["instructions"] == 20 and s["pairs"] == len(pairs) and s["pairs"] + sum(s["dropped"].values()) == 20
     assert len(s["shards"]) == -(-len(pairs) // 7)  # sharded by shard_pairs
+    assert 0 < s["slot_utilization"] <= 1
     answers = {json.loads(line)["id"]: json.loads(line)["answer"] for line in open(DATA)}
     right = 0
     for p in pairs:
