@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import itertools
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -45,6 +48,8 @@ class Compiled:
     error: str = ""
     shared_bytes: int = 0  # shared memory per program
     async_loads: int = 0  # asynchronous global->shared copies (cp.async / TMA) in the lowered kernel
+    registers: int | None = None  # per thread, from the machine code (None: no cuobjdump to read it)
+    stack_bytes: int | None = None  # per thread; above 0 the kernel spills registers
     pruned: bool = False  # an autotune config over the shared-memory limit: skipped by the autotuner, not a failure
 
     @property
@@ -97,8 +102,9 @@ def _compile(fn, pointers, constexprs, arch, num_warps, num_stages, label, tuned
             return Compiled(fn.__name__, label, arch, False, time.perf_counter() - t,
                             f"needs {shared} bytes of shared memory, sm_{arch} has {limit}", shared, n_async,
                             pruned=tuned)
+        regs, stack = _resources(k.asm.get("cubin"))
         return Compiled(fn.__name__, label, arch, True, time.perf_counter() - t, shared_bytes=shared,
-                        async_loads=n_async)
+                        async_loads=n_async, registers=regs, stack_bytes=stack)
     except Exception as e:  # noqa: BLE001  (reported per variant)
         chain = [e]
         while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:  # the innermost error says why
@@ -107,10 +113,26 @@ def _compile(fn, pointers, constexprs, arch, num_warps, num_stages, label, tuned
         return Compiled(fn.__name__, label, arch, False, time.perf_counter() - t, why)
 
 
+def _resources(cubin: bytes | None) -> tuple[int | None, int | None]:
+    """(registers, stack bytes) per thread of a compiled kernel, read by the cuobjdump Triton ships."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cubin or not tool.exists():
+        return None, None
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "k.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (None, None)
+
+
 def _prefill_variants():
     cfgs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in attention._configs()]
     for dt, d in (("bf16", 128), ("fp16", 64), ("fp32", 32)):
-        for keep, lens, window in ((True, True, True), (False, False, False)):
+        # the engine's path (bitmap, ragged lengths), with a sliding window (OLMo-3), and bare
+        for keep, lens, window in ((True, True, False), (True, True, True), (False, False, False)):
+            if dt != "bf16" and (keep, window) == (True, False):
+                continue
             family = f"{dt} D{d} keep={keep} lens={lens} window={window}"
             for bm, bn, w, s in (cfgs if (dt, keep) == ("bf16", True) else cfgs[:1]):
                 io = _FLOAT[dt]
@@ -176,8 +198,9 @@ def main(argv=None) -> int:
     for arch in archs:
         for r in compile_all(arch):
             failed += r.status == "FAIL"
+            regs = f"{r.registers} registers, {r.stack_bytes} B stack, " if r.registers is not None else ""
             print(f"{r.status:4s} sm_{r.arch} {r.kernel:15s} {r.variant} "
-                  f"({r.shared_bytes // 1024} KiB shared, async loads {r.async_loads}, {r.seconds:.1f} s)"
+                  f"({r.shared_bytes // 1024} KiB shared, {regs}async loads {r.async_loads}, {r.seconds:.1f} s)"
                   + (f"\n      {r.error[:2000]}" if r.error else ""))
     print(f"{failed} failed")
     return 1 if failed else 0

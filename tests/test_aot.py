@@ -70,6 +70,9 @@ def test_every_kernel_variant_compiles_for_sm90():
     for ln in compiled:
         n_async = int(re.search(r"async loads (\d+)", ln).group(1))
         assert (n_async > 0) == (ln.split()[2] != "_combine"), ln
+        regs = re.search(r"(\d+) registers, (\d+) B stack", ln)  # read from the machine code
+        assert regs is None or 16 <= int(regs.group(1)) <= 255, ln
+    assert any("keep=True lens=True window=False" in ln for ln in compiled)  # the engine's prefill path
 
 
 def test_interpreted_functions_are_refused_with_the_fix(monkeypatch):
