@@ -120,6 +120,8 @@ def _model_args(p):
                    "70 %% of the GPU memory free after loading, capped at the job's rows; a few on CPU)")
     p.add_argument("--kv-budget-gb", type=float, help="KV-cache memory the engine may use")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens)")
+    p.add_argument("--prefill-tokens", type=int, default=32768,
+                   help="most rows x tokens one prefill pass holds (bounds its memory)")
     p.add_argument("--decode", choices=["auto", "eager", "static", "graph"], default="auto",
                    help="decode step: auto = a CUDA graph on CUDA, eager elsewhere")
     p.add_argument("--no-progress", action="store_true")
@@ -176,7 +178,7 @@ def _dist_init() -> str | None:
 
 
 def _engine_kw(args) -> dict:
-    kw = {"chunk": args.chunk, "decode": args.decode}
+    kw = {"chunk": args.chunk, "decode": args.decode, "prefill_tokens": args.prefill_tokens}
     if args.slots is not None:
         kw["slots"] = args.slots
     if args.kv_budget_gb is not None:

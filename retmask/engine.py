@@ -284,6 +284,10 @@ class Engine:
             max_new_tokens` saves the most. Detection and NIAH are the extreme case: every row leaves
             the prompt intact (the original policy, scope `generated`), so every layer is shared.
         chunk: prefill chunk length (tokens).
+        prefill_tokens: most tokens one prefill pass holds (rows x padded prompt length), which bounds
+            its staging KV and activations: the groups admitted together are prefilled in batches
+            under it (similar lengths together, so little padding), and the chunk is cut so that
+            rows x chunk stays under it. A group over it on its own is prefilled alone.
         sharing: store identical prompt KV once per group (off: every row has its own, for checks).
         on_too_long: "error" (default) or "skip" for a prompt that cannot fit `max_len`.
         decode: how each decode step runs. "eager": the attention context is rebuilt from the host
@@ -296,7 +300,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, slots: int | None = None, kv_budget_gb: float | None = None,
                  max_len: int = 4096, chunk: int = 1024, sharing: bool = True, on_too_long: str = "error",
                  private_len: int | None = None, decode: str = "auto", policies: Sequence[Policy] | None = None,
-                 max_slots: int | None = None, segments: int | None = None):
+                 max_slots: int | None = None, segments: int | None = None, prefill_tokens: int = 32768):
         hf.attach(model)
         self.model, self.tokenizer = model, tokenizer
         self.d = hf.dims(model)
@@ -304,9 +308,11 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         if on_too_long not in ("error", "skip"):
             raise ValueError(f"on_too_long={on_too_long!r}: use 'error' or 'skip'")
-        if chunk < 1 or max_len < 2:
-            raise ValueError("chunk must be >= 1 and max_len >= 2")
+        if chunk < 1 or max_len < 2 or prefill_tokens < 1:
+            raise ValueError(f"chunk={chunk}, max_len={max_len}, prefill_tokens={prefill_tokens}: need chunk >= 1, "
+                             "max_len >= 2 and prefill_tokens >= 1")
         self.max_len, self.chunk, self.sharing, self.on_too_long = max_len, chunk, sharing, on_too_long
+        self.prefill_tokens = prefill_tokens
         self.private_len = max_len if private_len is None else private_len
         if decode not in DECODE_MODES:
             raise ValueError(f"decode={decode!r}: use one of {', '.join(DECODE_MODES)}")
@@ -525,7 +531,21 @@ class Engine:
         for g, rows in admitted:
             by_depth.setdefault(self._shared_depth(g), []).append((g, rows))
         for lsh, batch in by_depth.items():
-            self._prefill_batch(batch, lsh, st, cfg)
+            for part in self._prefill_parts(batch):
+                self._prefill_batch(part, lsh, st, cfg)
+
+    def _prefill_parts(self, batch):
+        """Split admitted (group, slots) pairs into prefill batches of at most `prefill_tokens` rows x
+        padded length, shortest prompts first (a batch pads to its longest)."""
+        parts, cur, rows, longest = [], [], 0, 0
+        for g, slots in sorted(batch, key=lambda gs: len(gs[0].prompt)):
+            r, n = rows + len(slots), max(longest, len(g.prompt) - 1)
+            if cur and r * n > self.prefill_tokens:
+                parts.append(cur)
+                cur, r, n = [], len(slots), len(g.prompt) - 1
+            cur.append((g, slots))
+            rows, longest = r, n
+        return parts + [cur] if cur else parts
 
     @torch.no_grad()
     def _prefill_batch(self, batch, lsh: int, st: "_Slots", cfg: GenConfig):
@@ -546,10 +566,11 @@ class Engine:
                     ids[gi, plen - n :] = torch.as_tensor(list(g.prompt[:-1]), device=dev)
             pos = (torch.arange(plen, device=dev)[None, :] - pads[:, None]).clamp(min=0)
             self._ctx = ctx
+            chunk = max(1, min(self.chunk, self.prefill_tokens // len(slots)))  # rows x chunk within the budget
             try:
                 with hf.active(ctx):
-                    for start in range(0, plen, self.chunk):
-                        size = min(self.chunk, plen - start)
+                    for start in range(0, plen, chunk):
+                        size = min(chunk, plen - start)
                         ctx.set_chunk(start, size, pads)
                         self.model.model(input_ids=ids[:, start : start + size],
                                          position_ids=pos[:, start : start + size], use_cache=False)

@@ -436,3 +436,34 @@ def test_segment_per_slot_lets_a_finished_row_take_the_next_group():
     for st in (st2, st4):
         assert st["row_steps"] == sum(lengths) and st["slot_steps"] == 4 * st["steps"]
     assert st4["steps"] < st2["steps"] and use4 > use2
+
+
+def test_prefill_passes_stay_within_prefill_tokens(family):
+    """Groups admitted together are prefilled in passes of at most prefill_tokens rows x tokens (the
+    chunk cut to fit as well): the same tokens as `generate`, and no decoder-layer call over the bound."""
+    _, m, ref, zeroed = family
+    ps = prompts()
+    seen = []
+
+    def watch(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        seen.append(h.shape[0] * h.shape[1])
+
+    for bound in (None, 40):
+        kw = {} if bound is None else {"prefill_tokens": bound}
+        with Engine(m, slots=12, max_len=48, chunk=64, **kw) as eng:
+            hook = m.model.layers[-1].register_forward_pre_hook(watch, with_kwargs=True)  # after the engine's
+            try:
+                res = {r.key: r for r in eng.generate([Group(p, [ORIGINAL, Policy(HEADS)], key=i)
+                                                       for i, p in enumerate(ps)], GenConfig(max_new_tokens=NEW))}
+            finally:
+                hook.remove()
+        for i, p in enumerate(ps):
+            assert res[i].rows[0].tokens == hf_greedy(ref, p) and res[i].rows[1].tokens == hf_greedy(zeroed, p)
+        if bound is None:
+            assert max(seen) == 12 * 29  # every group in one pass: 12 rows x the longest prompt
+        else:
+            assert max(seen) <= bound
+        seen.clear()
+    with pytest.raises(ValueError, match="prefill_tokens=0"):
+        Engine(m, slots=2, max_len=48, prefill_tokens=0)
