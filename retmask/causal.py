@@ -9,12 +9,14 @@ ROUGE-1 recall of the answer in the response is above 50 % (the detection's coun
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 from . import niah, scoring
 from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, default_size
 from .heads import HeadSet
+from .runs import append_record, drop_torn_tail, prepare_out, read_jsonl
 
 GridConfig = niah.GridConfig
 # The command's grid when none is given: smaller than detection's, answers need few steps.
@@ -38,14 +40,34 @@ def make_policies(selected: HeadSet | None, scores: dict | None, controls=("rand
     return out
 
 
+def run_config(model_name: str, grid_cfg: GridConfig, policies: list[Policy]) -> dict:
+    """What a NIAH result depends on (a resumed run must match it)."""
+    return {"model": model_name, "grid": dict(grid_cfg.__dict__),
+            "policies": [[p.label, p.scope, p.heads.names() if p.heads is not None else []] for p in policies]}
+
+
 def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progress: bool = True,
-             **engine_kw) -> dict:
-    """Greedy answers of every policy on every grid test; returns {"policies": [...], "tests": [...]}"""
+             out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+             model_name: str = "", **engine_kw) -> dict:
+    """Greedy answers of every policy on every grid test; returns {"policies": [...], "tests": [...]}.
+
+    With `out`, each finished prompt's answers are on disk (`out/tests.jsonl`) as soon as they exist,
+    and a rerun with `resume=True` computes only the prompts not there yet; an existing run is never
+    silently mixed in (`resume` or `overwrite`)."""
     from tqdm.auto import tqdm
 
     g = grid_cfg
     needles, hays, tests = g.load()
     items = list(g.unique_prompts(tok, needles, hays, tests).items())
+    done: dict[int, list] = {}
+    log = None
+    if out is not None:
+        out = Path(out)
+        prepare_out(out, json.loads(json.dumps(run_config(model_name, g, policies))), resume=resume,
+                    overwrite=overwrite, names=("niah.json", "tests.jsonl"))
+        log = out / "tests.jsonl"
+        drop_torn_tail(log)
+        done = {r["prompt"]: r["records"] for r in read_jsonl(log)}
     kw = dict(engine_kw)
     kw.setdefault("max_len", max(len(p) for p, _ in items) + g.steps)
     kw.setdefault("policies", policies)  # pool the prompt layers every policy leaves intact
@@ -54,10 +76,10 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
         kw.update(default_size(model, len(items) * len(policies), max(4, 2 * len(policies))))
     eos = tuple(x for x in [tok.eos_token_id] if x is not None)
     cfg = GenConfig(max_new_tokens=g.steps, eos_ids=eos)
-    groups = [Group(list(p), policies, key=i) for i, (p, _) in enumerate(items)]
-    records = []
-    bar = tqdm(total=len(tests), desc="niah", unit="test", disable=not progress)
-    with Engine(model, tok, **kw) as eng:
+    groups = [Group(list(p), policies, key=i) for i, (p, _) in enumerate(items) if i not in done]
+    records = [r for recs in done.values() for r in recs]
+    bar = tqdm(total=len(tests), initial=len(records), desc="niah", unit="test", disable=not progress)
+    with Engine(model, tok, **kw) as eng, (log.open("a") if log else contextlib.nullcontext()) as f:
         for res in eng.generate(groups, cfg):
             _, ts = items[res.key]
             nd = needles[ts[0].needle_idx]
@@ -65,9 +87,11 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
             for pol, row in zip(policies, res.rows):
                 text = tok.decode(row.tokens, skip_special_tokens=True)
                 per[pol.label] = {"response": text, "rouge": scoring.rouge1_recall(nd.real_needle, text)}
-            for t in ts:
-                records.append({"key": t.key, "needle_idx": t.needle_idx, "length": t.length, "depth": t.depth,
-                                "policies": per})
+            new = [{"key": t.key, "needle_idx": t.needle_idx, "length": t.length, "depth": t.depth, "policies": per}
+                   for t in ts]
+            if f is not None:
+                append_record(f, {"prompt": res.key, "records": new})
+            records += new
             bar.update(len(ts))
     bar.close()
     order = {t.key: i for i, t in enumerate(tests)}

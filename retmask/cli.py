@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--controls", default="random,non-retrieval", help="controls of the same size ('' for none)")
     p.add_argument("--scopes", default="all,generated", help="mask scopes of each ablation")
     p.add_argument("--out", help="output folder (default runs/niah/MODEL)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
     p = sub.add_parser("pairs", help="preference pairs: chosen from the original, rejected from the ablated policy")
     _model_args(p)
     p.add_argument("--data", default=None, help="instructions: hub name or local .jsonl/.json/.parquet "
@@ -246,11 +248,12 @@ def _niah(args) -> int:
     policies = causal.make_policies(selected, scores, controls=controls if selected else (), scopes=scopes)
     for p in policies:
         models.check_heads(args.model, p.heads)
+    out = Path(args.out or f"runs/niah/{models.display_name(args.model)}")
     model, tok = models.load(args.model, dtype=args.dtype, device=args.device)
-    res = causal.run_niah(model, tok, grid, policies, progress=not args.no_progress, **_engine_kw(args))
+    res = causal.run_niah(model, tok, grid, policies, progress=not args.no_progress, out=out, resume=args.resume,
+                          overwrite=args.overwrite, model_name=args.model, **_engine_kw(args))
     print(tabulate(causal.table_rows(res), tablefmt="github",
                    headers=["policy", "heads off", "scope", "ROUGE-1 recall %", "pass %"], disable_numparse=True))
-    out = Path(args.out or f"runs/niah/{models.display_name(args.model)}")
     paths = causal.write(res, out, args.model)
     print(f"wrote {paths[0]} and {len(paths) - 1} heatmaps")
     return 0

@@ -206,5 +206,53 @@ def test_niah_command(detected, tmp_path, capsys):
     res = json.loads((tmp_path / "niah.json").read_text())
     assert [p["policy"] for p in res["policies"]] == ["original", "heads-all", "random-all"]
     assert (tmp_path / "niah-heads-all.png").exists()
+    assert main(args + ["--out", str(tmp_path)]) == 2  # an existing run: --resume or --overwrite
+    assert "--resume" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path), "--resume"]) == 0  # nothing left to compute
+    assert json.loads((tmp_path / "niah.json").read_text()) == res
     assert main(args + ["--out", str(tmp_path / "static"), "--decode", "static"]) == 0  # the graph's step, uncaptured
     assert json.loads((tmp_path / "static" / "niah.json").read_text())["policies"] == res["policies"]
+
+
+def test_niah_resumes_after_a_crash(toy_model, tmp_path, monkeypatch):
+    """Each finished prompt is on disk at once; after a crash a rerun with resume computes only the
+    prompts not yet there, and its result equals an uninterrupted run's; an existing run needs
+    resume or overwrite."""
+    from retmask import engine as engine_mod
+
+    model, tok = toy_model
+    pols = causal.make_policies(HeadSet.from_list("0-1,0-2"), None, controls=(), scopes=("all",))
+    grid = causal.GridConfig(min_len=160, max_len=320, n_lengths=2, n_depths=3, n_needles=1, buffer=32, steps=6,
+                             seed=3)
+    whole = causal.run_niah(model, tok, grid, pols, progress=False, slots=2)
+    n_prompts = len({(r["length"], r["depth"], r["needle_idx"]) for r in whole["tests"]})
+    assert n_prompts == 6
+
+    calls = {"n": 0}
+    real = causal.scoring.rouge1_recall
+
+    def crash_on_the_fifth_answer(ref, text):
+        calls["n"] += 1
+        if calls["n"] == 5:  # prompt 3, its first policy: two prompts are done
+            raise KeyboardInterrupt
+        return real(ref, text)
+
+    monkeypatch.setattr(causal.scoring, "rouge1_recall", crash_on_the_fifth_answer)
+    with pytest.raises(KeyboardInterrupt):
+        causal.run_niah(model, tok, grid, pols, progress=False, slots=2, out=tmp_path, model_name="toy")
+    monkeypatch.setattr(causal.scoring, "rouge1_recall", real)
+    assert len(read_jsonl(tmp_path / "tests.jsonl")) == 2
+
+    with pytest.raises(ValueError, match="--resume"):
+        causal.run_niah(model, tok, grid, pols, progress=False, slots=2, out=tmp_path, model_name="toy")
+    with pytest.raises(ValueError, match="different configuration"):
+        causal.run_niah(model, tok, grid, pols[:1], progress=False, slots=2, out=tmp_path, model_name="toy",
+                        resume=True)
+    ran = []
+    gen = engine_mod.Engine.generate
+    monkeypatch.setattr(engine_mod.Engine, "generate", lambda self, groups, cfg, **kw: (ran.extend(groups),
+                                                                                       gen(self, groups, cfg, **kw))[1])
+    resumed = causal.run_niah(model, tok, grid, pols, progress=False, slots=2, out=tmp_path, model_name="toy",
+                              resume=True)
+    assert len(ran) == n_prompts - 2
+    assert resumed == whole
