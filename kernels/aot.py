@@ -12,7 +12,8 @@ unless no config of its variant fits.
 The pointers and strides are compiled as 16-aligned, the specialization Triton's launcher gives
 the contiguous tensors the kernels get, so the lowering is the one a GPU runs: each record counts
 the asynchronous (software-pipelined) loads of its main loops, and shared memory includes the
-pipeline's buffers. A kernel whose key loop loses its pipelining shows `async loads 0`.
+pipeline's buffers. Each record says how many of the kernel's loops load asynchronously
+(software-pipelined): all of them for the prefill and split kernels.
 
     TRITON_INTERPRET=0 python -m retmask.kernels.aot        # sm_90 (H100/H200) and sm_80 (A100)
 """
@@ -48,6 +49,8 @@ class Compiled:
     error: str = ""
     shared_bytes: int = 0  # shared memory per program
     async_loads: int = 0  # asynchronous global->shared copies (cp.async / TMA) in the lowered kernel
+    loops: int = 0  # scf.for loops of the lowered kernel
+    pipelined_loops: int = 0  # of them, loops whose body loads asynchronously (software-pipelined)
     registers: int | None = None  # per thread, from the machine code (None: no cuobjdump to read it)
     stack_bytes: int | None = None  # per thread; above 0 the kernel spills registers
     pruned: bool = False  # an autotune config over the shared-memory limit: skipped by the autotuner, not a failure
@@ -96,7 +99,9 @@ def _compile(fn, pointers, constexprs, arch, num_warps, num_stages, label, tuned
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps,
                                                                                  num_stages=num_stages))
         shared = int(k.metadata.shared)
-        n_async = len(_ASYNC.findall(k.asm.get("ttgir", "")))
+        ttgir = k.asm.get("ttgir", "")
+        n_async = len(_ASYNC.findall(ttgir))
+        loops, piped = _loops(ttgir)
         limit = SHARED_LIMIT.get(arch)
         if limit is not None and shared > limit:  # the launch would fail with "out of resources"
             return Compiled(fn.__name__, label, arch, False, time.perf_counter() - t,
@@ -104,13 +109,32 @@ def _compile(fn, pointers, constexprs, arch, num_warps, num_stages, label, tuned
                             pruned=tuned)
         regs, stack = _resources(k.asm.get("cubin"))
         return Compiled(fn.__name__, label, arch, True, time.perf_counter() - t, shared_bytes=shared,
-                        async_loads=n_async, registers=regs, stack_bytes=stack)
+                        async_loads=n_async, loops=loops, pipelined_loops=piped, registers=regs, stack_bytes=stack)
     except Exception as e:  # noqa: BLE001  (reported per variant)
         chain = [e]
         while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:  # the innermost error says why
             chain.append(chain[-1].__cause__ or chain[-1].__context__)
         why = "\n".join(f"{type(x).__name__}: {x}" for x in chain[::-1][:2])
         return Compiled(fn.__name__, label, arch, False, time.perf_counter() - t, why)
+
+
+def _loops(ttgir: str) -> tuple[int, int]:
+    """(loops, loops whose body holds an asynchronous load) of a TTGIR module, by brace matching."""
+    lines = ttgir.splitlines()
+    loops = piped = 0
+    for i, line in enumerate(lines):
+        if "scf.for" not in line:
+            continue
+        loops += 1
+        depth = 0
+        for body in lines[i:]:
+            depth += body.count("{") - body.count("}")
+            if _ASYNC.search(body):
+                piped += 1
+                break
+            if depth <= 0:
+                break
+    return loops, piped
 
 
 def _resources(cubin: bytes | None) -> tuple[int | None, int | None]:
@@ -200,7 +224,8 @@ def main(argv=None) -> int:
             failed += r.status == "FAIL"
             regs = f"{r.registers} registers, {r.stack_bytes} B stack, " if r.registers is not None else ""
             print(f"{r.status:4s} sm_{r.arch} {r.kernel:15s} {r.variant} "
-                  f"({r.shared_bytes // 1024} KiB shared, {regs}async loads {r.async_loads}, {r.seconds:.1f} s)"
+                  f"({r.shared_bytes // 1024} KiB shared, {regs}{r.pipelined_loops}/{r.loops} loops pipelined, "
+                  f"{r.seconds:.1f} s)"
                   + (f"\n      {r.error[:2000]}" if r.error else ""))
     print(f"{failed} failed")
     return 1 if failed else 0

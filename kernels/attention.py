@@ -34,7 +34,7 @@ def _attn_tiles(
         k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
         if MASK or not EVEN_D:
             k = tl.load(k_ptrs, mask=kmask, other=0.0)
-        else:  # the unmasked middle lies below kv_len: plain loads, which pipeline best
+        else:  # the unmasked middle lies below kv_len: no key compare on its loads
             k = tl.load(k_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASK:

@@ -46,6 +46,16 @@ def run_config(model_name: str, grid_cfg: GridConfig, policies: list[Policy]) ->
             "policies": [[p.label, p.scope, p.heads.names() if p.heads is not None else []] for p in policies]}
 
 
+def prepare_run(out: str | Path, model_name: str, grid_cfg: GridConfig, policies: list[Policy], *,
+                resume: bool = False, overwrite: bool = False) -> Path:
+    """Make `out` ready for a NIAH run (refusing an existing one unless `resume` with the same
+    configuration, or `overwrite`). Cheap: call it before loading a model."""
+    out = Path(out)
+    prepare_out(out, json.loads(json.dumps(run_config(model_name, grid_cfg, policies))), resume=resume,
+                overwrite=overwrite, names=("niah.json", "tests.jsonl"))
+    return out
+
+
 def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progress: bool = True,
              out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
              model_name: str = "", **engine_kw) -> dict:
@@ -53,7 +63,8 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
 
     With `out`, each finished prompt's answers are on disk (`out/tests.jsonl`) as soon as they exist,
     and a rerun with `resume=True` computes only the prompts not there yet; an existing run is never
-    silently mixed in (`resume` or `overwrite`)."""
+    silently mixed in (`resume` or `overwrite`). `model_name` (default: the model's own
+    `name_or_path`) is part of the configuration a resumed run must match."""
     from tqdm.auto import tqdm
 
     g = grid_cfg
@@ -62,9 +73,8 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
     done: dict[int, list] = {}
     log = None
     if out is not None:
-        out = Path(out)
-        prepare_out(out, json.loads(json.dumps(run_config(model_name, g, policies))), resume=resume,
-                    overwrite=overwrite, names=("niah.json", "tests.jsonl"))
+        model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        out = prepare_run(out, model_name, g, policies, resume=resume, overwrite=overwrite)
         log = out / "tests.jsonl"
         drop_torn_tail(log)
         done = {r["prompt"]: r["records"] for r in read_jsonl(log)}

@@ -249,9 +249,11 @@ def _niah(args) -> int:
     for p in policies:
         models.check_heads(args.model, p.heads)
     out = Path(args.out or f"runs/niah/{models.display_name(args.model)}")
+    # refuse an existing run (or an unwritable folder) before loading the model
+    causal.prepare_run(out, args.model, grid, policies, resume=args.resume, overwrite=args.overwrite)
     model, tok = models.load(args.model, dtype=args.dtype, device=args.device)
-    res = causal.run_niah(model, tok, grid, policies, progress=not args.no_progress, out=out, resume=args.resume,
-                          overwrite=args.overwrite, model_name=args.model, **_engine_kw(args))
+    res = causal.run_niah(model, tok, grid, policies, progress=not args.no_progress, out=out, resume=True,
+                          model_name=args.model, **_engine_kw(args))
     print(tabulate(causal.table_rows(res), tablefmt="github",
                    headers=["policy", "heads off", "scope", "ROUGE-1 recall %", "pass %"], disable_numparse=True))
     paths = causal.write(res, out, args.model)

@@ -277,8 +277,9 @@ class Engine:
             until its last row finishes, so with one segment per group of slots the early-finished
             rows of a group leave their slots idle until then (for rows of independent lengths, about
             a third of the slot-steps). Default: one per slot when a segment costs at most half a
-            row's private KV (a pair whose heads start low: a few pooled layers), so a finished row's
-            slot takes the next group at once; else one per `len(policies)` slots.
+            row's private KV (a pair whose heads start low: a few pooled layers), so the slots freed
+            by rows of different groups take the next group at once, without waiting for their
+            partners; else one per `len(policies)` slots.
         private_len: private KV capacity at the layers that have a pool (default max_len). A row
             keeps only its new tokens there when its group shares the layer, so `private_len =
             max_new_tokens` saves the most. Detection and NIAH are the extreme case: every row leaves
@@ -334,7 +335,8 @@ class Engine:
         if segments is not None and segments < 1:
             raise ValueError(f"segments={segments}: must be >= 1 (or None: sized with the slots)")
         cheap = 2 * self.pool_layers * max_len <= sum(self.private_cap)  # a segment vs a row's private KV
-        self._segs_per_slot = 1.0 if (cheap or self.group_rows == 1) else 1.0 / self.group_rows
+        self._seg_per_slot = cheap or self.group_rows == 1  # else one per group of slots
+        self._segs_per_slot = 1.0 if self._seg_per_slot else 1.0 / self.group_rows
         if slots is None:
             if kv_budget_gb is None:
                 raise ValueError("give slots (rows decoded together) or kv_budget_gb (KV memory to use)")
@@ -348,8 +350,8 @@ class Engine:
             if max_slots is not None:
                 slots = min(slots, max_slots)
         self.slots = slots
-        self.n_segments = segments or max(1, int(slots * self._segs_per_slot))
-        self.stats = {"steps": 0, "row_steps": 0, "slot_steps": 0}
+        self.n_segments = segments or (slots if self._seg_per_slot else max(1, slots // self.group_rows))
+        self.stats = {"steps": 0, "row_steps": 0, "slot_steps": 0}  # decode steps over the engine's life
         self.skipped = 0
         self._ctx = None
         self._hooks = [layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
@@ -373,7 +375,8 @@ class Engine:
 
     @property
     def slot_utilization(self) -> float | None:
-        """Share of decoded slot-steps that produced a token (idle slots still run in the batch)."""
+        """Share of decoded slot-steps that produced a token (idle slots still run in the batch), over
+        every generate() of this engine (`stats` holds the counts)."""
         st = self.stats
         return st["row_steps"] / st["slot_steps"] if st["slot_steps"] else None
 

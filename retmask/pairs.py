@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .runs import append_record, barrier, dist, drop_torn_tail, prepare_out, read_jsonl
+from .runs import all_sum, append_record, barrier, dist, drop_torn_tail, prepare_out, read_jsonl
 from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, default_size
 from .heads import HeadSet
 from .sampling import Sampling
@@ -92,9 +92,12 @@ class PairJob:
         path = work / f"rank-{rank:05d}.jsonl"
         drop_torn_tail(path)
         t0 = time.perf_counter()
-        self._slot_steps = {"row_steps": 0, "slot_steps": 0}  # this rank's decode slots: used / run
+        self._slot_steps = {"row_steps": 0, "slot_steps": 0}  # decode slot-steps: used / run
         n_tok = self._generate(items, mine, path, progress and rank == 0) if mine else 0
         barrier()
+        # this run's counts over all ranks
+        n_tok, used, run = all_sum([n_tok, self._slot_steps["row_steps"], self._slot_steps["slot_steps"]])
+        self._slot_steps = {"row_steps": used, "slot_steps": run}
         summary = self.merge(out, items, n_tok, time.perf_counter() - t0) if rank == 0 else {}
         barrier()
         return summary

@@ -23,6 +23,17 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def all_sum(values: list[int]) -> list[int]:
+    """Element-wise sum over the ranks (the values themselves outside torchrun)."""
+    if dist()[1] == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Complete lines of a JSONL file; a torn last line (a crash mid-write) is ignored."""
     out = []

@@ -192,7 +192,7 @@ def test_causal_check_on_toy(toy_model, detected):
     assert rec["non-retrieval-all"] >= 80
 
 
-def test_niah_command(detected, tmp_path, capsys):
+def test_niah_command(detected, tmp_path, capsys, monkeypatch):
     from retmask.cli import main
 
     out, _ = detected
@@ -206,8 +206,13 @@ def test_niah_command(detected, tmp_path, capsys):
     res = json.loads((tmp_path / "niah.json").read_text())
     assert [p["policy"] for p in res["policies"]] == ["original", "heads-all", "random-all"]
     assert (tmp_path / "niah-heads-all.png").exists()
-    assert main(args + ["--out", str(tmp_path)]) == 2  # an existing run: --resume or --overwrite
+    from retmask import models
+
+    real_load = models.load
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("loaded the model before refusing the run"))
+    assert main(args + ["--out", str(tmp_path)]) == 2  # an existing run: --resume or --overwrite, before loading
     assert "--resume" in capsys.readouterr().err
+    monkeypatch.setattr(models, "load", real_load)
     assert main(args + ["--out", str(tmp_path), "--resume"]) == 0  # nothing left to compute
     assert json.loads((tmp_path / "niah.json").read_text()) == res
     assert main(args + ["--out", str(tmp_path / "static"), "--decode", "static"]) == 0  # the graph's step, uncaptured

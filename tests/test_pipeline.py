@@ -100,6 +100,8 @@ def test_resume_after_sigkill_and_two_processes(pairs_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(list((ddp / "work").glob("rank-*.jsonl"))) == 2
     assert [json.loads(x) for x in _gz(ddp).splitlines()] == [json.loads(x) for x in _gz(ref).splitlines()]
+    s = json.loads((ddp / "summary.json").read_text())  # this run's counts are both ranks'
+    assert s["this_run_tokens"] == s["generated_tokens"] and 0 < s["slot_utilization"] <= 1
 
 
 @pytest.mark.parametrize("args,message", [
