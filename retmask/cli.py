@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, help="default 2048 (4096 for Qwen3 with thinking)")
     p.add_argument("--thinking", choices=["on", "off"], help="Qwen3 thinking (paper: on)")
+    p.add_argument("--max-prompt-tokens", type=int, help="drop (and count) longer prompts, in chat-templated "
+                   "tokens; every slot is sized for the longest prompt (default 2048; 0: no limit)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", help="output folder (default runs/pairs/MODEL)")
     p.add_argument("--resume", action="store_true")
@@ -288,6 +290,8 @@ def _pairs(args) -> int:
     kw = {"temperature": args.temperature, "top_p": args.top_p, "scope": args.mask_scope, "seed": args.seed}
     if args.max_new_tokens:
         kw["max_new_tokens"] = args.max_new_tokens
+    if args.max_prompt_tokens is not None:
+        kw["max_prompt_tokens"] = args.max_prompt_tokens
     if args.thinking:
         kw["thinking"] = args.thinking == "on"
     cfg = PairsConfig.paper(args.model, **kw)

@@ -40,6 +40,9 @@ class PairsConfig:
     scope: str = "all"
     seed: int = 42
     shard_pairs: int = SHARD_PAIRS
+    # longest prompt (chat-templated tokens) to answer; longer ones are dropped and counted. Every
+    # decode slot is sized for the longest prompt, so one outlier would cut the slots for all. 0: none
+    max_prompt_tokens: int = 2048
 
     @classmethod
     def paper(cls, model_name: str, **kw) -> "PairsConfig":
@@ -114,12 +117,13 @@ class PairJob:
         kw.update(over)
         return Engine(model, **kw)
 
-    def _gen(self, model, tok, rows, policies, progress, desc):
-        """{instruction index: [RowResult per policy]} for `rows` (list of (index, text))."""
+    def _gen(self, model, tok, rows, policies, progress, desc, prompts=None):
+        """{instruction index: [RowResult per policy]} for `rows` (list of (index, text)); `prompts`:
+        their token ids when already made with `tok`."""
         from tqdm.auto import tqdm
 
         c = self.cfg
-        prompts = {i: chat_prompt(tok, text, c.thinking) for i, text in rows}
+        prompts = prompts or {i: chat_prompt(tok, text, c.thinking) for i, text in rows}
         eos = tuple(x for x in {tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
                     if isinstance(x, int))
         gen = GenConfig(max_new_tokens=c.max_new_tokens, sampling=Sampling(c.temperature, c.top_p), eos_ids=eos,
@@ -142,23 +146,36 @@ class PairJob:
         bar.close()
 
     def _generate(self, items, mine, path: Path, progress) -> int:
-        rows = [(i, items[i][1]) for i in mine]
+        cap = self.cfg.max_prompt_tokens
+        prompts = {i: chat_prompt(self.tok, items[i][1], self.cfg.thinking) for i in mine}
         n_tok = 0
         with path.open("a") as f:
+            for i in mine:  # too long to answer: dropped (and on disk, so a resume does not retry it)
+                if cap and len(prompts[i]) > cap:
+                    append_record(f, self._dropped_prompt(items, i, len(prompts.pop(i))))
+            rows = [(i, items[i][1]) for i in mine if i in prompts]
+            if not rows:
+                return 0
             if self.reject is None:
                 pols = [ORIGINAL, Policy(self.heads, self.cfg.scope, "ablated")]
-                for i, plen, (ch, rj) in self._gen(self.model, self.tok, rows, pols, progress, "pairs"):
+                for i, plen, (ch, rj) in self._gen(self.model, self.tok, rows, pols, progress, "pairs", prompts):
                     n_tok += len(ch.tokens) + len(rj.tokens)
                     append_record(f, self._record(items, i, plen, ch, rj, self.tok, self.tok))
             else:
                 rmodel, rtok = self.reject
                 chosen = {i: (plen, r[0]) for i, plen, r in self._gen(self.model, self.tok, rows, [ORIGINAL],
-                                                                        progress, "chosen")}
+                                                                        progress, "chosen", prompts)}
                 for i, _, r in self._gen(rmodel, rtok, rows, [ORIGINAL], progress, "rejected"):
                     plen, ch = chosen[i]
                     n_tok += len(ch.tokens) + len(r[0].tokens)
                     append_record(f, self._record(items, i, plen, ch, r[0], self.tok, rtok))
         return n_tok
+
+    def _dropped_prompt(self, items, i, plen) -> dict:
+        sid, text = items[i]
+        return {"id": i, "source_id": sid, "prompt": [{"role": "user", "content": text}], "chosen": [],
+                "rejected": [], "dropped": "prompt_too_long",
+                "meta": {"prompt_tokens": plen, "chosen_tokens": 0, "rejected_tokens": 0, "model": self.model_name}}
 
     def _record(self, items, i, plen, ch, rj, tok_c, tok_r) -> dict:
         sid, text = items[i]

@@ -242,3 +242,28 @@ def test_reject_model_pairs(pairs_dir, tmp_path):
     assert s["pairs"] >= 15 and all(p["meta"]["reject_model"] == "toy-zeroed" for p in got.values())
     for i in set(got) & set(want):
         assert got[i]["chosen"] == want[i]["chosen"]
+
+
+def test_prompts_over_the_cap_are_dropped_and_counted(pairs_dir, tmp_path):
+    """A prompt over max_prompt_tokens is dropped as `prompt_too_long` before any generation (every
+    slot is sized for the longest prompt); the other instructions give the same pairs as without it."""
+    from retmask.pairs import chat_prompt
+
+    ref, _ = pairs_dir
+    model, tok = toy.load()
+    ins = load_instructions(DATA, limit=20)
+    lens = [len(chat_prompt(tok, text, False)) for _, text in ins.items]
+    cap = sorted(lens)[14]
+    long_ids = {i for i, n in enumerate(lens) if n > cap}
+    assert 1 <= len(long_ids) <= 5
+    job = PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(max_new_tokens=12, shard_pairs=7,
+                                                                    max_prompt_tokens=cap), model_name="toy", slots=16)
+    s = job.run(ins, tmp_path, progress=False)
+    assert s["dropped"]["prompt_too_long"] == len(long_ids)
+    assert s["pairs"] + sum(s["dropped"].values()) == 20
+    got = load_pairs(tmp_path)
+    assert not {p["id"] for p in got} & long_ids
+    assert got == [p for p in load_pairs(ref) if p["id"] not in long_ids]
+    r = _cli(*ARGS, "--max-prompt-tokens", "1", "--out", str(tmp_path / "cli"))  # every prompt is longer
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["dropped"] == {"prompt_too_long": 20}
