@@ -66,8 +66,7 @@ def decode(q, keys, values, keep=None, window=None, scale=None, dtype=torch.floa
             if keep is not None and not bool(keep[bi, h]):
                 continue
             out[bi, h] = (torch.softmax(s, dim=0) @ vb[hk].to(dtype)).double()
-            best = max(range(t), key=lambda j: (row[h, j].item(), -j))  # first maximum
-            pos[bi, h] = best
+            pos[bi, h] = int(torch.argmax(row[h]))  # torch.argmax returns the first maximum
         scores.append(row)
     return out, pos, scores
 

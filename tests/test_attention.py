@@ -147,3 +147,15 @@ def test_k_and_v_with_different_layouts():
         masked_attention_triton(q, k, vs, keep, kv_lens=lens, window=window),
         masked_attention_reference(q, k, v, keep, kv_lens=lens, window=window), atol=1e-5, rtol=0,
     )
+
+
+def test_autotune_switch():
+    """RETMASK_AUTOTUNE=0 (the test suite's setting) leaves the autotuner the first config only."""
+    import subprocess
+    import sys
+
+    code = "from retmask.kernels import attention as a; print(len(a._attn_fwd_tuned.configs), len(a._configs()))"
+    for flag, want in (("0", "1 7"), ("1", "7 7")):
+        env = {**__import__("os").environ, "RETMASK_AUTOTUNE": flag}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert out.stdout.split() == want.split(), out.stderr[-2000:]
