@@ -10,10 +10,9 @@ fails, as its launch would; an autotune config over it is only `pruned` (the aut
 unless no config of its variant fits.
 
 The pointers and strides are compiled as 16-aligned, the specialization Triton's launcher gives
-the contiguous tensors the kernels get, so the lowering is the one a GPU runs: each record counts
-the asynchronous (software-pipelined) loads of its main loops, and shared memory includes the
-pipeline's buffers. Each record says how many of the kernel's loops load asynchronously
-(software-pipelined): all of them for the prefill and split kernels.
+the contiguous tensors the kernels get, so the lowering is close to the one a GPU runs: shared
+memory includes the pipeline's buffers, and each record says how many of the kernel's loops load
+asynchronously (software-pipelined): all of them for the prefill and split kernels.
 
     TRITON_INTERPRET=0 python -m retmask.kernels.aot        # sm_90 (H100/H200) and sm_80 (A100)
 """
@@ -48,7 +47,6 @@ class Compiled:
     seconds: float
     error: str = ""
     shared_bytes: int = 0  # shared memory per program
-    async_loads: int = 0  # asynchronous global->shared copies (cp.async / TMA) in the lowered kernel
     loops: int = 0  # scf.for loops of the lowered kernel
     pipelined_loops: int = 0  # of them, loops whose body loads asynchronously (software-pipelined)
     registers: int | None = None  # per thread, from the machine code (None: no cuobjdump to read it)
@@ -100,16 +98,14 @@ def _compile(fn, pointers, constexprs, arch, num_warps, num_stages, label, tuned
                                                                                  num_stages=num_stages))
         shared = int(k.metadata.shared)
         ttgir = k.asm.get("ttgir", "")
-        n_async = len(_ASYNC.findall(ttgir))
         loops, piped = _loops(ttgir)
         limit = SHARED_LIMIT.get(arch)
         if limit is not None and shared > limit:  # the launch would fail with "out of resources"
             return Compiled(fn.__name__, label, arch, False, time.perf_counter() - t,
-                            f"needs {shared} bytes of shared memory, sm_{arch} has {limit}", shared, n_async,
-                            pruned=tuned)
+                            f"needs {shared} bytes of shared memory, sm_{arch} has {limit}", shared, pruned=tuned)
         regs, stack = _resources(k.asm.get("cubin"))
         return Compiled(fn.__name__, label, arch, True, time.perf_counter() - t, shared_bytes=shared,
-                        async_loads=n_async, loops=loops, pipelined_loops=piped, registers=regs, stack_bytes=stack)
+                        loops=loops, pipelined_loops=piped, registers=regs, stack_bytes=stack)
     except Exception as e:  # noqa: BLE001  (reported per variant)
         chain = [e]
         while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:  # the innermost error says why

@@ -336,7 +336,6 @@ class Engine:
             raise ValueError(f"segments={segments}: must be >= 1 (or None: sized with the slots)")
         cheap = 2 * self.pool_layers * max_len <= sum(self.private_cap)  # a segment vs a row's private KV
         self._seg_per_slot = cheap or self.group_rows == 1  # else one per group of slots
-        self._segs_per_slot = 1.0 if self._seg_per_slot else 1.0 / self.group_rows
         if slots is None:
             if kv_budget_gb is None:
                 raise ValueError("give slots (rows decoded together) or kv_budget_gb (KV memory to use)")
@@ -370,7 +369,8 @@ class Engine:
     def bytes_per_slot(self, with_pool: bool = True) -> int:
         """K/V bytes per row: its private cache at every layer plus (`with_pool`) its share of the
         pool segments, as sized by default."""
-        pool = self.bytes_per_segment() * self._segs_per_slot if with_pool else 0
+        share = 1 if self._seg_per_slot else 1 / self.group_rows  # segments per slot
+        pool = self.bytes_per_segment() * share if with_pool else 0
         return int(self._token_bytes() * sum(self.private_cap) + pool)
 
     @property

@@ -100,8 +100,8 @@ class PairJob:
         barrier()
         # this run's counts over all ranks
         n_tok, used, run = all_sum([n_tok, self._slot_steps["row_steps"], self._slot_steps["slot_steps"]])
-        self._slot_steps = {"row_steps": used, "slot_steps": run}
-        summary = self.merge(out, items, n_tok, time.perf_counter() - t0) if rank == 0 else {}
+        slot_use = round(used / run, 3) if run else None
+        summary = self.merge(out, items, n_tok, time.perf_counter() - t0, slot_use) if rank == 0 else {}
         barrier()
         return summary
 
@@ -192,7 +192,7 @@ class PairJob:
                          "model": self.model_name, "reject_model": self.reject_name, "scope": self.cfg.scope}}
 
     # ---- merge -------------------------------------------------------------------------------
-    def merge(self, out: Path, items, n_tok: int, seconds: float) -> dict:
+    def merge(self, out: Path, items, n_tok: int, seconds: float, slot_use: float | None = None) -> dict:
         recs = {r["id"]: r for p in sorted((out / "work").glob("rank-*.jsonl")) for r in read_jsonl(p)}
         missing = [i for i in range(len(items)) if i not in recs]
         if missing:
@@ -213,8 +213,7 @@ class PairJob:
         summary = {"config": self.config_dict(), "instructions": len(items), "pairs": len(kept), "dropped": dropped,
                    "generated_tokens": toks, "this_run_tokens": n_tok, "this_run_seconds": round(seconds, 2),
                    "tokens_per_s": round(n_tok / seconds, 1) if seconds > 0 and n_tok else None,
-                   "slot_utilization": (round(self._slot_steps["row_steps"] / self._slot_steps["slot_steps"], 3)
-                                        if self._slot_steps["slot_steps"] else None),
+                   "slot_utilization": slot_use,
                    "shards": shards}
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
