@@ -7,6 +7,9 @@ not counted, so baselines that cannot skip them pay for them.
 Sweep 2 (`shared`): groups of 1, 2 and 4 rows over one shared segment (the prompt) plus 64 private
 tokens each: the shared tiles are read once per group, so 4 rows should cost little more than 1.
 Also a 4-row group stored without sharing (each row its own copy of the prompt) for contrast.
+Sweep 3 (`sampling`): the sampler of a decode step over Llama-3's 128256-token vocabulary at 1 to
+512 rows (temperature 0.6, the paper's): the fused Gumbel-max kernel beside the PyTorch reference
+(the (B, V) float64 noise materialized), same tokens. GB/s counts the logits read once.
 
     python benchmarks/bench_decode.py
     TRITON_INTERPRET=1 python benchmarks/bench_decode.py --tiny --out runs/bench/decode.csv
@@ -22,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import benchlib
-from retmask.kernels import masked_decode, masked_decode_reference, segment_layout
+from retmask.kernels import gumbel_argmax_reference, masked_decode, masked_decode_reference, segment_layout
+from retmask.kernels.sampling import gumbel_argmax_triton
 
 
 def kv_bytes(keep: torch.Tensor, hkv: int, length: int, d: int, elt: int) -> int:
@@ -179,12 +183,38 @@ def sweep_shared(args, device, dtype, hq, hkv, d, st, copy_gbs, rows):
     return rows
 
 
+def sweep_sampling(args, device, dtype, st, copy_gbs, rows):
+    """The sampler of one decode step: fused kernel vs reference, rows x vocabulary logits."""
+    v = args.vocab
+    inv_t = 1 / 0.6
+    for b in (int(x) for x in args.sample_rows.split(",")):
+        g = torch.Generator(device=device).manual_seed(b)
+        logits = torch.randn(b, v, device=device, dtype=dtype, generator=g) * 4
+        seeds = torch.arange(b, device=device) * 7919 + 1
+        steps = torch.full((b,), 100, device=device)
+        nbytes = logits.numel() * logits.element_size()
+        want = gumbel_argmax_reference(logits, seeds, steps, inv_t)
+        base = None
+        for name, fn in (("torch reference", gumbel_argmax_reference), ("retmask fused", gumbel_argmax_triton)):
+            got = fn(logits, seeds, steps, inv_t)
+            ms = benchlib.median_ms(lambda fn=fn: fn(logits, seeds, steps, inv_t))
+            base = ms if base is None else base
+            gbs = nbytes / (ms * 1e-3) / 1e9
+            rows.append(dict(st, sweep="sampling", provider=name, length=v, batch=b, rows_per_group="", hq="",
+                             hkv="", dim="", dtype=args.dtype, off=0.0, ms=f"{ms:.4f}", gbs=f"{gbs:.0f}",
+                             pct_copy=f"{100 * gbs / copy_gbs:.0f}", ratio=f"{ms / base:.3f}",
+                             max_diff=f"{(got != want).float().mean().item():.3f}"))  # share of tokens that differ
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072")
     ap.add_argument("--shared-lengths", default="32768,131072")
     ap.add_argument("--private", type=int, default=64, help="private keys per row in the shared sweep")
     ap.add_argument("--off", default="0,0.5,1")
+    ap.add_argument("--vocab", type=int, default=128256, help="vocabulary of the sampling sweep")
+    ap.add_argument("--sample-rows", default="1,16,128,512", help="rows of the sampling sweep")
     ap.add_argument("--tokens", type=int, default=131072, help="batch = max(1, tokens // length)")
     ap.add_argument("--heads", default="32,8")
     ap.add_argument("--dim", type=int, default=128)
@@ -195,6 +225,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = benchlib.resolve_mode(args, "decode", dict(
         lengths="64,160", shared_lengths="96", private=8, tokens=160, heads="8,2", dim=32, dtype="float32",
+        vocab=300, sample_rows="1,3",
         providers="retmask,retmask+argmax,reference,sdpa-math,flex"))
     if device is None:
         return 2
@@ -206,6 +237,7 @@ def main(argv=None) -> int:
     rows = benchlib.RowLog(args.out, {"copy_gbs": f"{copy_gbs:.0f}"})  # each row is saved as it is measured
     sweep_lengths(args, device, dtype, hq, hkv, args.dim, st, copy_gbs, rows)
     sweep_shared(args, device, dtype, hq, hkv, args.dim, st, copy_gbs, rows)
+    sweep_sampling(args, device, dtype, st, copy_gbs, rows)
     benchlib.plot([r for r in rows if r["sweep"] == "length"], "length", "gbs", "provider", args.out.with_suffix(".png"),
                   f"Decode, {hq}/{hkv} heads, D {args.dim}, {args.dtype} on {st['device']}", facet="off",
                   ylabel="GB/s of K/V read", hline=copy_gbs, hline_label="copy bandwidth")

@@ -68,6 +68,10 @@ def decode_section() -> str:
     if sh:
         out += ["\n\nA group on one shared segment, time relative to one row (target <= 1.2 at 4 rows):\n",
                 _pivot(sh, "length", "what", "ratio")]
+    sm = [r for r in rows if r["sweep"] == "sampling"]
+    if sm:
+        out += [f"\n\nSampling one token per row over {sm[0]['length']} logits (temperature 0.6), ms per step:\n",
+                _pivot(sm, "batch", "provider", "ms")]
     return "".join(out) + _footnote(rows)
 
 

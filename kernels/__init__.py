@@ -1,6 +1,6 @@
 """Masked attention kernels: several policies of one model in one batched pass.
 
-Public functions (`masked_attention`, `masked_decode`) check their inputs, then run the Triton
+Public functions (`masked_attention`, `masked_decode`, `gumbel_argmax`) check their inputs, then run the Triton
 kernel for CUDA tensors and the PyTorch reference otherwise. `RETMASK_BACKEND=triton|reference`
 forces one (Triton on CPU tensors needs `TRITON_INTERPRET=1`, set before import). This package
 imports only torch and triton, and never touches CUDA at import.
@@ -9,11 +9,13 @@ imports only torch and triton, and never touches CUDA at import.
 from __future__ import annotations
 
 from .backend import BACKEND_ENV, resolve_backend
-from .reference import masked_attention_reference, masked_decode_reference
+from .reference import gumbel_argmax_reference, masked_attention_reference, masked_decode_reference
 from .segments import SegmentLayout, segment_layout
 
 __all__ = [
     "BACKEND_ENV",
+    "gumbel_argmax",
+    "gumbel_argmax_reference",
     "masked_attention",
     "masked_attention_reference",
     "masked_decode",
@@ -87,6 +89,32 @@ def masked_decode(
     if fn is not masked_decode_reference:
         kw["max_group_rows"] = max_group_rows
     return fn(q, k_cache, v_cache, kv_lens, keep, **kw)
+
+
+def gumbel_argmax(logits, seed, step, inv_t: float, floor=None):
+    """Sample one token per row by Gumbel-max with counter-based noise, reading the logits once.
+
+    Row b's token is the argmax over v of `logits[b, v] * inv_t - log(-log(u(seed[b], step[b], v)))`
+    among the tokens whose score `logits[b, v] * inv_t` is at least `floor[b]`, in float64, where
+    `u` is splitmix64 of (seed, step, v) mapped to (0, 1). That is a draw from
+    `softmax(logits * inv_t)` restricted to the kept tokens, which depends on the row's own seed,
+    step and logits only (not on the batch, nor on the device). Ties go to the lowest token id.
+
+    Args:
+        logits: `(B, V)` float tensor (any float dtype; read once).
+        seed, step: `(B,)` int tensors (any device; moved to the logits').
+        inv_t: 1 / temperature, > 0.
+        floor: `(B,)` per-row score floor (a top-k or top-p cut, in units of `logits * inv_t`), or
+            None for every token.
+
+    Returns:
+        `(B,)` int64 token ids on the logits' device.
+    """
+    if resolve_backend(logits) == "reference":
+        return gumbel_argmax_reference(logits, seed, step, inv_t, floor)
+    from .sampling import gumbel_argmax_triton
+
+    return gumbel_argmax_triton(logits, seed, step, inv_t, floor)
 
 
 def _pick(name: str, q):

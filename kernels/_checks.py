@@ -241,3 +241,19 @@ def check_decode(
             )
             _range("kv_lens", kv_lens + seg_len, 1, smax + shared.ssh, "shared plus private keys per row")
     return DecodeArgs(b, hq, hkv, smax, d, keep, kv_lens, _window(window), _scale(scale, d), shared)
+
+
+def check_sampling(logits, seed, step, inv_t, floor):
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.dtype.is_floating_point:
+        got = f"{tuple(logits.shape)} {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits: expected a (B, V) float tensor, got {got}")
+    b = logits.shape[0]
+    for name, t in (("seed", seed), ("step", step)):
+        if not isinstance(t, torch.Tensor) or t.shape != (b,) or t.dtype.is_floating_point:
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected a ({b},) integer tensor (one per row of logits), got {got}")
+    if not inv_t > 0:
+        raise ValueError(f"inv_t={inv_t}: must be > 0 (1 / temperature)")
+    if floor is not None and (not isinstance(floor, torch.Tensor) or floor.shape != (b,)):
+        got = tuple(floor.shape) if isinstance(floor, torch.Tensor) else type(floor).__name__
+        raise ValueError(f"floor: expected a ({b},) tensor of per-row score floors or None, got {got}")

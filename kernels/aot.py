@@ -33,7 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from . import attention, decode
+from . import attention, decode, sampling
 
 _FLOAT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
@@ -62,7 +62,7 @@ class Compiled:
 SHARED_LIMIT = {90: 232448, 80: 166912}
 
 
-def _signature(fn, pointers: dict[str, str], constexprs: dict, floats=("qk_scale", "sm_scale")) -> dict[str, str]:
+def _signature(fn, pointers: dict[str, str], constexprs: dict, floats=("qk_scale", "sm_scale", "inv_t")) -> dict[str, str]:
     """Triton signature of `fn`: pointer arguments by name, float scalars, the rest int32."""
     sig = {}
     for name in fn.arg_names:
@@ -191,13 +191,22 @@ def _decode_variants():
             yield decode._combine, ptr, ce, 1 if d <= 64 else 2, 3, label, None
 
 
+def _sampling_variants():
+    for dt in ("bf16", "fp16", "fp32"):
+        for floor in (False, True):
+            ptr = dict(LOGITS=_FLOAT[dt], SEED="*i64", STEP="*i64", FLOOR="*fp64", BEST="*fp64", IDX="*i32")
+            yield (sampling._gumbel_split, ptr, dict(HAS_FLOOR=floor, BLOCK=1024), 4, 3, f"{dt} floor={floor}",
+                   None)
+
+
 def compile_all(arch: int = 90, progress=None) -> list[Compiled]:
     """Compile every kernel variant for `arch` (90: Hopper, 80: Ampere); one record per variant. An
     autotune config over the shared-memory limit is pruned; if every config of a variant is, the
     last one fails (the autotuner would have nothing to launch)."""
     out = []
     families: dict[str, list[Compiled]] = {}
-    for fn, ptr, ce, w, s, label, family in itertools.chain(_prefill_variants(), _decode_variants()):
+    for fn, ptr, ce, w, s, label, family in itertools.chain(_prefill_variants(), _decode_variants(),
+                                                                   _sampling_variants()):
         r = _compile(fn, ptr, ce, arch, w, s, label, tuned=family is not None)
         if family is not None:
             families.setdefault(family, []).append(r)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch references of the masked attention kernels.
+"""Pure-PyTorch references of the masked attention kernels and of the sampling kernel.
 
 Same signatures and semantics as the Triton launchers: they are the CPU backend and the test
 oracle. They compute in float32 (upcast) and return the input dtype. Nothing here is tuned: the
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_attention, check_decode
+from ._checks import check_attention, check_decode, check_sampling
 from ._launch import alloc
 
 _Q_CHUNK = 1024  # queries per step of the prefill reference: bounds the (chunk, Skv) score tile
@@ -103,3 +103,42 @@ def masked_decode_reference(
         pos.masked_fill_(~a.keep, -1)
         score.masked_fill_(~a.keep, float("-inf"))
     return (out, pos, score) if return_argmax else out
+
+
+# splitmix64 constants (uint64)
+C1 = 0x9E3779B97F4A7C15
+C2 = 0xBF58476D1CE4E5B9
+C3 = 0x94D049BB133111EB
+
+
+# The sampler's noise: splitmix64 of (seed, step, token id), computed in int64 (wrapping) here and
+# in uint64 in the Triton kernel, which give the same bits.
+def _s64(x: int) -> int:  # a uint64 constant as the int64 torch holds
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _lsr(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def uniform(seed: torch.Tensor, step: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n) float64 in (0, 1): splitmix64 of (seed, step, index); seed, step: (B,) int64."""
+    idx = torch.arange(n, device=seed.device, dtype=torch.int64)
+    x = seed[:, None] * _s64(C1) + step[:, None] * _s64(C2) + idx[None, :] * _s64(C3)  # wraps mod 2**64
+    x = x + _s64(C1)
+    x = (x ^ _lsr(x, 30)) * _s64(C2)
+    x = (x ^ _lsr(x, 27)) * _s64(C3)
+    x = x ^ _lsr(x, 31)
+    return (_lsr(x, 11).double() + 0.5) / float(1 << 53)
+
+
+def gumbel_argmax_reference(logits, seed, step, inv_t: float, floor=None) -> torch.Tensor:
+    """(B,) int64 tokens; see the module docstring. logits (B, V); seed, step (B,) int; floor (B,) or None."""
+    check_sampling(logits, seed, step, inv_t, floor)
+    dev = logits.device
+    scores = logits.double() * inv_t
+    if floor is not None:
+        scores = scores.masked_fill(scores < floor.to(dev, torch.float64)[:, None], float("-inf"))
+    u = uniform(seed.to(dev, torch.int64), step.to(dev, torch.int64), logits.shape[1])
+    return (scores - torch.log(-torch.log(u))).argmax(-1)

@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from retmask.kernels import SegmentLayout, masked_attention, masked_decode, segment_layout
@@ -463,7 +464,7 @@ class Engine:
         self._group_max = next_pow2(max((len(g.policies) for g in groups), default=1))
         queue = deque(groups)
         d, S = self.d, self.slots
-        st = _Slots(S, d.n_layers, d.n_heads, self.n_segments)
+        st = _Slots(S, d.n_layers, d.n_heads, self.n_segments, cfg.max_new_tokens, self.device)
         results: dict[int, list] = {}
         while queue or st.active_count:
             admitted = []
@@ -632,48 +633,60 @@ class Engine:
     @torch.no_grad()
     def _step(self, st: "_Slots", cfg: GenConfig):
         dev = self.device
-        active = torch.tensor(st.active)
-        keep = torch.where(torch.tensor(st.in_prompt)[:, None, None], st.keep_prompt, st.keep_gen)
-        keep &= active[:, None, None]  # idle slots: every head off, nothing read
-        ids = torch.tensor(st.next_in)[:, None]
-        pos = torch.tensor(st.pos)[:, None]
+        if st.changed:  # rows that joined, left or take their first step: only their bitmap rows change
+            idx = sorted(st.changed)
+            rows = [st.keep_prompt[i] if st.in_prompt[i] else st.keep_gen[i] for i in idx if st.active[i]]
+            new = torch.zeros(len(idx), *st.keep.shape[1:], dtype=torch.bool)  # idle slots: every head off
+            if rows:
+                new[torch.from_numpy(st.active[idx])] = torch.stack(rows)
+            st.keep[torch.tensor(idx, device=dev)] = new.to(dev)
+            st.keep_all_on = None
+            st.changed = set(np.flatnonzero(st.in_prompt).tolist())  # their generated-token bitmap comes next
+        ids = torch.from_numpy(st.next_in)[:, None]
+        pos = torch.from_numpy(st.pos)[:, None]
         if self.decode == "eager":
-            ctx = _Decode(self, keep.to(dev), keep.all(-1).all(0).tolist(), cfg.return_argmax, self._group_max)
+            if st.keep_all_on is None:
+                st.keep_all_on = st.keep.all(-1).all(0).tolist()  # layers whose launches skip the bitmap
+            ctx = _Decode(self, st.keep, st.keep_all_on, cfg.return_argmax, self._group_max)
             with hf.active(ctx):
                 logits = self.model(input_ids=ids.to(dev), position_ids=pos.to(dev),
                                     use_cache=False).logits[:, -1]  # (S, V)
         else:
             step = self._static_step(cfg.return_argmax)
-            logits = step.run(ids, pos, keep)
+            logits = step.run(ids, pos, st.keep)
             ctx = step.ctx
-        self.kv_len += active.to(dev, torch.int32)[None, :]
-        seeds = torch.tensor(st.seed, dtype=torch.int64)
-        steps = torch.tensor(st.n_gen, dtype=torch.int64)
-        tok = next_tokens(logits, cfg.sampling, seeds, steps).tolist()
+        self.kv_len += torch.from_numpy(st.active).to(dev, torch.int32)[None, :]
+        tok = next_tokens(logits, cfg.sampling, torch.from_numpy(st.seed), torch.from_numpy(st.n_gen)).cpu().numpy()
         # one transfer per step; a copy even on CPU, where the static step reuses its output buffers
         am = ctx.argmax.to("cpu", copy=True) if cfg.return_argmax else None
         lg = logits.to("cpu", torch.float32, copy=True) if cfg.keep_logits else None
-        done = []
-        for slot in range(self.slots):
-            if not st.active[slot]:
-                continue
-            t = tok[slot]
-            st.tokens[slot].append(t)
+        rows = np.flatnonzero(st.active)
+        t = tok[rows]
+        st.tokens[rows, st.n_gen[rows]] = t
+        st.n_gen[rows] += 1
+        st.next_in[rows] = t
+        st.pos[rows] += 1
+        st.in_prompt[rows] = False
+        for slot in rows.tolist() if (cfg.return_argmax or cfg.keep_logits) else ():
             if cfg.return_argmax:
                 st.argmax[slot].append(am[slot])
             if cfg.keep_logits:
                 st.logits[slot].append(lg[slot])
-            st.n_gen[slot] += 1
-            st.next_in[slot], st.pos[slot], st.in_prompt[slot] = t, st.pos[slot] + 1, False
+        eos = np.isin(t, np.asarray(cfg.eos_ids, dtype=np.int64)) if cfg.eos_ids else np.zeros(len(rows), bool)
+        length = st.n_gen[rows] >= cfg.max_new_tokens
+        done = []
+        # the rows that may end: EOS or length (vectorized), or any row when a stop string can match
+        for slot in (rows.tolist() if cfg.stop_strings else rows[eos | length].tolist()):
+            n = int(st.n_gen[slot])
             finish = None
-            if t in cfg.eos_ids:
+            if int(st.tokens[slot, n - 1]) in cfg.eos_ids:
                 finish = "eos"
-            elif cfg.stop_strings and self._hit_stop(st.tokens[slot], cfg.stop_strings):
+            elif cfg.stop_strings and self._hit_stop(st.tokens[slot, max(0, n - 16):n].tolist(), cfg.stop_strings):
                 finish = "stop"
-            elif st.n_gen[slot] >= cfg.max_new_tokens:
+            elif n >= cfg.max_new_tokens:
                 finish = "length"
             if finish:
-                res = RowResult(st.policy[slot].label, list(st.tokens[slot]), finish,
+                res = RowResult(st.policy[slot].label, st.tokens[slot, :n].tolist(), finish,
                                 torch.stack(st.argmax[slot]) if cfg.return_argmax else None,
                                 torch.stack(st.logits[slot]) if cfg.keep_logits else None)
                 done.append((slot, res))
@@ -684,37 +697,42 @@ class Engine:
             self._refresh_layout()
         return done
 
-    def _hit_stop(self, tokens: list[int], stops: tuple[str, ...]) -> bool:
-        tail = self.tokenizer.decode(tokens[-16:], skip_special_tokens=False)
+    def _hit_stop(self, tail_tokens: list[int], stops: tuple[str, ...]) -> bool:
+        """Whether the text of a row's last tokens (16 are given) contains a stop string."""
+        tail = self.tokenizer.decode(tail_tokens, skip_special_tokens=False)
         return any(s in tail for s in stops)
 
 
 class _Slots:
-    """Host-side state of the decode slots."""
+    """Host-side state of the decode slots: per-slot numpy arrays, so a step's bookkeeping is a few
+    vector operations whatever the slot count (a Python loop runs only over the rows that end)."""
 
-    def __init__(self, n: int, n_layers: int, n_heads: int, n_segments: int):
+    def __init__(self, n: int, n_layers: int, n_heads: int, n_segments: int, max_new: int, device):
         self.n = n
-        self.active = [False] * n
+        self.active = np.zeros(n, dtype=bool)
         self.group = [None] * n
         self.row = [0] * n
         self.policy = [None] * n
-        self.seed = [0] * n
-        self.next_in = [0] * n
-        self.pos = [0] * n
-        self.n_gen = [0] * n
-        self.in_prompt = [False] * n
-        self.tokens = [[] for _ in range(n)]
+        self.seed = np.zeros(n, dtype=np.int64)
+        self.next_in = np.zeros(n, dtype=np.int64)
+        self.pos = np.zeros(n, dtype=np.int64)
+        self.n_gen = np.zeros(n, dtype=np.int64)
+        self.in_prompt = np.zeros(n, dtype=bool)
+        self.tokens = np.zeros((n, max(1, max_new)), dtype=np.int64)  # row's tokens: tokens[slot, :n_gen[slot]]
         self.argmax = [[] for _ in range(n)]
         self.logits = [[] for _ in range(n)]
         self.keep_prompt = torch.ones(n, n_layers, n_heads, dtype=torch.bool)  # at the last prompt token
         self.keep_gen = torch.ones(n, n_layers, n_heads, dtype=torch.bool)  # at generated tokens
+        self.keep = torch.zeros(n, n_layers, n_heads, dtype=torch.bool, device=device)  # the step's bitmap
+        self.keep_all_on: list[bool] | None = None  # per layer: every head of every slot on (eager steps)
+        self.changed: set[int] = set()  # slots whose row of `keep` must be rewritten before the next step
         self.free_segs = list(range(n_segments))
         self.groups, self.group_seg = {}, {}
         self._free = list(range(n))
 
     @property
     def active_count(self) -> int:
-        return sum(self.active)
+        return int(self.active.sum())
 
     def free_count(self) -> int:
         return len(self._free) if self.free_segs else 0
@@ -730,10 +748,12 @@ class _Slots:
         self.active[slot], self.group[slot], self.row[slot], self.policy[slot] = True, gid, row, policy
         self.seed[slot], self.next_in[slot], self.pos[slot], self.n_gen[slot] = seed, int(first_in), pos, 0
         self.in_prompt[slot] = True
-        self.tokens[slot], self.argmax[slot], self.logits[slot] = [], [], []
+        self.argmax[slot], self.logits[slot] = [], []
+        self.changed.add(slot)
 
     def release(self, slot):
         self.active[slot] = False
         self.group[slot] = None
         self._free.append(slot)
         self._free.sort()
+        self.changed.add(slot)

@@ -1,8 +1,10 @@
 """Next-token choice per row: greedy, or sampling that depends only on (row seed, step).
 
-Sampling is Gumbel-max over the filtered logits (temperature, top-k, top-p), with the Gumbel noise
-drawn from a counter-based hash of (seed, step, token id). So a row's tokens depend on its seed
-and its own logits alone, never on which rows share its batch or on the order of slots.
+Sampling is Gumbel-max (`retmask.kernels.gumbel_argmax`: one pass over the logits on CUDA) with
+noise from a counter-based hash of (seed, step, token id), over the tokens that survive the
+top-k and top-p cuts, each cut expressed as a per-row score floor. So a row's tokens depend on its
+seed and its own logits alone, never on which rows share its batch, the order of slots, or the
+device.
 """
 
 from __future__ import annotations
@@ -11,30 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-_M64 = (1 << 64) - 1
-
-
-def _s64(x: int) -> int:  # a uint64 constant as the int64 torch holds
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-_C1, _C2, _C3 = _s64(0x9E3779B97F4A7C15), _s64(0xBF58476D1CE4E5B9), _s64(0x94D049BB133111EB)
-
-
-def _lsr(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> n) & ((1 << (64 - n)) - 1)
-
-
-def uniform(seed: torch.Tensor, step: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, n) floats in (0, 1) from splitmix64 of (seed, step, index); seed, step: (B,) int64."""
-    idx = torch.arange(n, device=seed.device, dtype=torch.int64)
-    x = seed[:, None] * _C1 + step[:, None] * _C2 + idx[None, :] * _C3  # wraps mod 2**64
-    x = x + _C1
-    x = (x ^ _lsr(x, 30)) * _C2
-    x = (x ^ _lsr(x, 27)) * _C3
-    x = x ^ _lsr(x, 31)
-    return (_lsr(x, 11).double() + 0.5) / float(1 << 53)
+from .kernels import gumbel_argmax
 
 
 @dataclass(frozen=True)
@@ -56,21 +35,31 @@ class Sampling:
         return self.temperature == 0
 
 
+def score_floor(logits: torch.Tensor, cfg: Sampling) -> torch.Tensor | None:
+    """(B,) float64 floor on the scores `logits / temperature` that the top-k and top-p cuts leave
+    (None when neither cuts). Top-k keeps the scores at least the k-th largest; top-p then keeps,
+    of those, the highest scores down to the first whose cumulative probability (mass before it
+    plus its own) reaches top_p. Both cut by value, so tokens tied with the last kept one are kept
+    too, whatever order a sort gives them."""
+    v = logits.shape[-1]
+    cut_k = 0 < cfg.top_k < v
+    if not cut_k and cfg.top_p >= 1.0:
+        return None
+    scores = logits.double() * (1.0 / cfg.temperature)  # the kernel's scores, bit for bit
+    if not cut_k:
+        srt = scores.sort(dim=-1, descending=True).values
+    else:
+        srt = scores.topk(cfg.top_k, dim=-1).values  # sorted, descending
+        if cfg.top_p >= 1.0:
+            return srt[:, -1]
+    probs = torch.softmax(srt, dim=-1)  # renormalized over the top-k when cut
+    before = probs.cumsum(-1) - probs  # mass strictly before each sorted score
+    last = (before < cfg.top_p).sum(-1, keepdim=True) - 1  # the last kept position (>= 0)
+    return srt.gather(-1, last).squeeze(-1)
+
+
 def next_tokens(logits: torch.Tensor, cfg: Sampling, seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """logits (B, V) -> tokens (B,) int64."""
+    """logits (B, V) -> tokens (B,) int64 on the logits' device; seed, step: (B,) int64."""
     if cfg.greedy:
         return logits.argmax(-1)
-    scores = logits.float() / cfg.temperature  # (B, V)
-    if cfg.top_k and cfg.top_k < scores.shape[-1]:
-        kth = scores.topk(cfg.top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        srt, order = scores.sort(dim=-1, descending=True)
-        probs = srt.softmax(-1)
-        before = probs.cumsum(-1) - probs  # mass strictly before each token
-        drop = before >= cfg.top_p  # keep the smallest prefix whose mass reaches top_p
-        scores = scores.scatter(-1, order, srt.masked_fill(drop, float("-inf")))
-    dev = scores.device  # the (B, V) noise is made where the logits are, never on the host
-    u = uniform(seed.to(dev, torch.int64), step.to(dev, torch.int64), scores.shape[-1])
-    gumbel = -torch.log(-torch.log(u))
-    return (scores.double() + gumbel).argmax(-1)
+    return gumbel_argmax(logits, seed, step, 1.0 / cfg.temperature, score_floor(logits, cfg))

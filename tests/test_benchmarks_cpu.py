@@ -20,7 +20,8 @@ def _run(script, out, *extra):
 
 @pytest.mark.parametrize("script,providers", [
     ("bench_prefill.py", {"retmask", "reference", "sdpa-math", "flex"}),
-    ("bench_decode.py", {"retmask", "retmask+argmax", "reference", "sdpa-math", "flex"}),
+    ("bench_decode.py", {"retmask", "retmask+argmax", "reference", "sdpa-math", "flex", "retmask fused",
+                         "torch reference"}),
 ])
 def test_tiny_mode(tmp_path, script, providers):
     out = tmp_path / "r.csv"
@@ -74,6 +75,7 @@ def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch, model_bench
     assert report.main([]) == 0
     text = readme.read_text()
     assert "old" not in text and "| length | retmask |" in text and "Argmax cost" in text
+    assert "| batch | torch reference | retmask fused |" in text  # the sampler sweep
     assert "| pairs | engine (both policies, one pass) |" in text and "One pair on a long prompt" in text
     assert "| length | retmask | reference-style |" in text and "vs_floor" in text
     assert text.count("commit") == 4

@@ -121,6 +121,30 @@ def test_stops_and_finish_reasons(family):
     assert r.rows[0].tokens == free[:cut] and r.rows[0].finish == "eos"
 
 
+def test_stop_strings_end_rows_where_their_text_appears():
+    """A stop string ends a row at the first token whose decoded tail contains it (oracle: the
+    unstopped greedy tokens, decoded prefix by prefix), with finish "stop"; rows of the same batch
+    that never see it run to their length; many slots at once (the vectorized bookkeeping)."""
+    from retmask import toy
+
+    tok = toy.build_tokenizer()
+    m = tiny("llama", vocab=len(tok), seed=3)
+    g = torch.Generator().manual_seed(4)
+    ps = [torch.randint(10, len(tok), (int(n),), generator=g).tolist() for n in torch.randint(2, 12, (12,), generator=g)]
+    new = 14
+    free = [hf_greedy(m, p, new) for p in ps]
+    stop = tok.decode(free[0][5:7])  # text that row 0 produces at its steps 6-7
+    want = []
+    for f in free:
+        n = next((i for i in range(1, new + 1) if stop in tok.decode(f[max(0, i - 16):i])), None)
+        want.append((f[:n], "stop") if n else (f, "length"))
+    assert want[0][1] == "stop" and any(w[1] == "length" for w in want)
+    with Engine(m, tok, slots=8, max_len=40) as eng:  # 12 groups through 8 slots: refills mid-run
+        got = {r.key: r.rows[0] for r in eng.generate([Group(p, [ORIGINAL], key=i) for i, p in enumerate(ps)],
+                                                       GenConfig(max_new_tokens=new, stop_strings=(stop,)))}
+    assert [(got[i].tokens, got[i].finish) for i in range(len(ps))] == want
+
+
 def test_one_generation_at_a_time_and_clean_after_an_early_stop(family):
     _, m, ref, _ = family
     ps = prompts(4, (5, 30, 12))
