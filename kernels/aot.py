@@ -62,7 +62,7 @@ class Compiled:
 SHARED_LIMIT = {90: 232448, 80: 166912}
 
 
-def _signature(fn, pointers: dict[str, str], constexprs: dict, floats=("qk_scale", "sm_scale", "inv_t")) -> dict[str, str]:
+def _signature(fn, pointers: dict[str, str], constexprs: dict, floats=("qk_scale", "sm_scale")) -> dict[str, str]:
     """Triton signature of `fn`: pointer arguments by name, float scalars, the rest int32."""
     sig = {}
     for name in fn.arg_names:
@@ -194,7 +194,8 @@ def _decode_variants():
 def _sampling_variants():
     for dt in ("bf16", "fp16", "fp32"):
         for floor in (False, True):
-            ptr = dict(LOGITS=_FLOAT[dt], SEED="*i64", STEP="*i64", FLOOR="*fp64", BEST="*fp64", IDX="*i32")
+            ptr = dict(LOGITS=_FLOAT[dt], SEED="*i64", STEP="*i64", FLOOR="*fp64", INV_T="*fp64", BEST="*fp64",
+                       IDX="*i32")
             yield (sampling._gumbel_split, ptr, dict(HAS_FLOOR=floor, BLOCK=1024), 4, 3, f"{dt} floor={floor}",
                    None)
 

@@ -123,14 +123,14 @@ def _lsr(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def uniform(seed: torch.Tensor, step: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, n) float64 in (0, 1): splitmix64 of (seed, step, index); seed, step: (B,) int64."""
+    """(B, n) float64 strictly inside (0, 1): splitmix64 of (seed, step, index); seed, step: (B,) int64."""
     idx = torch.arange(n, device=seed.device, dtype=torch.int64)
     x = seed[:, None] * _s64(C1) + step[:, None] * _s64(C2) + idx[None, :] * _s64(C3)  # wraps mod 2**64
     x = x + _s64(C1)
     x = (x ^ _lsr(x, 30)) * _s64(C2)
     x = (x ^ _lsr(x, 27)) * _s64(C3)
     x = x ^ _lsr(x, 31)
-    return (_lsr(x, 11).double() + 0.5) / float(1 << 53)
+    return (_lsr(x, 12).double() + 0.5) / float(1 << 52)  # 52 bits: the largest value is 1 - 2**-53 < 1
 
 
 def gumbel_argmax_reference(logits, seed, step, inv_t: float, floor=None) -> torch.Tensor:

@@ -30,7 +30,7 @@ _C3 = tl.constexpr(C3)
 
 @triton.jit
 def _gumbel_split(
-    LOGITS, SEED, STEP, FLOOR, BEST, IDX, stride_b, V, SPLIT_LEN, inv_t,
+    LOGITS, SEED, STEP, FLOOR, INV_T, BEST, IDX, stride_b, V, SPLIT_LEN,
     HAS_FLOOR: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -43,6 +43,7 @@ def _gumbel_split(
     floor = float("-inf")
     if HAS_FLOOR:
         floor = tl.load(FLOOR + b)
+    inv_t = tl.load(INV_T)  # float64 (a scalar argument would reach the GPU as float32)
     row = LOGITS + b.to(tl.int64) * stride_b
     offs = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float64)
@@ -55,7 +56,7 @@ def _gumbel_split(
         x = (x ^ (x >> 30)) * _C2
         x = (x ^ (x >> 27)) * _C3
         x = x ^ (x >> 31)
-        u = ((x >> 11).to(tl.float64) + 0.5) * 1.1102230246251565e-16  # / 2**53, exact
+        u = ((x >> 12).to(tl.float64) + 0.5) * 2.220446049250313e-16  # / 2**52, exact; in (0, 1)
         key = sc - tl.log(-tl.log(u))  # float64: libdevice's log on CUDA
         key = tl.where(m & (sc >= floor), key, float("-inf"))
         better = key > best  # strict: each lane keeps its first (lowest) best token
@@ -74,6 +75,8 @@ def gumbel_argmax_triton(logits, seed, step, inv_t: float, floor=None, *, block:
         logits = logits.contiguous()
     b, v = logits.shape
     dev = logits.device
+    if b == 0:
+        return torch.empty(0, dtype=torch.int64, device=dev)
     if interpreting(logits):
         block, splits = 64, max(1, min(3, triton.cdiv(v, 64)))
     else:  # enough programs to fill the GPU at any batch, each at least a few blocks long
@@ -84,8 +87,9 @@ def gumbel_argmax_triton(logits, seed, step, inv_t: float, floor=None, *, block:
     idx = alloc(b, splits, dtype=torch.int32, device=dev)
     fl = floor.to(dev, torch.float64).contiguous() if floor is not None else best
     _gumbel_split[(b, splits)](
-        logits, seed.to(dev, torch.int64).contiguous(), step.to(dev, torch.int64).contiguous(), fl, best, idx,
-        logits.stride(0), v, split_len, float(inv_t), HAS_FLOOR=floor is not None, BLOCK=block,
+        logits, seed.to(dev, torch.int64).contiguous(), step.to(dev, torch.int64).contiguous(), fl,
+        torch.tensor([float(inv_t)], dtype=torch.float64, device=dev), best, idx,
+        logits.stride(0), v, split_len, HAS_FLOOR=floor is not None, BLOCK=block,
     )
     # the first split holding the row's maximum (argmax keeps the first), then its token
     return idx.gather(1, best.argmax(1, keepdim=True)).squeeze(1).to(torch.int64)

@@ -718,7 +718,7 @@ class _Slots:
         self.pos = np.zeros(n, dtype=np.int64)
         self.n_gen = np.zeros(n, dtype=np.int64)
         self.in_prompt = np.zeros(n, dtype=bool)
-        self.tokens = np.zeros((n, max(1, max_new)), dtype=np.int64)  # row's tokens: tokens[slot, :n_gen[slot]]
+        self.tokens = np.zeros((n, max(1, max_new)), dtype=np.int32)  # row's tokens: tokens[slot, :n_gen[slot]]
         self.argmax = [[] for _ in range(n)]
         self.logits = [[] for _ in range(n)]
         self.keep_prompt = torch.ones(n, n_layers, n_heads, dtype=torch.bool)  # at the last prompt token

@@ -54,7 +54,8 @@ def score_floor(logits: torch.Tensor, cfg: Sampling) -> torch.Tensor | None:
             return srt[:, -1]
     probs = torch.softmax(srt, dim=-1)  # renormalized over the top-k when cut
     before = probs.cumsum(-1) - probs  # mass strictly before each sorted score
-    last = (before < cfg.top_p).sum(-1, keepdim=True) - 1  # the last kept position (>= 0)
+    # the last kept position; >= 0 (clamped for a row with no finite score, whose floor is then -inf)
+    last = ((before < cfg.top_p).sum(-1, keepdim=True) - 1).clamp(min=0)
     return srt.gather(-1, last).squeeze(-1)
 
 

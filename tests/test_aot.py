@@ -87,3 +87,25 @@ def test_interpreted_functions_are_refused_with_the_fix(monkeypatch):
         pytest.skip("the suite runs with TRITON_INTERPRET=0 here")
     with pytest.raises(RuntimeError, match="run the check with TRITON_INTERPRET=0"):
         aot._compile(decode._combine, {}, {}, 90, 1, 1, "x")
+
+
+SAMPLER_SIGNATURE = textwrap.dedent('''
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from retmask.kernels import aot
+    for fn, ptr, ce, w, s, label, _ in aot._sampling_variants():
+        src = ASTSource(fn=fn, signature=aot._signature(fn, ptr, ce), constexprs=ce, attrs=aot._aligned(fn, ptr))
+        ttir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=w)).asm["ttir"]
+        print(next(line for line in ttir.splitlines() if "tt.func" in line))
+''')
+
+
+def test_sampler_takes_no_float32_scalar():
+    """The sampler scales logits in float64 exactly as its reference and score floors do. A Python
+    float argument reaches a GPU kernel as float32 (the interpreter keeps it float64, so only the
+    compiled signature shows it): the scale must come through a float64 buffer."""
+    p = _python("-c", SAMPLER_SIGNATURE)
+    assert p.returncode == 0, p.stderr[-2000:]
+    heads = p.stdout.strip().splitlines()
+    assert len(heads) == 6 and all(": f32" not in h and "f64>" in h for h in heads), heads

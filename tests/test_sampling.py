@@ -97,6 +97,22 @@ def test_floor_cuts_by_value_and_keeps_ties():
     assert score_floor(logits, Sampling(temperature=1.0)) is None
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_rows_without_a_finite_logit_and_empty_batches(backend, monkeypatch):
+    """A row whose logits are all -inf samples token 0 under every cut (top-p's mass is NaN there),
+    like torch.argmax; a batch of no rows gives no tokens."""
+    monkeypatch.setenv("RETMASK_BACKEND", backend)
+    logits = torch.randn(3, 70)
+    logits[1] = float("-inf")
+    for cfg in (Sampling(temperature=0.6), Sampling(temperature=0.6, top_p=0.5), Sampling(temperature=0.6, top_k=3),
+                Sampling(temperature=0.6, top_k=3, top_p=0.5)):
+        toks = next_tokens(logits, cfg, torch.arange(3), torch.zeros(3, dtype=torch.long))
+        assert toks[1].item() == 0 and 0 <= toks.min() and toks.max() < 70
+    empty = next_tokens(torch.zeros(0, 70), Sampling(temperature=0.6), torch.zeros(0, dtype=torch.long),
+                        torch.zeros(0, dtype=torch.long))
+    assert empty.shape == (0,) and empty.dtype == torch.int64
+
+
 def test_tokens_do_not_depend_on_the_batch():
     """A row sampled alone, or among others in any order, by the kernel: the same token."""
     logits, seeds, steps = _rows(5, 400, torch.float16, seed=9)
