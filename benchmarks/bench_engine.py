@@ -5,7 +5,8 @@ Sweep `pairs`: 64-token prompts, 512 forced new tokens, 1 to 256 pairs; the engi
 and ablated rows together; the baseline is `generate` (SDPA, static cache) on the original model,
 then on the copy with the heads' `o_proj` columns zeroed. Reported: output tokens per second of both
 policies together, the engine's mean decode step against the bandwidth floor (weights + KV bytes per
-step over the measured copy bandwidth), and peak memory.
+step over the measured copy bandwidth), and peak memory. At `--sampled-pairs` the engine also
+samples (temperature 0.6, as `retmask pairs`), to show what sampling adds to a step.
 Sweep `long`: one pair on a 32K prompt, 256 new tokens, scope `all` and scope `generated`.
 
     python benchmarks/bench_engine.py
@@ -24,6 +25,7 @@ import torch
 import benchlib
 from retmask.engine import ORIGINAL, Engine, GenConfig, Group, Policy
 from retmask.heads import HeadSet
+from retmask.sampling import Sampling
 
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
@@ -119,6 +121,9 @@ def main(argv=None) -> int:
     ap.add_argument("--long-new", type=int, default=256)
     ap.add_argument("--eager-pairs", default="1,32",
                     help="pair counts also run with decode='eager' (no CUDA graph), to show what the graph buys")
+    ap.add_argument("--sampled-pairs", default="256",
+                    help="pair counts where the engine also samples (temperature 0.6, the pairs job's default) "
+                         "instead of greedy, to show what sampling adds to a step")
     ap.add_argument("--heads", type=int, default=33, help="heads switched off (Llama-3.1-8B at tau 0.1: 33)")
     ap.add_argument("--compiled-pairs", default="32",
                     help="pair counts where generate also runs compiled (static cache + torch.compile; each "
@@ -127,7 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny Llama")
     args = ap.parse_args(argv)
     device = benchlib.resolve_mode(args, "engine", dict(
-        pairs="1,3", eager_pairs="1", prompt=16, new=8, long_prompt=200, long_new=4, heads=3), interpreter=False)
+        pairs="1,3", eager_pairs="1", sampled_pairs="3", prompt=16, new=8, long_prompt=200, long_new=4, heads=3), interpreter=False)
     if device is None:
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -147,12 +152,16 @@ def main(argv=None) -> int:
         cfg = GenConfig(max_new_tokens=args.new)
         mean_ctx = args.prompt + args.new / 2
         floor_ms = 1e3 * (w_bytes + 2 * n * mean_ctx * kv_tok) / (copy_gbs * 1e9)  # bytes read per step / bandwidth
-        runs = [("engine (both policies, one pass)", "auto")]
+        runs = [("engine (both policies, one pass)", "auto", cfg)]
         if str(n) in args.eager_pairs.split(","):
-            runs.append(("engine, decode eager (no CUDA graph)", "eager"))
+            runs.append(("engine, decode eager (no CUDA graph)", "eager", cfg))
+        if str(n) in args.sampled_pairs.split(","):
+            runs.append(("engine, sampled (temperature 0.6)", "auto",
+                         GenConfig(max_new_tokens=args.new, sampling=Sampling(temperature=0.6))))
         timed = []
-        for name, decode in runs:
-            sec, steps, toks, peak, mode = run_engine(model, groups, cfg, 2 * n, args.prompt + args.new, device, decode)
+        for name, decode, c_run in runs:
+            sec, steps, toks, peak, mode = run_engine(model, groups, c_run, 2 * n, args.prompt + args.new, device,
+                                                      decode)
             timed.append((name, mode, sec, toks, peak, 1e3 * sec / max(1, steps)))
         b_sec, b_toks, b_peak = run_generate_twice(model, hs, prompts, args.new, device)
         timed.append(("generate x2 (sdpa, static cache)", "hf eager", b_sec, b_toks, b_peak, None))

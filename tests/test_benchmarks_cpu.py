@@ -84,8 +84,8 @@ def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch, model_bench
 def test_engine_benchmark_tiny(model_benches):
     _, rows, _ = model_benches
     assert {r["provider"] for r in rows} == {"engine (both policies, one pass)", "engine, decode eager (no CUDA graph)",
-                                             "generate x2 (sdpa, static cache)", "engine, scope all",
-                                             "engine, scope generated"}
+                                             "engine, sampled (temperature 0.6)", "generate x2 (sdpa, static cache)",
+                                             "engine, scope all", "engine, scope generated"}
     assert all(float(r["tok_per_s"]) > 0 for r in rows)
     assert {r["decode"] for r in rows if r["provider"].startswith("engine")} == {"eager"}  # auto on CPU
 
