@@ -292,6 +292,12 @@ class Engine:
             rows x chunk stays under it. A group over it on its own is prefilled alone.
         sharing: store identical prompt KV once per group (off: every row has its own, for checks).
         on_too_long: "error" (default) or "skip" for a prompt that cannot fit `max_len`.
+        admit_rows: free slots that make waiting groups be admitted while other rows decode (default
+            `max(rows per group, slots // 16)`; also when the whole queue fits, or nothing decodes).
+            Each admission is a prefill pass between two decode steps, with a fixed cost (its
+            launches, about a decode step's time on a GPU). With many slots and rows of mixed
+            lengths a row ends nearly every step, so admitting at every free slot would pay that
+            cost nearly every step; waiting for a few slots leaves them idle a few steps instead.
         decode: how each decode step runs. "eager": the attention context is rebuilt from the host
             state every step. "static": every step runs the same launches over fixed buffers (what
             a CUDA graph captures). "graph": the static step captured once as a CUDA graph per
@@ -302,7 +308,8 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, slots: int | None = None, kv_budget_gb: float | None = None,
                  max_len: int = 4096, chunk: int = 1024, sharing: bool = True, on_too_long: str = "error",
                  private_len: int | None = None, decode: str = "auto", policies: Sequence[Policy] | None = None,
-                 max_slots: int | None = None, segments: int | None = None, prefill_tokens: int = 32768):
+                 max_slots: int | None = None, segments: int | None = None, prefill_tokens: int = 32768,
+                 admit_rows: int | None = None):
         hf.attach(model)
         self.model, self.tokenizer = model, tokenizer
         self.d = hf.dims(model)
@@ -351,7 +358,11 @@ class Engine:
                 slots = min(slots, max_slots)
         self.slots = slots
         self.n_segments = segments or (slots if self._seg_per_slot else max(1, slots // self.group_rows))
-        self.stats = {"steps": 0, "row_steps": 0, "slot_steps": 0}  # decode steps over the engine's life
+        if admit_rows is not None and admit_rows < 1:
+            raise ValueError(f"admit_rows={admit_rows}: must be >= 1 (or None: max(rows per group, slots // 16))")
+        self.admit_rows = min(slots, admit_rows or max(self.group_rows, slots // 16))
+        # over the engine's life: decode steps, rows and slots over them, prefill passes
+        self.stats = {"steps": 0, "row_steps": 0, "slot_steps": 0, "prefills": 0}
         self.skipped = 0
         self._ctx = None
         self._hooks = [layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
@@ -466,11 +477,16 @@ class Engine:
         d, S = self.d, self.slots
         st = _Slots(S, d.n_layers, d.n_heads, self.n_segments, cfg.max_new_tokens, self.device)
         results: dict[int, list] = {}
+        queued_rows = sum(len(g.policies) for g in queue)
         while queue or st.active_count:
             admitted = []
-            # a group needs its rows' slots and one pool segment (taken when it is prefilled)
-            while queue and len(queue[0].policies) <= st.free_count() and len(st.free_segs) > len(admitted):
+            # Admit when enough slots are free to make the prefill pass worth its fixed cost (or the
+            # queue's rows all fit, or nothing decodes). A group needs its rows' slots and one pool
+            # segment (taken when it is prefilled).
+            ready = not st.active_count or st.free_count() >= min(self.admit_rows, queued_rows)
+            while ready and queue and len(queue[0].policies) <= st.free_count() and len(st.free_segs) > len(admitted):
                 g = queue.popleft()
+                queued_rows -= len(g.policies)
                 if self._too_long(g, cfg):
                     self.skipped += 1
                     continue
@@ -554,6 +570,7 @@ class Engine:
     @torch.no_grad()
     def _prefill_batch(self, batch, lsh: int, st: "_Slots", cfg: GenConfig):
         d, dev = self.d, self.device
+        self.stats["prefills"] += 1
         plen = max(len(g.prompt) - 1 for g, _ in batch)  # the last prompt token is the first decode input
         segs = [st.take_seg() for _ in batch]
         slots = [s for _, rows in batch for s in rows]

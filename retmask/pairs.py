@@ -95,13 +95,15 @@ class PairJob:
         path = work / f"rank-{rank:05d}.jsonl"
         drop_torn_tail(path)
         t0 = time.perf_counter()
-        self._slot_steps = {"row_steps": 0, "slot_steps": 0}  # decode slot-steps: used / run
+        self._slot_steps = {"row_steps": 0, "slot_steps": 0, "steps": 0, "prefills": 0}  # engine counts
         n_tok = self._generate(items, mine, path, progress and rank == 0) if mine else 0
         barrier()
         # this run's counts over all ranks
-        n_tok, used, run = all_sum([n_tok, self._slot_steps["row_steps"], self._slot_steps["slot_steps"]])
-        slot_use = round(used / run, 3) if run else None
-        summary = self.merge(out, items, n_tok, time.perf_counter() - t0, slot_use) if rank == 0 else {}
+        c = self._slot_steps
+        n_tok, used, run, steps, prefills = all_sum([n_tok, c["row_steps"], c["slot_steps"], c["steps"], c["prefills"]])
+        engine = {"slot_utilization": round(used / run, 3) if run else None, "decode_steps": steps,
+                  "prefill_passes": prefills}
+        summary = self.merge(out, items, n_tok, time.perf_counter() - t0, engine) if rank == 0 else {}
         barrier()
         return summary
 
@@ -192,7 +194,9 @@ class PairJob:
                          "model": self.model_name, "reject_model": self.reject_name, "scope": self.cfg.scope}}
 
     # ---- merge -------------------------------------------------------------------------------
-    def merge(self, out: Path, items, n_tok: int, seconds: float, slot_use: float | None = None) -> dict:
+    def merge(self, out: Path, items, n_tok: int, seconds: float, engine: dict | None = None) -> dict:
+        """Write the shards and summary.json from every rank's work file; `engine`: this run's engine
+        counts (slot_utilization, decode_steps, prefill_passes), summed over the ranks."""
         recs = {r["id"]: r for p in sorted((out / "work").glob("rank-*.jsonl")) for r in read_jsonl(p)}
         missing = [i for i in range(len(items)) if i not in recs]
         if missing:
@@ -213,8 +217,7 @@ class PairJob:
         summary = {"config": self.config_dict(), "instructions": len(items), "pairs": len(kept), "dropped": dropped,
                    "generated_tokens": toks, "this_run_tokens": n_tok, "this_run_seconds": round(seconds, 2),
                    "tokens_per_s": round(n_tok / seconds, 1) if seconds > 0 and n_tok else None,
-                   "slot_utilization": slot_use,
-                   "shards": shards}
+                   **(engine or {"slot_utilization": None}), "shards": shards}
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
 

@@ -45,11 +45,14 @@ def score_floor(logits: torch.Tensor, cfg: Sampling) -> torch.Tensor | None:
     cut_k = 0 < cfg.top_k < v
     if not cut_k and cfg.top_p >= 1.0:
         return None
-    scores = logits.double() * (1.0 / cfg.temperature)  # the kernel's scores, bit for bit
+    # Sort (or top-k) the logits in their own dtype, a quarter of float64's bytes for bf16: scaling
+    # by 1/T > 0 keeps their order and maps distinct logits to distinct scores, and the sorted
+    # logits scaled in float64 are the kernel's scores bit for bit.
+    inv_t = 1.0 / cfg.temperature
     if not cut_k:
-        srt = scores.sort(dim=-1, descending=True).values
+        srt = logits.sort(dim=-1, descending=True).values.double() * inv_t
     else:
-        srt = scores.topk(cfg.top_k, dim=-1).values  # sorted, descending
+        srt = logits.topk(cfg.top_k, dim=-1).values.double() * inv_t  # sorted, descending
         if cfg.top_p >= 1.0:
             return srt[:, -1]
     probs = torch.softmax(srt, dim=-1)  # renormalized over the top-k when cut

@@ -462,6 +462,33 @@ def test_segment_per_slot_lets_a_finished_row_take_the_next_group():
     assert st4["steps"] < st2["steps"] and use4 > use2
 
 
+def test_admit_rows_batches_prefill_passes():
+    """With rows ending at random steps, admitting at every free slot costs a prefill pass nearly
+    every step; waiting for admit_rows free slots makes fewer, larger passes: the same tokens, every
+    group done (including the tail, where the queue holds fewer rows than admit_rows)."""
+    m = tiny("llama")
+    pair = [ORIGINAL, Policy(HEADS)]
+    g = torch.Generator().manual_seed(8)
+    ps = [torch.randint(3, 97, (int(n),), generator=g).tolist() for n in torch.randint(2, 12, (40,), generator=g)]
+    gen = GenConfig(max_new_tokens=14, sampling=Sampling(temperature=2.0), eos_ids=tuple(range(0, 128, 4)), seed=3)
+    runs = {}
+    for admit in (2, 8):
+        with Engine(m, slots=16, max_len=48, policies=pair, private_len=14, admit_rows=admit) as eng:
+            res = {r.key: [row.tokens for row in r.rows] for r in
+                   eng.generate([Group(p, pair, key=i) for i, p in enumerate(ps)], gen)}
+            runs[admit] = (res, dict(eng.stats))
+    (res2, st2), (res8, st8) = runs[2], runs[8]
+    assert len(res8) == len(ps) and res2 == res8
+    assert st8["prefills"] < st2["prefills"] / 2, (st2, st8)
+    assert st2["prefills"] > st2["steps"] / 3  # the case it is for: passes on a large share of steps
+    with pytest.raises(ValueError, match="admit_rows"):
+        Engine(m, slots=4, max_len=48, admit_rows=0)
+    with Engine(m, slots=64, max_len=48, policies=pair) as eng:
+        assert eng.admit_rows == 4  # slots // 16
+    with Engine(m, slots=8, max_len=48, policies=pair, admit_rows=100) as eng:
+        assert eng.admit_rows == 8  # never more than the slots
+
+
 def test_prefill_passes_stay_within_prefill_tokens(family):
     """Groups admitted together are prefilled in passes of at most prefill_tokens rows x tokens (the
     chunk cut to fit as well): the same tokens as `generate`, and no decoder-layer call over the bound."""
