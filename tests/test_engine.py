@@ -439,21 +439,25 @@ def test_segments_default_and_budget():
         Engine(m, kv_budget_gb=3 * seg / 1e9, max_len=48, policies=gen_pair, private_len=NEW, segments=3)
 
 
+RANDOM_STOPS = GenConfig(max_new_tokens=14, sampling=Sampling(temperature=2.0), eos_ids=tuple(range(0, 128, 4)), seed=3)
+
+
+def _pairs_run(m, ps, **engine_kw):
+    """Tokens per group and the engine's counts for RetMask pairs on `ps`, rows stopping at random."""
+    pair = [ORIGINAL, Policy(HEADS)]
+    with Engine(m, max_len=48, policies=pair, private_len=14, **engine_kw) as eng:
+        res = {r.key: [row.tokens for row in r.rows] for r in
+               eng.generate([Group(p, pair, key=i) for i, p in enumerate(ps)], RANDOM_STOPS)}
+        return res, dict(eng.stats), eng.slot_utilization
+
+
 def test_segment_per_slot_lets_a_finished_row_take_the_next_group():
     """A group holds its pool segment until its last row ends. With one segment per pair of slots, the
     slot of a row that stopped early idles until its partner stops; with one per slot it takes the next
     group at once: fewer steps, a higher slot use, the same tokens (`stats` counts what ran)."""
     m = tiny("llama")
-    pair = [ORIGINAL, Policy(HEADS)]
     ps = prompts(seed=5, lens=(6, 9, 4, 11, 7, 5, 8, 10, 3, 12, 6, 9, 7, 4, 10, 5))
-    gen = GenConfig(max_new_tokens=14, sampling=Sampling(temperature=2.0), eos_ids=tuple(range(0, 128, 4)), seed=3)
-    runs = {}
-    for segs in (2, 4):
-        with Engine(m, slots=4, max_len=48, policies=pair, private_len=14, segments=segs) as eng:
-            res = {r.key: [row.tokens for row in r.rows] for r in
-                   eng.generate([Group(p, pair, key=i) for i, p in enumerate(ps)], gen)}
-            runs[segs] = (res, dict(eng.stats), eng.slot_utilization)
-    (res2, st2, use2), (res4, st4, use4) = runs[2], runs[4]
+    (res2, st2, use2), (res4, st4, use4) = (_pairs_run(m, ps, slots=4, segments=s) for s in (2, 4))
     assert res2 == res4
     lengths = [len(t) for rows in res4.values() for t in rows]
     assert len(set(lengths)) > 3  # rows of one group do stop at different steps here
@@ -470,14 +474,7 @@ def test_admit_rows_batches_prefill_passes():
     pair = [ORIGINAL, Policy(HEADS)]
     g = torch.Generator().manual_seed(8)
     ps = [torch.randint(3, 97, (int(n),), generator=g).tolist() for n in torch.randint(2, 12, (40,), generator=g)]
-    gen = GenConfig(max_new_tokens=14, sampling=Sampling(temperature=2.0), eos_ids=tuple(range(0, 128, 4)), seed=3)
-    runs = {}
-    for admit in (2, 8):
-        with Engine(m, slots=16, max_len=48, policies=pair, private_len=14, admit_rows=admit) as eng:
-            res = {r.key: [row.tokens for row in r.rows] for r in
-                   eng.generate([Group(p, pair, key=i) for i, p in enumerate(ps)], gen)}
-            runs[admit] = (res, dict(eng.stats))
-    (res2, st2), (res8, st8) = runs[2], runs[8]
+    (res2, st2, _), (res8, st8, _) = (_pairs_run(m, ps, slots=16, admit_rows=a) for a in (2, 8))
     assert len(res8) == len(ps) and res2 == res8
     assert st8["prefills"] < st2["prefills"] / 2, (st2, st8)
     assert st2["prefills"] > st2["steps"] / 3  # the case it is for: passes on a large share of steps
