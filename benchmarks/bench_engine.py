@@ -71,7 +71,8 @@ def run_engine(model, groups, cfg, slots, max_len, device, decode="auto"):
     The cache is sized for the groups' policies, as `retmask pairs` sizes it."""
     with Engine(model, slots=slots, max_len=max_len, chunk=4096, decode=decode, policies=groups[0].policies,
                 private_len=cfg.max_new_tokens) as eng:
-        list(eng.generate(groups[:1], GenConfig(max_new_tokens=4)))  # warm-up (compile, allocator, graph)
+        # warm-up (Triton compiles incl. the sampler's, allocator, graph), with the timed run's sampling
+        list(eng.generate(groups[:1], GenConfig(max_new_tokens=4, sampling=cfg.sampling)))
         _sync(device)
         _peak_reset(device)
         t = time.perf_counter()

@@ -126,8 +126,9 @@ def _model_args(p):
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens)")
     p.add_argument("--prefill-tokens", type=int, default=32768,
                    help="most rows x tokens one prefill pass holds (bounds its memory)")
-    p.add_argument("--admit-rows", type=int, help="free slots that admit waiting prompts while others decode "
-                   "(default: slots // 16, at least a group); each admission is one prefill pass")
+    p.add_argument("--admit-rows", type=int, help="rows that must be admissible before waiting prompts join "
+                   "while others decode (default: slots // 16, at least a group); an admission costs prefill "
+                   "passes between decode steps, so fewer, larger admissions cost less")
     p.add_argument("--decode", choices=["auto", "eager", "static", "graph"], default="auto",
                    help="decode step: auto = a CUDA graph on CUDA, eager elsewhere")
     p.add_argument("--no-progress", action="store_true")
@@ -315,8 +316,8 @@ def _pairs(args) -> int:
               f"{s['generated_tokens']} tokens generated" +
               (f", {s['tokens_per_s']} tok/s this run" if s["tokens_per_s"] else "") +
               (f", decode slots {100 * s['slot_utilization']:.0f} % busy" if s.get("slot_utilization") else "") +
-              (f", {s['prefill_passes']} prefill passes in {s['decode_steps']} decode steps"
-               if s.get("decode_steps") else ""))
+              (f", {s['prefill_passes']} prefill passes in {s['decode_steps']} decode steps (summed over "
+               "ranks)" if s.get("decode_steps") else ""))
         print(f"wrote {out}/{s['shards'][0]} ... and {out}/summary.json")
     return 0
 

@@ -292,9 +292,11 @@ class Engine:
             rows x chunk stays under it. A group over it on its own is prefilled alone.
         sharing: store identical prompt KV once per group (off: every row has its own, for checks).
         on_too_long: "error" (default) or "skip" for a prompt that cannot fit `max_len`.
-        admit_rows: free slots that make waiting groups be admitted while other rows decode (default
+        admit_rows: rows that must be admissible (free slots, and free pool segments for their
+            groups) before waiting groups are admitted while other rows decode (default
             `max(rows per group, slots // 16)`; also when the whole queue fits, or nothing decodes).
-            Each admission is a prefill pass between two decode steps, with a fixed cost (its
+            Each admission runs prefill passes between two decode steps (one per sharing depth and
+            per `prefill_tokens`), each with a fixed cost (its
             launches, about a decode step's time on a GPU). With many slots and rows of mixed
             lengths a row ends nearly every step, so admitting at every free slot would pay that
             cost nearly every step; waiting for a few slots leaves them idle a few steps instead.
@@ -477,19 +479,20 @@ class Engine:
         d, S = self.d, self.slots
         st = _Slots(S, d.n_layers, d.n_heads, self.n_segments, cfg.max_new_tokens, self.device)
         results: dict[int, list] = {}
-        queued_rows = sum(len(g.policies) for g in queue)
+        queued_rows = sum(len(g.policies) for g in queue if not self._too_long(g, cfg))  # rows still to admit
         while queue or st.active_count:
             admitted = []
-            # Admit when enough slots are free to make the prefill pass worth its fixed cost (or the
+            # Admit when enough rows can be taken to make the prefill pass worth its fixed cost (or the
             # queue's rows all fit, or nothing decodes). A group needs its rows' slots and one pool
-            # segment (taken when it is prefilled).
-            ready = not st.active_count or st.free_count() >= min(self.admit_rows, queued_rows)
+            # segment (taken when it is prefilled), so free segments bound the rows as well as slots.
+            room = min(len(st.free_slots), len(st.free_segs) * len(queue[0].policies)) if queue else 0
+            ready = not st.active_count or room >= min(self.admit_rows, queued_rows)
             while ready and queue and len(queue[0].policies) <= st.free_count() and len(st.free_segs) > len(admitted):
                 g = queue.popleft()
-                queued_rows -= len(g.policies)
                 if self._too_long(g, cfg):
                     self.skipped += 1
                     continue
+                queued_rows -= len(g.policies)
                 admitted.append((g, st.take(len(g.policies))))
             if admitted:
                 self._prefill(admitted, st, cfg)
@@ -570,13 +573,13 @@ class Engine:
     @torch.no_grad()
     def _prefill_batch(self, batch, lsh: int, st: "_Slots", cfg: GenConfig):
         d, dev = self.d, self.device
-        self.stats["prefills"] += 1
         plen = max(len(g.prompt) - 1 for g, _ in batch)  # the last prompt token is the first decode input
         segs = [st.take_seg() for _ in batch]
         slots = [s for _, rows in batch for s in rows]
         row2group = torch.tensor([gi for gi, (g, rows) in enumerate(batch) for _ in rows], device=dev)
         keep = torch.stack([self._keep_row(p, prompt=True) for g, _ in batch for p in g.policies])  # (R, L, Hq)
         if plen > 0:
+            self.stats["prefills"] += 1  # passes that run the model (a 1-token prompt runs none)
             ctx = _Prefill(self, len(batch), len(slots), lsh, plen, keep.to(dev), row2group,
                            pool_seg=segs[0] if len(batch) == 1 else None)
             pads = torch.tensor([plen - (len(g.prompt) - 1) for g, _ in batch], device=dev)
@@ -745,17 +748,17 @@ class _Slots:
         self.changed: set[int] = set()  # slots whose row of `keep` must be rewritten before the next step
         self.free_segs = list(range(n_segments))
         self.groups, self.group_seg = {}, {}
-        self._free = list(range(n))
+        self.free_slots = list(range(n))
 
     @property
     def active_count(self) -> int:
         return int(self.active.sum())
 
     def free_count(self) -> int:
-        return len(self._free) if self.free_segs else 0
+        return len(self.free_slots) if self.free_segs else 0
 
     def take(self, k: int) -> list[int]:
-        out, self._free = self._free[:k], self._free[k:]
+        out, self.free_slots = self.free_slots[:k], self.free_slots[k:]
         return out
 
     def take_seg(self) -> int:
@@ -771,6 +774,6 @@ class _Slots:
     def release(self, slot):
         self.active[slot] = False
         self.group[slot] = None
-        self._free.append(slot)
-        self._free.sort()
+        self.free_slots.append(slot)
+        self.free_slots.sort()
         self.changed.add(slot)

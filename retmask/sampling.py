@@ -45,9 +45,9 @@ def score_floor(logits: torch.Tensor, cfg: Sampling) -> torch.Tensor | None:
     cut_k = 0 < cfg.top_k < v
     if not cut_k and cfg.top_p >= 1.0:
         return None
-    # Sort (or top-k) the logits in their own dtype, a quarter of float64's bytes for bf16: scaling
-    # by 1/T > 0 keeps their order and maps distinct logits to distinct scores, and the sorted
-    # logits scaled in float64 are the kernel's scores bit for bit.
+    # Sort (or top-k) the logits in their own dtype, a quarter of float64's bytes for bf16: x * (1/T)
+    # never decreases as x grows, so sorting commutes with it, and the sorted logits scaled in
+    # float64 are the kernel's scores bit for bit.
     inv_t = 1.0 / cfg.temperature
     if not cut_k:
         srt = logits.sort(dim=-1, descending=True).values.double() * inv_t

@@ -22,3 +22,18 @@ def test_check_kernels_command(capsys):
     assert main(["check-kernels"]) == 0
     out = capsys.readouterr().out
     assert "8/8 cases agree" in out and "FAIL" not in out
+
+
+def test_engine_flags_reach_the_engine():
+    """--admit-rows and the other engine flags of every model command become Engine arguments."""
+    import argparse
+
+    from retmask import cli
+
+    p = argparse.ArgumentParser()
+    cli._model_args(p)
+    args = p.parse_args(["--admit-rows", "6", "--slots", "12", "--prefill-tokens", "999", "--chunk", "64"])
+    assert cli._engine_kw(args) == {"chunk": 64, "decode": "auto", "prefill_tokens": 999, "slots": 12,
+                                    "admit_rows": 6}
+    assert "admit_rows" not in cli._engine_kw(p.parse_args([]))
+

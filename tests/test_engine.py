@@ -468,22 +468,47 @@ def test_segment_per_slot_lets_a_finished_row_take_the_next_group():
 
 def test_admit_rows_batches_prefill_passes():
     """With rows ending at random steps, admitting at every free slot costs a prefill pass nearly
-    every step; waiting for admit_rows free slots makes fewer, larger passes: the same tokens, every
-    group done (including the tail, where the queue holds fewer rows than admit_rows)."""
+    every step; waiting for admit_rows admissible rows makes fewer, larger passes: the same tokens."""
     m = tiny("llama")
     pair = [ORIGINAL, Policy(HEADS)]
     g = torch.Generator().manual_seed(8)
     ps = [torch.randint(3, 97, (int(n),), generator=g).tolist() for n in torch.randint(2, 12, (40,), generator=g)]
-    (res2, st2, _), (res8, st8, _) = (_pairs_run(m, ps, slots=16, admit_rows=a) for a in (2, 8))
-    assert len(res8) == len(ps) and res2 == res8
-    assert st8["prefills"] < st2["prefills"] / 2, (st2, st8)
-    assert st2["prefills"] > st2["steps"] / 3  # the case it is for: passes on a large share of steps
+    for segments in (None, 8):  # one pool segment per slot, or per pair of slots (free segments bound admission)
+        (res2, st2, _), (res8, st8, _) = (_pairs_run(m, ps, slots=16, admit_rows=a, segments=segments) for a in (2, 8))
+        assert len(res8) == len(ps) and res2 == res8
+        assert st8["prefills"] < st2["prefills"] / 2, (segments, st2, st8)
+        assert st2["prefills"] > st2["steps"] / 3  # the case it is for: passes on a large share of steps
     with pytest.raises(ValueError, match="admit_rows"):
         Engine(m, slots=4, max_len=48, admit_rows=0)
     with Engine(m, slots=64, max_len=48, policies=pair) as eng:
         assert eng.admit_rows == 4  # slots // 16
     with Engine(m, slots=8, max_len=48, policies=pair, admit_rows=100) as eng:
         assert eng.admit_rows == 8  # never more than the slots
+
+
+def test_the_queue_tail_is_admitted_without_waiting_for_admit_rows():
+    """When the queue holds fewer rows than admit_rows (after dropping the groups that will be
+    skipped), its last group joins as soon as it fits. 4 slots, admit_rows 4, 1-row groups: row 0
+    stops at step 2 (EOS), rows 1-3 run 10 steps; the fifth prompt takes row 0's slot after step 2,
+    so the run takes max(10, 2 + its length) steps, not 10 + its length; a too-long sixth prompt is
+    skipped and does not hold it back."""
+    m = tiny("llama")
+    g = torch.Generator().manual_seed(11)
+    for _ in range(50):  # prompts whose greedy continuations make the stop pattern above
+        ps = [torch.randint(3, 97, (6,), generator=g).tolist() for _ in range(5)]
+        free = [hf_greedy(m, p, 10) for p in ps]
+        eos = free[0][1]
+        if free[0][0] != eos and all(eos not in f for f in free[1:4]) and eos not in free[4][:3]:
+            break
+    else:
+        pytest.fail("no prompt set with the needed stop pattern")
+    n5 = free[4].index(eos) + 1 if eos in free[4] else 10
+    with Engine(m, slots=4, max_len=40, admit_rows=4, on_too_long="skip") as eng:
+        out = {r.key: r.rows[0].tokens for r in eng.generate(
+            [Group(p, [ORIGINAL], key=i) for i, p in enumerate(ps + [list(range(3, 60))])],
+            GenConfig(max_new_tokens=10, eos_ids=(eos,)))}
+        assert eng.stats["steps"] == max(10, 2 + n5), (eng.stats, n5)
+        assert eng.skipped == 1 and sorted(out) == [0, 1, 2, 3, 4] and len(out[4]) == n5
 
 
 def test_prefill_passes_stay_within_prefill_tokens(family):

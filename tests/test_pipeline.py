@@ -102,6 +102,7 @@ def test_resume_after_sigkill_and_two_processes(pairs_dir, tmp_path):
     assert [json.loads(x) for x in _gz(ddp).splitlines()] == [json.loads(x) for x in _gz(ref).splitlines()]
     s = json.loads((ddp / "summary.json").read_text())  # this run's counts are both ranks'
     assert s["this_run_tokens"] == s["generated_tokens"] and 0 < s["slot_utilization"] <= 1
+    assert s["decode_steps"] >= 12 and 2 <= s["prefill_passes"] < s["decode_steps"]  # both ranks ran
 
 
 @pytest.mark.parametrize("args,message", [
