@@ -250,12 +250,16 @@ class _StaticStep:
 
 def default_size(model, rows: int, cpu_slots: int, fraction: float = 0.7) -> dict:
     """Engine sizing when the user gave neither `slots` nor `kv_budget_gb`. On CUDA: a KV budget of
-    `fraction` of the memory free after loading the model, capped at the `rows` the job has (a 128K
-    detection gets the slots that fit, a short one no more than it needs). Elsewhere: `cpu_slots`."""
+    `fraction` of the memory free after loading the model (including what PyTorch's allocator holds
+    unused), capped at the `rows` the job has (a 128K detection gets the slots that fit, a short one
+    no more than it needs). Elsewhere: `cpu_slots`."""
     p = next(model.parameters())
     if p.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(p.device)
-        return {"kv_budget_gb": fraction * free / 1e9, "max_slots": max(1, rows)}
+        # memory PyTorch freed but its caching allocator still holds (e.g. an earlier engine's cache,
+        # closed in this process) is free for this one too: the device query alone does not count it
+        cached = torch.cuda.memory_reserved(p.device) - torch.cuda.memory_allocated(p.device)
+        return {"kv_budget_gb": fraction * (free + cached) / 1e9, "max_slots": max(1, rows)}
     return {"slots": max(1, min(cpu_slots, rows))}
 
 
@@ -333,6 +337,7 @@ class Engine:
         self._steps: dict[tuple[bool, int], _StaticStep] = {}
         self._group_max = 1
         self._busy = False
+        self._closed = False
         if not 1 <= self.private_len <= max_len:
             raise ValueError(f"private_len={private_len}: must lie in [1, max_len={max_len}]")
         L = self.d.n_layers
@@ -428,12 +433,15 @@ class Engine:
         return hook
 
     def close(self):
-        """Remove the engine's hooks from the model (the model stays attached to retmask attention) and
-        drop its captured decode steps."""
+        """Remove the engine's hooks from the model (the model stays attached to retmask attention),
+        drop its captured decode steps and free its KV cache, so a later engine in the same process
+        gets the memory even while this object is still referenced. A closed engine cannot generate."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
         self._steps.clear()
+        self.k, self.v, self.pk, self.pv = [], [], [], []
+        self._closed = True
 
     @property
     def graph_errors(self) -> list[str]:
@@ -457,6 +465,8 @@ class Engine:
         """Yield each group's result as soon as all its rows finish (not in input order).
 
         `progress(n_tokens)` is called after each step with the tokens it produced."""
+        if self._closed:
+            raise RuntimeError("Engine.generate: this engine is closed (its KV cache is freed); make a new one")
         if self._busy:
             raise RuntimeError("Engine.generate: an earlier generate() on this engine is still running (its "
                                "iterator is not exhausted); finish it or call its .close() first")

@@ -414,7 +414,28 @@ def test_default_size_and_max_slots(monkeypatch):
 
     monkeypatch.setattr(m, "parameters", lambda: iter([FakeParam()]))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 10**9, 80 * 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * 10**9)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 30 * 10**9)
     assert default_size(m, rows=12, cpu_slots=4) == {"kv_budget_gb": 7.0, "max_slots": 12}
+    # 10 GB that PyTorch freed (a closed engine's cache) but its allocator holds count as free too
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * 10**9)
+    assert default_size(m, rows=12, cpu_slots=4) == {"kv_budget_gb": 14.0, "max_slots": 12}
+
+
+def test_close_frees_the_cache_and_refuses_to_generate():
+    """A closed engine drops its KV cache (a second engine in the same process, e.g. the rejected side
+    of --reject-model, gets that memory) and refuses to generate."""
+    import sys
+
+    m = tiny("llama")
+    with Engine(m, slots=2, max_len=32) as eng:
+        (r,) = list(eng.generate([Group([5, 6, 7], [ORIGINAL])], GenConfig(max_new_tokens=2)))
+        assert len(r.rows[0].tokens) == 2
+        k = eng.k[0]
+    assert eng.k == [] and eng.v == [] and eng.pk == [] and eng.pv == []
+    assert sys.getrefcount(k) == 2  # this test's name and getrefcount's argument: the engine holds none
+    with pytest.raises(RuntimeError, match="closed"):
+        list(eng.generate([Group([5, 6, 7], [ORIGINAL])], GenConfig(max_new_tokens=2)))
 
 
 def test_segments_default_and_budget():
