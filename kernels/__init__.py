@@ -8,6 +8,7 @@ imports only torch and triton, and never touches CUDA at import.
 
 from __future__ import annotations
 
+from ._launch import on_device
 from .backend import BACKEND_ENV, resolve_backend
 from .reference import gumbel_argmax_reference, masked_attention_reference, masked_decode_reference
 from .segments import SegmentLayout, segment_layout
@@ -47,7 +48,8 @@ def masked_attention(q, k, v, keep=None, *, kv_lens=None, window=None, scale=Non
         `.transpose(1, 2)` gives the layout a Hugging Face attention function returns, free.
     """
     fn = _pick("masked_attention", q)
-    return fn(q, k, v, keep, kv_lens=kv_lens, window=window, scale=scale, check_values=check_values)
+    with on_device(q):
+        return fn(q, k, v, keep, kv_lens=kv_lens, window=window, scale=scale, check_values=check_values)
 
 
 def masked_decode(
@@ -88,7 +90,8 @@ def masked_decode(
               shared_lens=shared_lens, row_seg=row_seg, seg_layout=seg_layout, check_values=check_values)
     if fn is not masked_decode_reference:
         kw["max_group_rows"] = max_group_rows
-    return fn(q, k_cache, v_cache, kv_lens, keep, **kw)
+    with on_device(q):
+        return fn(q, k_cache, v_cache, kv_lens, keep, **kw)
 
 
 def gumbel_argmax(logits, seed, step, inv_t: float, floor=None):
@@ -114,7 +117,8 @@ def gumbel_argmax(logits, seed, step, inv_t: float, floor=None):
         return gumbel_argmax_reference(logits, seed, step, inv_t, floor)
     from .sampling import gumbel_argmax_triton
 
-    return gumbel_argmax_triton(logits, seed, step, inv_t, floor)
+    with on_device(logits):
+        return gumbel_argmax_triton(logits, seed, step, inv_t, floor)
 
 
 def _pick(name: str, q):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -42,3 +43,12 @@ def sm_count(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+def on_device(t):
+    """Context making the GPU of `t` (a tensor or a device) the current one: Triton launches, CUDA
+    graph captures and replays use the current device and stream, not their tensors' device (a model
+    on cuda:1 while cuda:0 is current). A no-op elsewhere."""
+    dev = t.device if isinstance(t, torch.Tensor) else torch.device(t)
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+

@@ -13,7 +13,7 @@ import contextlib
 import json
 from pathlib import Path
 
-from . import niah, scoring
+from . import models, niah, scoring
 from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, default_size
 from .heads import HeadSet
 from .runs import append_record, drop_torn_tail, prepare_out, read_jsonl
@@ -84,7 +84,7 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
     kw.setdefault("private_len", g.steps)
     if "slots" not in kw and "kv_budget_gb" not in kw:
         kw.update(default_size(model, len(items) * len(policies), max(4, 2 * len(policies))))
-    eos = tuple(x for x in [tok.eos_token_id] if x is not None)
+    eos = models.eos_ids(model, tok)
     cfg = GenConfig(max_new_tokens=g.steps, eos_ids=eos)
     groups = [Group(list(p), policies, key=i) for i, (p, _) in enumerate(items) if i not in done]
     records = [r for recs in done.values() for r in recs]

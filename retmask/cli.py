@@ -174,9 +174,14 @@ def _dist_init() -> str | None:
     import torch
     import torch.distributed as dist
 
+    from datetime import timedelta
+
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # Ranks meet at barriers only after generating their whole shard, which can end hours apart
+        # on a long job: NCCL's default 10-minute timeout would tear down the ranks that finish first.
+        hours = float(os.environ.get("RETMASK_DIST_TIMEOUT_HOURS", "48"))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=hours))
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from retmask.kernels import SegmentLayout, masked_attention, masked_decode, segment_layout
-from retmask.kernels._launch import next_pow2
+from retmask.kernels._launch import next_pow2, on_device
 
 from . import hf
 from .heads import HeadSet
@@ -222,21 +222,25 @@ class _StaticStep:
         # next free position, which the next real step overwrites before any read.
         dev = self.eng.device
         try:
-            side = torch.cuda.Stream(device=dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):  # compile the Triton kernels, let cuBLAS pick, outside the capture
-                for _ in range(2):
-                    self._forward()
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._forward()
-            self.graph = graph
+            with on_device(dev):
+                self._capture_on(dev)
         except Exception as e:  # noqa: BLE001  (any capture failure falls back to running the same step)
             self.graph = None
             self.error = f"{type(e).__name__}: {e}"
             warnings.warn(f"retmask engine: CUDA graph capture of the decode step failed ({self.error}); "
                           "decoding without a graph (Engine(decode='static') avoids the attempt)", stacklevel=3)
+
+    def _capture_on(self, dev):
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # compile the Triton kernels, let cuBLAS pick, outside the capture
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._forward()
+        self.graph = graph
 
     def run(self, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids)
@@ -270,7 +274,8 @@ class Engine:
         model: a loaded causal LM; it is switched to retmask attention (`hf.attach`).
         tokenizer: needed only for stop strings.
         slots: rows decoded together. Or give `kv_budget_gb` and the engine sizes it (at most
-            `max_slots`, when given). `default_size` picks one of them for a job.
+            `max_slots`, when given): the cache plus the K/V one prefill pass stages
+            (`staging_bytes`) fit the budget. `default_size` picks one of them for a job.
         max_len: per-row context capacity (prompt + new tokens).
         policies: the policies of the groups this engine will run (a sizing hint; other groups still
             run when they fit). The prompt layers such a group shares (below its shared depth) get a
@@ -356,13 +361,20 @@ class Engine:
                 raise ValueError("give slots (rows decoded together) or kv_budget_gb (KV memory to use)")
             budget = kv_budget_gb * 1e9 - (segments or 0) * self.bytes_per_segment()
             per_slot = self.bytes_per_slot(with_pool=segments is None)
-            slots = int(budget // per_slot) if budget > 0 else 0
+            hi = int(budget // per_slot) if budget > 0 else 0
+            if max_slots is not None:
+                hi = min(hi, max_slots)
+            lo = 0  # the most slots whose cache plus one prefill pass's staging fit the budget
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if mid * per_slot + self.staging_bytes(mid) <= budget else (lo, mid - 1)
+            slots = lo
             if slots < 1:
                 raise ValueError(f"kv_budget_gb={kv_budget_gb:.3g}: one row needs {per_slot / 1e9:.3f} GB at "
-                                 f"max_len={max_len}" + (f" besides {segments} pool segments" if segments else "")
+                                 f"max_len={max_len}, and a prefill pass stages up to "
+                                 f"{self.staging_bytes(1) / 1e9:.3f} GB" +
+                                 (f", besides {segments} pool segments" if segments else "")
                                  + "; raise the budget or lower max_len")
-            if max_slots is not None:
-                slots = min(slots, max_slots)
         self.slots = slots
         self.n_segments = segments or (slots if self._seg_per_slot else max(1, slots // self.group_rows))
         if admit_rows is not None and admit_rows < 1:
@@ -384,6 +396,14 @@ class Engine:
     def bytes_per_segment(self) -> int:
         """K/V bytes of one pool segment (the prompt layers a group shares, at max_len)."""
         return self._token_bytes() * self.pool_layers * self.max_len
+
+    def staging_bytes(self, slots: int) -> int:
+        """Most K/V bytes one prefill pass stages besides the cache (part of `kv_budget_gb`): a pass
+        of several groups holds at most `prefill_tokens` rows x tokens (every layer, bounded by the
+        slots); a single group over that holds its rows' prompt at the layers it does not share."""
+        many = min(self.prefill_tokens, slots * self.max_len) * self.d.n_layers
+        one = self.group_rows * self.max_len * (self.d.n_layers - self.pool_layers)
+        return self._token_bytes() * max(many, one)
 
     def bytes_per_slot(self, with_pool: bool = True) -> int:
         """K/V bytes per row: its private cache at every layer plus (`with_pool`) its share of the
@@ -505,13 +525,15 @@ class Engine:
                 queued_rows -= len(g.policies)
                 admitted.append((g, st.take(len(g.policies))))
             if admitted:
-                self._prefill(admitted, st, cfg)
+                with on_device(self.device):
+                    self._prefill(admitted, st, cfg)
                 for g, rows in admitted:
                     results[id(g)] = [None] * len(rows)
             if not st.active_count:
                 continue
             produced = st.active_count  # every active row gets one token this step
-            done = self._step(st, cfg)
+            with on_device(self.device):  # the graph replays and kernels launch on the model's GPU
+                done = self._step(st, cfg)
             self.stats["steps"] += 1
             self.stats["row_steps"] += produced
             self.stats["slot_steps"] += self.slots

@@ -56,3 +56,16 @@ def check_heads(name: str, heads) -> None:
         n_layers, n_heads = c.num_hidden_layers, c.num_attention_heads
     heads.validate(n_layers, n_heads)
 
+
+def eos_ids(model, tok) -> tuple[int, ...]:
+    """The token ids that end an answer: the tokenizer's EOS and the model's generation-config EOS,
+    which instruct models give as a list (Llama-3.1-Instruct: <|end_of_text|>, <|eom_id|>,
+    <|eot_id|>; Qwen3: <|im_end|>, <|endoftext|>). Sorted, without duplicates."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for x in (getattr(tok, "eos_token_id", None), getattr(gen, "eos_token_id", None)):
+        for i in (x if isinstance(x, (list, tuple)) else [x]):
+            if isinstance(i, int) and not isinstance(i, bool):
+                ids.add(i)
+    return tuple(sorted(ids))
+

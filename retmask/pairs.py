@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import models
 from .runs import all_sum, append_record, barrier, dist, drop_torn_tail, prepare_out, read_jsonl
 from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, default_size
 from .heads import HeadSet
@@ -126,8 +127,7 @@ class PairJob:
 
         c = self.cfg
         prompts = prompts or {i: chat_prompt(tok, text, c.thinking) for i, text in rows}
-        eos = tuple(x for x in {tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
-                    if isinstance(x, int))
+        eos = models.eos_ids(model, tok)
         gen = GenConfig(max_new_tokens=c.max_new_tokens, sampling=Sampling(c.temperature, c.top_p), eos_ids=eos,
                         seed=c.seed)
         groups = [Group(prompts[i], policies, seeds=[_seed(c.seed, i, r) for r in range(len(policies))], key=i)

@@ -189,13 +189,19 @@ def test_bad_inputs(family):
 
 
 def test_kv_budget_sizes_slots():
+    """The budget holds the cache and the K/V one prefill pass stages: the most slots that fit both."""
     m = tiny("llama")
     eng = Engine(m, kv_budget_gb=1e-3, max_len=100)
-    per = eng.bytes_per_slot()
-    assert eng.slots == int(1e-3 * 1e9 // per) and eng.slots >= 1
+    per, s = eng.bytes_per_slot(), eng.slots
+    assert s >= 1 and s * per + eng.staging_bytes(s) <= 1e6 < (s + 1) * per + eng.staging_bytes(s + 1)
+    assert eng.staging_bytes(s) == eng._token_bytes() * min(eng.prefill_tokens, s * 100) * 4  # rows x tokens x layers
     eng.close()
     with pytest.raises(ValueError, match="kv_budget_gb"):
         Engine(m, kv_budget_gb=1e-9, max_len=100)
+    # a group over prefill_tokens is staged alone: its rows' whole prompt at the layers it does not share
+    pair = [ORIGINAL, Policy(HEADS)]
+    with Engine(m, slots=2, max_len=100, policies=pair, prefill_tokens=50) as big:
+        assert big.staging_bytes(2) == big._token_bytes() * 2 * 100 * (4 - HEADS.lowest_layer)
 
 
 def test_unsupported_architecture():
@@ -389,8 +395,8 @@ def test_policies_hint_sizes_the_cache_and_keeps_tokens_exact(family):
     assert res["alone"].rows[0].tokens == hf_greedy(ref, ps[0])
     with Engine(m, slots=4, max_len=48) as plain:
         assert hinted < 0.6 * plain.bytes_per_slot()  # (9 + 3*48 + 48) vs 4*(48 + 48) token-layers
-    budget = 20 * plain.bytes_per_slot() / 1e9
-    with Engine(m, kv_budget_gb=budget, max_len=48, policies=pair, private_len=NEW) as sized:
+    budget = 20 * plain.bytes_per_slot() / 1e9  # staging kept small here: the cache is what is compared
+    with Engine(m, kv_budget_gb=budget, max_len=48, policies=pair, private_len=NEW, prefill_tokens=1) as sized:
         assert sized.slots > 1.6 * 20
 
 
@@ -404,10 +410,13 @@ def test_default_size_and_max_slots(monkeypatch):
     assert default_size(m, rows=3, cpu_slots=4) == {"slots": 3}
     with Engine(m, slots=1, max_len=64) as one:
         per = one.bytes_per_slot()
+        staged = one.staging_bytes(5)
     with Engine(m, kv_budget_gb=50 * per / 1e9, max_len=64, max_slots=7) as eng:
         assert eng.slots == 7
-    with Engine(m, kv_budget_gb=5 * per / 1e9, max_len=64, max_slots=7) as eng:
+    with Engine(m, kv_budget_gb=(5 * per + staged + 1) / 1e9, max_len=64, max_slots=7) as eng:  # +1: float
         assert eng.slots == 5
+    with Engine(m, kv_budget_gb=5 * per / 1e9, max_len=64, max_slots=7) as eng:
+        assert eng.slots < 5  # the staging of a prefill pass comes out of the same budget
 
     class FakeParam:
         device = torch.device("cuda", 0)
@@ -451,8 +460,8 @@ def test_segments_default_and_budget():
         assert eng.pool_layers == 4 and eng.n_segments == 2
         assert eng.bytes_per_slot() == eng._token_bytes() * (4 * NEW + 4 * 48 / 2)
         seg, row = eng.bytes_per_segment(), eng.bytes_per_slot(with_pool=False)
-    with Engine(m, kv_budget_gb=(3 * seg + 5 * row) / 1e9, max_len=48, policies=gen_pair, private_len=NEW,
-                segments=3) as eng:
+    with Engine(m, kv_budget_gb=(3 * seg + 5.5 * row) / 1e9, max_len=48, policies=gen_pair, private_len=NEW,
+                segments=3, prefill_tokens=1) as eng:  # staging: 1 token x 4 layers, within the half row
         assert (eng.n_segments, eng.slots) == (3, 5)
     with pytest.raises(ValueError, match="segments=0"):
         Engine(m, slots=4, max_len=48, segments=0)

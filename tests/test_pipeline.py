@@ -74,6 +74,26 @@ def test_pairs_do_not_depend_on_batching(pairs_dir, tmp_path):
 ARGS = ["pairs", "--data", DATA, "--limit", "20", "--heads", HEADS, "--max-new-tokens", "12", "--no-progress"]
 
 
+def test_instruct_models_list_of_eos_ids(tmp_path):
+    """Instruct models give generation_config.eos_token_id as a list (Llama-3.1-Instruct: 3 ids): every
+    id ends an answer, and pairs run with it."""
+    from types import SimpleNamespace
+
+    from retmask import models
+
+    m = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[128001, 128008, 128009]))
+    assert models.eos_ids(m, SimpleNamespace(eos_token_id=128009)) == (128001, 128008, 128009)
+    assert models.eos_ids(SimpleNamespace(), SimpleNamespace(eos_token_id=None)) == ()
+    model, tok = toy.load()
+    stop = tok.convert_tokens_to_ids("the")  # a common word: answers end early at it
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    job = PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(max_new_tokens=12), model_name="toy", slots=8)
+    s = job.run(load_instructions(DATA, limit=6), tmp_path / "o", progress=False)
+    assert s["instructions"] == 6
+    metas = [json.loads(line)["meta"] for line in gzip.open(tmp_path / "o" / "pairs-00000.jsonl.gz", "rt")]
+    assert metas and all(x["chosen_finish"] in ("eos", "length") for x in metas)
+
+
 def test_resume_after_sigkill_and_two_processes(pairs_dir, tmp_path):
     ref, _ = pairs_dir
     out = tmp_path / "killed"
