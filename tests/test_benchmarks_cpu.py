@@ -111,3 +111,12 @@ def test_rows_reach_the_csv_as_they_are_made(tmp_path):
     assert [r["length"] for r in csv.DictReader(open(tmp_path / "r.csv"))] == ["4096", "8192"] and len(rows) == 2
     with pytest.raises(ValueError, match="columns"):
         rows.append({"run": "1", "other": "x"})
+
+
+def test_engine_host_time_script_runs():
+    """scripts/engine_host_time.py (the host-time measurement in the README) runs, in a small size."""
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "engine_host_time.py"), "--pairs", "4", "--layers", "2",
+                        "--heads", "4", "--new", "3"], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "8 slots, 2 layers x 4 heads, 3 steps" in p.stdout and "ms of host time per step" in p.stdout
