@@ -220,27 +220,23 @@ class _StaticStep:
     def _capture(self):
         # The buffers hold all heads off, so warm-up reads nothing; its K/V writes land at each row's
         # next free position, which the next real step overwrites before any read.
-        dev = self.eng.device
+        dev = self.eng.device  # the current device already (Engine._step runs under on_device)
         try:
-            with on_device(dev):
-                self._capture_on(dev)
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # compile the Triton kernels, let cuBLAS pick, outside the capture
+                for _ in range(2):
+                    self._forward()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._forward()
+            self.graph = graph
         except Exception as e:  # noqa: BLE001  (any capture failure falls back to running the same step)
             self.graph = None
             self.error = f"{type(e).__name__}: {e}"
             warnings.warn(f"retmask engine: CUDA graph capture of the decode step failed ({self.error}); "
                           "decoding without a graph (Engine(decode='static') avoids the attempt)", stacklevel=3)
-
-    def _capture_on(self, dev):
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # compile the Triton kernels, let cuBLAS pick, outside the capture
-            for _ in range(2):
-                self._forward()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._forward()
-        self.graph = graph
 
     def run(self, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids)
@@ -724,18 +720,18 @@ class Engine:
                 st.argmax[slot].append(am[slot])
             if cfg.keep_logits:
                 st.logits[slot].append(lg[slot])
-        eos = np.isin(t, np.asarray(cfg.eos_ids, dtype=np.int64)) if cfg.eos_ids else np.zeros(len(rows), bool)
+        eos = np.isin(t, cfg.eos_ids)
         length = st.n_gen[rows] >= cfg.max_new_tokens
         done = []
         # the rows that may end: EOS or length (vectorized), or any row when a stop string can match
-        for slot in (rows.tolist() if cfg.stop_strings else rows[eos | length].tolist()):
-            n = int(st.n_gen[slot])
+        for i in (range(len(rows)) if cfg.stop_strings else np.flatnonzero(eos | length).tolist()):
+            slot, n = int(rows[i]), int(st.n_gen[rows[i]])
             finish = None
-            if int(st.tokens[slot, n - 1]) in cfg.eos_ids:
+            if eos[i]:
                 finish = "eos"
             elif cfg.stop_strings and self._hit_stop(st.tokens[slot, max(0, n - 16):n].tolist(), cfg.stop_strings):
                 finish = "stop"
-            elif n >= cfg.max_new_tokens:
+            elif length[i]:
                 finish = "length"
             if finish:
                 res = RowResult(st.policy[slot].label, st.tokens[slot, :n].tolist(), finish,

@@ -96,11 +96,11 @@ class PairJob:
         path = work / f"rank-{rank:05d}.jsonl"
         drop_torn_tail(path)
         t0 = time.perf_counter()
-        self._slot_steps = {"row_steps": 0, "slot_steps": 0, "steps": 0, "prefills": 0}  # engine counts
+        self._counts = {"row_steps": 0, "slot_steps": 0, "steps": 0, "prefills": 0}  # the engines' stats
         n_tok = self._generate(items, mine, path, progress and rank == 0) if mine else 0
         barrier()
         # this run's counts over all ranks
-        c = self._slot_steps
+        c = self._counts
         n_tok, used, run, steps, prefills = all_sum([n_tok, c["row_steps"], c["slot_steps"], c["steps"], c["prefills"]])
         engine = {"slot_utilization": round(used / run, 3) if run else None, "decode_steps": steps,
                   "prefill_passes": prefills}
@@ -143,8 +143,8 @@ class PairJob:
             for res in eng.generate(groups, gen, progress=on_step):
                 bar.update(1)
                 yield res.key, len(prompts[res.key]), res.rows
-            for k in self._slot_steps:
-                self._slot_steps[k] += eng.stats[k]
+            for k in self._counts:
+                self._counts[k] += eng.stats[k]
         bar.close()
 
     def _generate(self, items, mine, path: Path, progress) -> int:
