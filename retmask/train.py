@@ -5,7 +5,7 @@ weight decay 0.1; adam beta2 0.95; 2 epochs; effective batch 512 by gradient acc
 gradient checkpointing). `toy` is a short CPU run for the toy model. The maximum sequence length is
 always explicit and printed (the reference silently trained on at most 1024 tokens, TRL's default).
 Multi-GPU: `accelerate launch --config_file retmask/configs/zero3.yaml -m retmask.cli train ...`
-(or `fsdp.yaml`). The final checkpoint is a plain transformers folder.
+(or `fsdp.yaml`). The final checkpoint is a plain transformers folder (with LoRA, merged).
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ def dpo_config(cfg: TrainConfig, out: Path, world: int, cpu: bool):
 
     return DPOConfig(
         output_dir=str(out / "trainer"), beta=cfg.beta, loss_type=[cfg.loss_type], learning_rate=cfg.learning_rate,
-        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": cfg.min_lr},
+        lr_scheduler_type="cosine_with_min_lr",
+        # as a rate: the `min_lr` form reads optimizer.defaults, which DeepSpeed's ZeRO-3 optimizer lacks
+        lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr / cfg.learning_rate},
         warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, adam_beta2=cfg.adam_beta2,
         num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.per_device_batch,
         gradient_accumulation_steps=cfg.grad_accum(world), bf16=cfg.bf16 and not cpu,
@@ -94,6 +96,13 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
     if int(os.environ.get("RANK", "0")) != 0:  # one process speaks
         log = lambda *_a, **_k: None  # noqa: E731
     cpu = not torch.cuda.is_available()
+    if cfg.liger:  # before any model is loaded: transformers would fail only once training starts
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise ValueError("--liger needs the liger-kernel package: pip install liger-kernel (or drop --liger)")
+        if cpu:
+            raise ValueError("--liger: Liger's kernels run on CUDA GPUs only; drop --liger on this machine")
     if cpu and cfg.bf16:
         cfg = replace(cfg, bf16=False)
     args = dpo_config(cfg, out, world, cpu)
@@ -110,6 +119,7 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
                                  task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model_path, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
                          peft_config=peft_config)
+    log(f"parallelism: {parallel_mode(trainer.accelerator)}")
     if quiet:  # one progress bar, no per-step log dicts on stdout (they stay in train.json)
         from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
@@ -126,11 +136,17 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
         ckpt = str(cks[-1]) if cks else None
     trainer.train(resume_from_checkpoint=ckpt)
     final = out / "final"
-    if cfg.lora:  # merge the adapter so the checkpoint is a plain transformers model
+    if cfg.lora:
+        # Every rank saves (it gathers ZeRO-3 / FSDP shards of the adapter); rank 0 then merges it into a fresh
+        # copy of the base model on the CPU. Merging the trained model in place would run a sharded layer's
+        # collectives on rank 0 alone, which fails or hangs under FSDP and ZeRO-3.
+        trainer.save_model(str(out / "adapter"))
+        trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
-            trainer.model.merge_and_unload().save_pretrained(final, safe_serialization=True)
+            merge_adapter(model_path, out / "adapter", final)
     else:
         trainer.save_model(str(final))  # gathers ZeRO-3 / FSDP shards into one checkpoint
+    trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         tok.save_pretrained(final)
         hist = trainer.state.log_history
@@ -142,6 +158,34 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
         (out / "train.json").write_text(json.dumps(res, indent=1) + "\n")
         return res
     return {"final": str(final)}
+
+
+def parallel_mode(accelerator) -> str:
+    """How accelerate spreads training: one process, DDP, FSDP (version) or DeepSpeed ZeRO (stage)."""
+    kind, n = accelerator.distributed_type.name, accelerator.num_processes
+    if kind == "FSDP":
+        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version} over {n} processes"
+    if kind == "DEEPSPEED":
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        return f"DeepSpeed ZeRO-{stage} over {n} processes"
+    return "one process" if n == 1 else f"DDP over {n} processes"
+
+
+def merge_adapter(base: str, adapter: str | Path, out: str | Path) -> None:
+    """Load `base` on the CPU in its own dtype, merge the LoRA adapter saved in `adapter` into it and save
+    a plain transformers checkpoint in `out`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    try:  # training is over: a ZeRO-3 trainer's config would make from_pretrained partition across ranks, and
+        # this runs on rank 0 alone
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    except ImportError:
+        pass
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", device_map=None)
+    PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().save_pretrained(out, safe_serialization=True)
 
 
 HELMET_LENGTHS = ("8k", "16k", "32k", "64k", "128k")

@@ -202,15 +202,75 @@ def test_dpo_two_processes_with_accelerate_launch(pairs_dir, tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("effective batch 8 (2 x 2 x 2 accumulation)") == 1, r.stdout[:600]  # world 2, rank 0 speaks
+    assert r.stdout.count("parallelism: DDP over 2 processes") == 1
     assert r.stdout.count("wrote ") == 1
     res = json.loads((tmp_path / "run" / "train.json").read_text())
     assert res["pairs"] == 20 and res["metrics"]["rewards/margins"] > 0
     assert AutoModelForCausalLM.from_pretrained(res["final"]).config.num_hidden_layers == toy.CONFIG["num_hidden_layers"]
 
 
+@pytest.fixture(scope="module")
+def single_process_runs(pairs_dir, tmp_path_factory):
+    """The oracle of the sharded runs: one process, the same batches by gradient accumulation."""
+    from retmask.train import TrainConfig, train
+
+    out, _ = pairs_dir
+    runs = {}
+    for lora in (False, True):
+        cfg = TrainConfig.preset("toy", epochs=1.0, effective_batch=8, per_device_batch=2, lora=lora)
+        runs[lora] = train(str(toy.ASSET_DIR), out, tmp_path_factory.mktemp("single"), cfg, log=lambda *_: None,
+                           quiet=True)["final"]
+    return runs
+
+
+@pytest.mark.parametrize("config,mode", [("fsdp.yaml", "FSDP2"), ("zero3.yaml", "DeepSpeed ZeRO-3")])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_shipped_sharded_configs_train_like_one_process(pairs_dir, single_process_runs, tmp_path, config, mode, lora):
+    """The shipped FSDP and ZeRO-3 configs, run by `accelerate launch` with 2 processes on CPU (tests/shims
+    makes accelerate take its sharded path over gloo; it otherwise runs DDP without a GPU): the checkpoint,
+    gathered from the shards (and merged, with LoRA), equals one process's on the same batches."""
+    import socket
+
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    import retmask
+
+    out, _ = pairs_dir
+    cfg = yaml.safe_load((Path(retmask.__file__).parent / "configs" / config).read_text())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg.update(num_processes=2, mixed_precision="no", main_process_port=port)  # fp32 on CPU
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "tests" / "shims"),
+           "RETMASK_SHARDED_ON_CPU": "1", "ACCELERATE_TORCH_DEVICE": "cpu", "DS_ACCELERATOR": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "cfg.yaml"),
+                        "-m", "retmask.cli", "train", "--pairs", str(out), "--out", str(tmp_path / "run"),
+                        "--epochs", "1", "--effective-batch", "8", "--per-device-batch", "2"] +
+                       (["--lora"] if lora else []),
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    assert r.stdout.count(f"parallelism: {mode} over 2 processes") == 1, r.stdout[-2000:]
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").state_dict()
+    want = AutoModelForCausalLM.from_pretrained(single_process_runs[lora]).state_dict()
+    base = toy.load()[0].state_dict()
+    assert got.keys() == want.keys()
+    moved = max((want[k] - base[k]).abs().max().item() for k in want)
+    assert moved > 1e-4  # training changed the weights, so equality below means something
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-3 * moved  # 0.1 % of the update
+
+
 def test_train_refuses_empty_pairs_folder(tmp_path):
     r = _cli("train", "--pairs", str(tmp_path))
     assert r.returncode == 2 and "no pairs" in r.stderr
+
+
+def test_train_liger_fails_before_loading_anything(pairs_dir, tmp_path):
+    out, _ = pairs_dir
+    r = _cli("train", "--pairs", str(out), "--out", str(tmp_path / "run"), "--liger")
+    assert r.returncode == 2 and "--liger" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_helmet_commands():
