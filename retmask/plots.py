@@ -1,4 +1,4 @@
-"""Heatmaps written by detection and the NIAH check (matplotlib, headless)."""
+"""Plots (matplotlib, headless): heatmaps written by detection and the NIAH check, DPO training curves."""
 
 from __future__ import annotations
 
@@ -46,3 +46,38 @@ def niah_heatmap(table: dict, path: str | Path, title: str) -> None:
     _heatmap(data, path, title, xlabel="context length (tokens)", ylabel="needle depth (%)",
              label="ROUGE-1 recall (%)", size=(max(4, 0.4 * len(table["lengths"]) + 2), 3.6), ticks=ticks,
              cmap="RdYlGn", vmin=0, vmax=100, origin="upper")
+
+
+TRAIN_SERIES = {"loss": ("loss", "DPO loss"), "rewards/chosen": ("rewards", "chosen"),
+                "rewards/rejected": ("rewards", "rejected"), "rewards/margins": ("rewards", "margin")}
+
+
+def train_curves(history: list[dict], path: str | Path, title: str) -> dict[str, list[tuple[float, float]]]:
+    """DPO loss (left) and the chosen / rejected rewards and their margin (right) per optimizer step,
+    from the trainer's log history (one dict per logged step). Returns the (step, value) points drawn
+    per series, read back from the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        raise ValueError("train_curves: the log history is empty (no optimizer step was logged)")
+    fig, (ax_loss, ax_rew) = plt.subplots(1, 2, figsize=(9, 3.4))
+    axes = {"loss": ax_loss, "rewards": ax_rew}
+    drawn = {}
+    for key, (panel, label) in TRAIN_SERIES.items():
+        pts = [(h["step"], h[key]) for h in history if key in h and "step" in h]
+        if pts:
+            (line,) = axes[panel].plot(*zip(*pts), label=label, marker="." if len(pts) < 40 else None)
+            drawn[key] = list(zip(map(float, line.get_xdata()), map(float, line.get_ydata())))
+    ax_loss.axhline(0.6931, color="grey", lw=0.8, ls=":")  # log 2: the loss before any step
+    ax_loss.set(xlabel="optimizer step", ylabel="DPO loss", title="loss")
+    ax_rew.axhline(0.0, color="grey", lw=0.8, ls=":")
+    ax_rew.set(xlabel="optimizer step", ylabel="implicit reward (beta x log-ratio)", title="rewards")
+    ax_rew.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn

@@ -156,6 +156,10 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
         res = {"final": str(final), "config": asdict(cfg), "pairs": len(pairs), "first": first, "metrics": metrics,
                "history": steps}
         (out / "train.json").write_text(json.dumps(res, indent=1) + "\n")
+        if steps:
+            from . import plots
+
+            plots.train_curves(steps, out / "train.png", f"DPO on {len(pairs)} pairs: {Path(model_path).name}")
         return res
     return {"final": str(final)}
 

@@ -154,6 +154,7 @@ def test_dpo_checkpoint_reloads_and_generates(pairs_dir, tmp_path):
     out, _ = pairs_dir
     res = train(str(toy.ASSET_DIR), out, tmp_path, TrainConfig.preset("toy", epochs=1.0, effective_batch=4, per_device_batch=4), log=lambda *_: None)
     assert res["metrics"]["rewards/margins"] > 0  # chosen pulled above rejected
+    assert (tmp_path / "train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     before = toy.load()[0]
     m = AutoModelForCausalLM.from_pretrained(res["final"])
     tok = AutoTokenizer.from_pretrained(res["final"])
@@ -259,6 +260,19 @@ def test_shipped_sharded_configs_train_like_one_process(pairs_dir, single_proces
     moved = max((want[k] - base[k]).abs().max().item() for k in want)
     assert moved > 1e-4  # training changed the weights, so equality below means something
     assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-3 * moved  # 0.1 % of the update
+
+
+def test_train_curves_draw_the_logged_steps(tmp_path):
+    from retmask import plots
+
+    hist = [{"step": i + 1, "loss": 0.7 - 0.1 * i, "rewards/chosen": 0.01 * i, "rewards/rejected": -0.2 * i,
+             "rewards/margins": 0.21 * i} for i in range(5)] + [{"step": 5, "train_runtime": 1.0}]  # summary row
+    drawn = plots.train_curves(hist, tmp_path / "t.png", "t")
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert drawn[key] == [(float(h["step"]), pytest.approx(h[key])) for h in hist if key in h]
+    assert (tmp_path / "t.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="empty"):
+        plots.train_curves([], tmp_path / "u.png", "u")
 
 
 def test_train_refuses_empty_pairs_folder(tmp_path):
