@@ -110,6 +110,8 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
         f"beta={cfg.beta} {cfg.loss_type}, lr {cfg.learning_rate:g} -> {cfg.min_lr:g}, effective batch "
         f"{cfg.effective_batch} ({cfg.per_device_batch} x {world} x {args.gradient_accumulation_steps} accumulation)")
     ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs])
+    if cfg.precompute_ref:
+        ds = _on_disk(ds, out / "dataset")
     tok = AutoTokenizer.from_pretrained(model_path)
     peft_config = None
     if cfg.lora:
@@ -162,6 +164,24 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
             plots.train_curves(steps, out / "train.png", f"DPO on {len(pairs)} pairs: {Path(model_path).name}")
         return res
     return {"final": str(final)}
+
+
+def _on_disk(ds, folder: Path):
+    """`ds` saved by the main process and loaded back by every rank. TRL caches precomputed reference
+    log-probs next to the dataset's files and has the other ranks read that file: an in-memory dataset
+    would put it in each process's own temporary folder, where the other ranks cannot find it. With
+    several nodes, `folder` must be on a filesystem they all see (TRL's cache needs it anyway)."""
+    import shutil
+
+    from accelerate import PartialState
+    from datasets import load_from_disk
+
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)  # a previous run's copy and its cached log-probs
+            ds.save_to_disk(str(folder))
+        return load_from_disk(str(folder))
 
 
 def parallel_mode(accelerator) -> str:

@@ -182,8 +182,8 @@ def test_shipped_accelerate_configs_load(name, kind):
 
 
 def test_dpo_two_processes_with_accelerate_launch(pairs_dir, tmp_path):
-    """`accelerate launch` with 2 CPU processes (gloo): gradient accumulation counts both, rank 0 alone
-    reports and writes one checkpoint that reloads. (The ZeRO-3 / FSDP configs need GPUs.)"""
+    """`accelerate launch` with 2 CPU processes (gloo, DDP): gradient accumulation counts both, the reference
+    log-probs precomputed by rank 0 reach rank 1, rank 0 alone reports and writes one checkpoint that reloads."""
     import socket
 
     from transformers import AutoModelForCausalLM
@@ -198,7 +198,7 @@ def test_dpo_two_processes_with_accelerate_launch(pairs_dir, tmp_path):
                    "use_cpu: true\nrdzv_backend: static\nsame_network: true\n")
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "-m",
                         "retmask.cli", "train", "--pairs", str(out), "--out", str(tmp_path / "run"), "--epochs", "1",
-                        "--effective-batch", "8", "--per-device-batch", "2"],
+                        "--effective-batch", "8", "--per-device-batch", "2", "--precompute-ref"],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -224,12 +224,16 @@ def single_process_runs(pairs_dir, tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("config,mode", [("fsdp.yaml", "FSDP2"), ("zero3.yaml", "DeepSpeed ZeRO-3")])
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_shipped_sharded_configs_train_like_one_process(pairs_dir, single_process_runs, tmp_path, config, mode, lora):
+@pytest.mark.parametrize("config,mode,lora,precompute", [
+    ("fsdp.yaml", "FSDP2", False, False), ("fsdp.yaml", "FSDP2", True, True),
+    ("zero3.yaml", "DeepSpeed ZeRO-3", False, True), ("zero3.yaml", "DeepSpeed ZeRO-3", True, False)],
+    ids=["fsdp-full", "fsdp-lora-precomputed", "zero3-full-precomputed", "zero3-lora"])
+def test_shipped_sharded_configs_train_like_one_process(pairs_dir, single_process_runs, tmp_path, config, mode, lora,
+                                                        precompute):
     """The shipped FSDP and ZeRO-3 configs, run by `accelerate launch` with 2 processes on CPU (tests/shims
     makes accelerate take its sharded path over gloo; it otherwise runs DDP without a GPU): the checkpoint,
-    gathered from the shards (and merged, with LoRA), equals one process's on the same batches."""
+    gathered from the shards (and merged, with LoRA), equals one process's on the same batches (reference
+    log-probs computed along, in the oracle, or precomputed once before training, in half the cases)."""
     import socket
 
     import yaml
@@ -249,7 +253,7 @@ def test_shipped_sharded_configs_train_like_one_process(pairs_dir, single_proces
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "cfg.yaml"),
                         "-m", "retmask.cli", "train", "--pairs", str(out), "--out", str(tmp_path / "run"),
                         "--epochs", "1", "--effective-batch", "8", "--per-device-batch", "2"] +
-                       (["--lora"] if lora else []),
+                       (["--lora"] if lora else []) + (["--precompute-ref"] if precompute else []),
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     assert r.stdout.count(f"parallelism: {mode} over 2 processes") == 1, r.stdout[-2000:]
