@@ -61,6 +61,31 @@ def test_logits_equal_full_forward(family):
         torch.testing.assert_close(row.logits, full.float(), atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bf16_rows_follow_their_models_within_bf16_noise(name):
+    """bf16 (what GPUs run) through the engine on CPU, with the reference kernels: each row's logits stay
+    within bf16 noise of its own model's full forward and far from the other policy's, its greedy tokens are
+    that forward's argmax, and sampling works on bf16 logits."""
+    m = tiny(name, dtype=torch.bfloat16)
+    ref, zeroed = copy.deepcopy(m), hf.zeroed_copy(copy.deepcopy(m), HEADS)
+    p = prompts(seed=3, lens=(17,))[0]
+    with Engine(m, slots=4, max_len=40, chunk=5) as eng:
+        assert eng.k[0].dtype == torch.bfloat16
+        (res,) = list(eng.generate([Group(p, [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=6, keep_logits=True)))
+        (smp,) = list(eng.generate([Group(p, [ORIGINAL, Policy(HEADS)])],
+                                   GenConfig(max_new_tokens=6, sampling=Sampling(temperature=0.6, top_p=0.9))))
+    fulls = []
+    for row, model in zip(res.rows, (ref, zeroed)):
+        with torch.no_grad():
+            fulls.append(model(torch.tensor([p + row.tokens[:-1]])).logits[0, len(p) - 1 :].float())
+        assert row.tokens == fulls[-1].argmax(-1).tolist()
+    for i, row in enumerate(res.rows):
+        own = (row.logits - fulls[i]).abs().max().item()
+        other = (row.logits[:1] - fulls[1 - i][:1]).abs().max().item()  # same first position, other policy
+        assert own < 0.25 < other, (own, other)
+    assert all(len(r.tokens) == 6 and all(0 <= t < m.config.vocab_size for t in r.tokens) for r in smp.rows)
+
+
 def test_scope_generated_matches_its_definition(family):
     """Scope generated = the intact model reads the prompt, the zeroed copy reads generated tokens."""
     _, m, ref, zeroed = family
