@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 def _model_args(p):
     p.add_argument("--model", default="toy", help="'toy' (shipped), a local folder or a hub name")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", help="default: cuda when available (the local rank's under torchrun), else cpu")
+    p.add_argument("--device", help="default: cuda when available (under torchrun the local rank's GPU, unless "
+                   "--device names another, such as cpu), else cpu")
     p.add_argument("--slots", type=int, help="rows decoded together (default: from --kv-budget-gb; without it, "
                    "70 %% of the GPU memory free after loading, capped at the job's rows; a few on CPU)")
     p.add_argument("--kv-budget-gb", type=float, help="KV-cache memory the engine may use")
@@ -165,10 +167,9 @@ def _grid_kw(args, defaults: dict) -> dict:
     return kw
 
 
-def _dist_init() -> str | None:
-    """Join the torchrun process group when launched by torchrun; returns the device to use."""
-    import os
-
+def _dist_init(device: str | None = None) -> str | None:
+    """Join the torchrun process group when launched by torchrun; returns the device to use: `device`
+    (--device) when it names one, else the local rank's GPU (or the CPU without one). None outside torchrun."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     import torch
@@ -176,17 +177,18 @@ def _dist_init() -> str | None:
 
     from datetime import timedelta
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if not dist.is_initialized():
         # Ranks meet at barriers only after generating their whole shard, which can end hours apart
         # on a long job: NCCL's default 10-minute timeout would tear down the ranks that finish first.
         hours = float(os.environ.get("RETMASK_DIST_TIMEOUT_HOURS", "48"))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=hours))
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda and device in (None, "cuda"):
+        # modulo: a launcher may show each process only its own GPU
+        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
         torch.cuda.set_device(local)
         return f"cuda:{local}"
-    return "cpu"
+    return device or "cpu"
 
 
 def _engine_kw(args) -> dict:
@@ -226,7 +228,7 @@ def _detect(args) -> int:
     name = models.display_name(args.model)
     out = Path(args.out or f"runs/detect/{name}")
     runs.check_writable(out)
-    device = _dist_init() or args.device
+    device = _dist_init(args.device) or args.device
     model, tok = models.load(args.model, dtype=args.dtype, device=device)
     det = Detector(model, tok, cfg, model_name=args.model, **_engine_kw(args))
     summary = det.run(out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
@@ -248,6 +250,9 @@ def _niah(args) -> int:
     from . import causal, models
     from .heads import load_scores
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("retmask niah runs in one process (every policy is already a row of one batched pass); "
+                         "launch it without torchrun: each process would run the whole grid into the same --out")
     grid = causal.GridConfig(**_grid_kw(args, {**causal.DEFAULTS, **_default_len(args)}))
     grid.check()
     scores = load_scores(args.scores) if args.scores else None
@@ -309,8 +314,10 @@ def _pairs(args) -> int:
     runs.check_writable(out)
     data = args.data or str(toy.ASSET_DIR.parent / "instructions.jsonl")
     ins = load_instructions(data, split=args.split, start=args.start, end=args.end, limit=args.limit)
-    print(f"{len(ins.items)} instructions from {data} (schema {ins.schema!r}); skipped {dict(ins.skipped) or 'none'}")
-    device = _dist_init() or args.device
+    if int(os.environ.get("RANK", "0")) == 0:  # one process speaks
+        print(f"{len(ins.items)} instructions from {data} (schema {ins.schema!r}); skipped "
+              f"{dict(ins.skipped) or 'none'}")
+    device = _dist_init(args.device) or args.device
     model, tok = models.load(args.model, dtype=args.dtype, device=device)
     reject = models.load(args.reject_model, dtype=args.dtype, device=device) if args.reject_model else None
     job = PairJob(model, tok, hs, cfg, model_name=args.model, reject=reject, reject_name=args.reject_model,

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import niah, scoring
-from .runs import append_record, barrier, dist, drop_torn_tail, prepare_out, read_jsonl
+from .runs import append_record, barrier, dist, done_keys, prepare_out, read_jsonl
 from .engine import ORIGINAL, Engine, GenConfig, Group, default_size
 from .heads import head_name, score_stats
 
@@ -48,12 +48,11 @@ class Detector:
         rank, world = dist()
         prepare_out(out, self.config_dict(), resume=resume, overwrite=overwrite,
                     names=("head_scores.json", "detect.json", "tests.jsonl", "heads.png", "niah.png"))
-        done = {r["key"] for p in out.glob("tests-*.jsonl") for r in read_jsonl(p)}
+        done = done_keys(out, "tests-*.jsonl", "key")  # one set for every rank, so the split below agrees
         todo = [t for t in self.tests if t.key not in done]
         groups = list(self.cfg.unique_prompts(self.tok, self.needles, self.haystacks, todo).items())
         mine = groups[rank::world]
         shard = out / f"tests-{rank:05d}.jsonl"
-        drop_torn_tail(shard)
         if mine:
             self._generate(mine, shard, progress and rank == 0)
         barrier()

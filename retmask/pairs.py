@@ -8,7 +8,8 @@ Output (TRL's conversational preference format, plus metadata per pair):
                                 "id", "source_id", "meta": {...}} in instruction order
     summary.json               pairs kept, dropped by reason, tokens, tokens/s, configuration
 Work in progress is appended to `work/rank-RRRRR.jsonl` (fsync per pair) so a crash, even SIGKILL,
-loses only pairs in flight; `resume=True` continues. Under torchrun each rank takes every
+loses only pairs in flight; `resume=True` continues. (With `reject_model` a pair is complete only
+after the second pass, so a crash loses the rank's first pass.) Under torchrun each rank takes every
 world-th instruction and rank 0 merges. Seeds are per instruction, so the pairs do not depend on
 the batch, the rank or the number of processes.
 """
@@ -16,13 +17,14 @@ the batch, the rank or the number of processes.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import models
-from .runs import all_sum, append_record, barrier, dist, drop_torn_tail, prepare_out, read_jsonl
+from .runs import all_sum, append_record, barrier, dist, done_keys, prepare_out, read_jsonl
 from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, default_size
 from .heads import HeadSet
 from .sampling import Sampling
@@ -84,17 +86,19 @@ class PairJob:
         items = list(getattr(instructions, "items", instructions))
         out = Path(out)
         rank, world = dist()
-        prepare_out(out, {**self.config_dict(), "n_instructions": len(items)}, resume=resume,
-                    overwrite=overwrite, names=("summary.json", "work"))
+        # the instructions themselves are part of the configuration: a resume with another slice, data set or
+        # revision would otherwise keep the old texts under the ids already done
+        digest = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
+        prepare_out(out, {**self.config_dict(), "n_instructions": len(items), "instructions_sha": digest},
+                    resume=resume, overwrite=overwrite, names=("summary.json", "work"))
         if rank == 0:
             for p in out.glob("pairs-*.jsonl.gz"):
                 p.unlink()
         work = out / "work"
         work.mkdir(exist_ok=True)
-        done = {r["id"] for p in work.glob("rank-*.jsonl") for r in read_jsonl(p)}
+        done = done_keys(work, "rank-*.jsonl", "id")
         mine = [i for i in range(rank, len(items), world) if i not in done]
         path = work / f"rank-{rank:05d}.jsonl"
-        drop_torn_tail(path)
         t0 = time.perf_counter()
         self._counts = {"row_steps": 0, "slot_steps": 0, "steps": 0, "prefills": 0}  # the engines' stats
         n_tok = self._generate(items, mine, path, progress and rank == 0) if mine else 0
@@ -120,9 +124,10 @@ class PairJob:
         kw.update(over)
         return Engine(model, **kw)
 
-    def _gen(self, model, tok, rows, policies, progress, desc, prompts=None):
+    def _gen(self, model, tok, rows, policies, progress, desc, prompts=None, first_row: int = 0):
         """{instruction index: [RowResult per policy]} for `rows` (list of (index, text)); `prompts`:
-        their token ids when already made with `tok`."""
+        their token ids when already made with `tok`; `first_row`: the pair row (0 chosen, 1 rejected) of
+        the first policy, which picks its seed."""
         from tqdm.auto import tqdm
 
         c = self.cfg
@@ -130,7 +135,8 @@ class PairJob:
         eos = models.eos_ids(model, tok)
         gen = GenConfig(max_new_tokens=c.max_new_tokens, sampling=Sampling(c.temperature, c.top_p), eos_ids=eos,
                         seed=c.seed)
-        groups = [Group(prompts[i], policies, seeds=[_seed(c.seed, i, r) for r in range(len(policies))], key=i)
+        groups = [Group(prompts[i], policies, seeds=[_seed(c.seed, i, first_row + r) for r in range(len(policies))],
+                        key=i)
                   for i, _ in rows]
         bar = tqdm(total=len(groups), desc=desc, unit="pair", disable=not progress)
         t0, n = time.perf_counter(), [0]
@@ -167,7 +173,7 @@ class PairJob:
                 rmodel, rtok = self.reject
                 chosen = {i: (plen, r[0]) for i, plen, r in self._gen(self.model, self.tok, rows, [ORIGINAL],
                                                                         progress, "chosen", prompts)}
-                for i, _, r in self._gen(rmodel, rtok, rows, [ORIGINAL], progress, "rejected"):
+                for i, _, r in self._gen(rmodel, rtok, rows, [ORIGINAL], progress, "rejected", first_row=1):
                     plen, ch = chosen[i]
                     n_tok += len(ch.tokens) + len(r[0].tokens)
                     append_record(f, self._record(items, i, plen, ch, r[0], self.tok, rtok))

@@ -55,11 +55,31 @@ def append_record(f, rec: dict) -> None:
 
 
 def drop_torn_tail(path: Path) -> None:
-    """Rewrite `path` without a torn last line, so appends start on a clean line."""
+    """Rewrite `path` without a torn last line, so appends start on a clean line. The new text goes to a
+    temporary file first and replaces `path` in one rename, so a crash here loses nothing."""
     if path.is_file():
         text = "".join(json.dumps(r) + "\n" for r in read_jsonl(path))
         if path.read_text() != text:
-            path.write_text(text)
+            tmp = path.with_name(path.name + ".tmp")
+            with tmp.open("w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+
+def done_keys(folder: Path, pattern: str, key: str) -> set:
+    """`key` of every record in the shards `folder/pattern`, the same set on every rank: rank 0 first
+    drops torn tails (its own shard's and those of ranks a smaller world no longer has), every rank
+    then reads, and no rank goes on (and appends) before all have read. Ranks that split the remaining
+    work by position in a list built from this set therefore agree on the split."""
+    if dist()[0] == 0:
+        for p in sorted(folder.glob(pattern)):
+            drop_torn_tail(p)
+    barrier()
+    done = {r[key] for p in sorted(folder.glob(pattern)) for r in read_jsonl(p)}
+    barrier()
+    return done
 
 
 def check_writable(folder) -> None:

@@ -122,6 +122,45 @@ def test_resume_after_sigkill_matches_one_run(detected, tmp_path):
     assert json.loads((out / "head_scores.json").read_text()) == json.loads((ref / "head_scores.json").read_text())
 
 
+LAGGING_RANK_1 = """
+import sys, time
+from retmask import detect, runs
+first = [True]
+def lagging(read):
+    def slow(path):
+        if runs.dist()[0] == 1 and first[0]:  # rank 1 reads the finished tests 5 s after rank 0
+            first[0] = False
+            time.sleep(5)
+        return read(path)
+    return slow
+runs.read_jsonl = lagging(runs.read_jsonl)
+detect.read_jsonl = lagging(detect.read_jsonl)
+from retmask.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_processes_resume_agree_on_the_split_when_one_rank_lags(detected, tmp_path):
+    """A resume splits the unfinished tests by position, so the ranks must read the same finished set: rank 0
+    appending its first new results before a slow rank 1 has read would shift rank 1's split (tests lost,
+    others run twice). Also: a torn line in a shard is repaired before anyone reads."""
+    ref, _ = detected
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text((ref / "config.json").read_text())
+    (out / "tests-00000.jsonl").write_text("".join((ref / "tests-00000.jsonl").read_text().splitlines(True)[:2]) +
+                                          '{"key": "torn')
+    (tmp_path / "lagging.py").write_text(LAGGING_RANK_1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532",
+           str(tmp_path / "lagging.py"), "detect", *GRID, "--out", str(out), "--resume"]
+    r = subprocess.run(cmd, cwd=ROOT / "tests", capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    keys = [x["key"] for p in sorted(out.glob("tests-*.jsonl")) for x in read_jsonl(p)]
+    assert len(keys) == len(set(keys)) == 12  # nothing lost, nothing twice
+    assert (out / "tests.jsonl").read_text() == (ref / "tests.jsonl").read_text()
+
+
 def test_two_processes_gloo_equal_one(detected, tmp_path):
     ref, _ = detected
     out = tmp_path / "ddp"

@@ -125,6 +125,17 @@ def test_resume_after_sigkill_and_two_processes(pairs_dir, tmp_path):
     assert s["decode_steps"] >= 12 and 2 <= s["prefill_passes"] < s["decode_steps"]  # both ranks ran
 
 
+def test_resume_with_other_instructions_is_refused(pairs_dir, tmp_path):
+    """The instructions are part of a run's configuration: resuming with another slice (same count) fails,
+    naming it, instead of keeping the first slice's texts under the ids already done."""
+    base = ["pairs", "--heads", HEADS, "--data", DATA, "--limit", "3", "--max-new-tokens", "4", "--slots", "4",
+            "--out", str(tmp_path / "o"), "--no-progress"]
+    assert _cli(*base).returncode == 0
+    r = _cli(*base, "--start", "10", "--resume")
+    assert r.returncode == 2 and "instructions_sha" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert _cli(*base, "--resume").returncode == 0  # the same instructions resume
+
+
 @pytest.mark.parametrize("args,message", [
     (["--heads", "9-0"], "head 9-0 does not exist"),  # a heads list for another (deeper) model
     (["--scores", "{scores}", "--tau", "5"], "no head has a mean score >= tau"),
@@ -326,8 +337,9 @@ def test_dpo_lora_with_precomputed_reference(pairs_dir, tmp_path):
 
 
 def test_reject_model_pairs(pairs_dir, tmp_path):
-    """--reject-model: chosen from the model (the same texts as the batched run: same seeds), rejected
-    from another model (here the toy with the heads' o_proj columns zeroed)."""
+    """--reject-model: chosen from the model, rejected from another model (here the toy with the heads'
+    o_proj columns zeroed). Each side keeps its own seed, so both equal the batched run's texts, whose
+    ablated rows are that zeroed model."""
     from retmask import hf
 
     ref, _ = pairs_dir
@@ -339,8 +351,10 @@ def test_reject_model_pairs(pairs_dir, tmp_path):
     got = {json.loads(x)["id"]: json.loads(x) for x in _gz(tmp_path).splitlines()}
     want = {json.loads(x)["id"]: json.loads(x) for x in _gz(ref).splitlines()}
     assert s["pairs"] >= 15 and all(p["meta"]["reject_model"] == "toy-zeroed" for p in got.values())
-    for i in set(got) & set(want):
-        assert got[i]["chosen"] == want[i]["chosen"]
+    assert set(got) == set(want)
+    for i in got:
+        assert got[i]["chosen"] == want[i]["chosen"] and got[i]["rejected"] == want[i]["rejected"]
+        assert got[i]["meta"]["seeds"] == want[i]["meta"]["seeds"]
 
 
 def test_prompts_over_the_cap_are_dropped_and_counted(pairs_dir, tmp_path):
