@@ -16,7 +16,7 @@ from pathlib import Path
 from . import models, niah, scoring
 from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, default_size
 from .heads import HeadSet
-from .runs import append_record, drop_torn_tail, prepare_out, read_jsonl
+from .runs import append_record, barrier, dist, finished, prepare_out, read_jsonl
 
 GridConfig = niah.GridConfig
 # The command's grid when none is given: smaller than detection's, answers need few steps.
@@ -52,7 +52,7 @@ def prepare_run(out: str | Path, model_name: str, grid_cfg: GridConfig, policies
     configuration, or `overwrite`). Cheap: call it before loading a model."""
     out = Path(out)
     prepare_out(out, json.loads(json.dumps(run_config(model_name, grid_cfg, policies))), resume=resume,
-                overwrite=overwrite, names=("niah.json", "tests.jsonl"))
+                overwrite=overwrite, names=("niah.json",))
     return out
 
 
@@ -61,10 +61,12 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
              model_name: str = "", **engine_kw) -> dict:
     """Greedy answers of every policy on every grid test; returns {"policies": [...], "tests": [...]}.
 
-    With `out`, each finished prompt's answers are on disk (`out/tests.jsonl`) as soon as they exist,
-    and a rerun with `resume=True` computes only the prompts not there yet; an existing run is never
-    silently mixed in (`resume` or `overwrite`). `model_name` (default: the model's own
-    `name_or_path`) is part of the configuration a resumed run must match."""
+    With `out`, each finished prompt's answers are on disk (`out/tests-RRRRR.jsonl`, one file per rank)
+    as soon as they exist, and a rerun with `resume=True` computes only the prompts not there yet; an
+    existing run is never silently mixed in (`resume` or `overwrite`). `model_name` (default: the
+    model's own `name_or_path`) is part of the configuration a resumed run must match. Under torchrun
+    (with `out`) each rank answers every world-th remaining prompt; rank 0 returns the whole result
+    (the other ranks return {})."""
     from tqdm.auto import tqdm
 
     g = grid_cfg
@@ -72,12 +74,12 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
     items = list(g.unique_prompts(tok, needles, hays, tests).items())
     done: dict[int, list] = {}
     log = None
+    rank, world = dist() if out is not None else (0, 1)
     if out is not None:
         model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         out = prepare_run(out, model_name, g, policies, resume=resume, overwrite=overwrite)
-        log = out / "tests.jsonl"
-        drop_torn_tail(log)
-        done = {r["prompt"]: r["records"] for r in read_jsonl(log)}
+        log = out / f"tests-{rank:05d}.jsonl"
+        done = {r["prompt"]: r["records"] for r in finished(out, "tests-*.jsonl")}  # the same on every rank
     kw = dict(engine_kw)
     kw.setdefault("max_len", max(len(p) for p, _ in items) + g.steps)
     kw.setdefault("policies", policies)  # pool the prompt layers every policy leaves intact
@@ -86,9 +88,11 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
         kw.update(default_size(model, len(items) * len(policies), max(4, 2 * len(policies))))
     eos = models.eos_ids(model, tok)
     cfg = GenConfig(max_new_tokens=g.steps, eos_ids=eos)
-    groups = [Group(list(p), policies, key=i) for i, (p, _) in enumerate(items) if i not in done]
+    groups = [Group(list(p), policies, key=i) for i, (p, _) in enumerate(items) if i not in done][rank::world]
     records = [r for recs in done.values() for r in recs]
-    bar = tqdm(total=len(tests), initial=len(records), desc="niah", unit="test", disable=not progress)
+    bar = tqdm(total=len(tests) if world == 1 else sum(len(items[gr.key][1]) for gr in groups),
+               initial=len(records) if world == 1 else 0, desc="niah" if world == 1 else f"niah (rank 0 of {world})",
+               unit="test", disable=not progress or rank != 0)
     with Engine(model, tok, **kw) as eng, (log.open("a") if log else contextlib.nullcontext()) as f:
         for res in eng.generate(groups, cfg):
             _, ts = items[res.key]
@@ -104,6 +108,12 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
             records += new
             bar.update(len(ts))
     bar.close()
+    if world > 1:
+        barrier()  # every rank's answers are on disk: rank 0 gathers them
+        if rank != 0:
+            return {}
+        per_prompt = {rec["prompt"]: rec["records"] for p in sorted(out.glob("tests-*.jsonl")) for rec in read_jsonl(p)}
+        records = [r for recs in per_prompt.values() for r in recs]
     order = {t.key: i for i, t in enumerate(tests)}
     records.sort(key=lambda r: order[r["key"]])
     table = []

@@ -250,9 +250,6 @@ def _niah(args) -> int:
     from . import causal, models
     from .heads import load_scores
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("retmask niah runs in one process (every policy is already a row of one batched pass); "
-                         "launch it without torchrun: each process would run the whole grid into the same --out")
     grid = causal.GridConfig(**_grid_kw(args, {**causal.DEFAULTS, **_default_len(args)}))
     grid.check()
     scores = load_scores(args.scores) if args.scores else None
@@ -266,11 +263,14 @@ def _niah(args) -> int:
     for p in policies:
         models.check_heads(args.model, p.heads)
     out = Path(args.out or f"runs/niah/{models.display_name(args.model)}")
+    device = _dist_init(args.device) or args.device  # under torchrun: every rank takes a share of the prompts
     # refuse an existing run (or an unwritable folder) before loading the model
     causal.prepare_run(out, args.model, grid, policies, resume=args.resume, overwrite=args.overwrite)
-    model, tok = models.load(args.model, dtype=args.dtype, device=args.device)
+    model, tok = models.load(args.model, dtype=args.dtype, device=device)
     res = causal.run_niah(model, tok, grid, policies, progress=not args.no_progress, out=out, resume=True,
                           model_name=args.model, **_engine_kw(args))
+    if not res:  # not rank 0: it reports
+        return 0
     print(tabulate(causal.table_rows(res), tablefmt="github",
                    headers=["policy", "heads off", "scope", "ROUGE-1 recall %", "pass %"], disable_numparse=True))
     paths = causal.write(res, out, args.model)

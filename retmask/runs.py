@@ -68,18 +68,23 @@ def drop_torn_tail(path: Path) -> None:
             os.replace(tmp, path)
 
 
-def done_keys(folder: Path, pattern: str, key: str) -> set:
-    """`key` of every record in the shards `folder/pattern`, the same set on every rank: rank 0 first
-    drops torn tails (its own shard's and those of ranks a smaller world no longer has), every rank
-    then reads, and no rank goes on (and appends) before all have read. Ranks that split the remaining
-    work by position in a list built from this set therefore agree on the split."""
+def finished(folder: Path, pattern: str) -> list[dict]:
+    """Every record in the shards `folder/pattern`, the same list on every rank: rank 0 first drops torn
+    tails (its own shard's and those of ranks a smaller world no longer has), every rank then reads, and
+    no rank goes on (and appends) before all have read. Ranks that split the remaining work by position
+    in a list built from these records therefore agree on the split."""
     if dist()[0] == 0:
         for p in sorted(folder.glob(pattern)):
             drop_torn_tail(p)
     barrier()
-    done = {r[key] for p in sorted(folder.glob(pattern)) for r in read_jsonl(p)}
+    records = [r for p in sorted(folder.glob(pattern)) for r in read_jsonl(p)]
     barrier()
-    return done
+    return records
+
+
+def done_keys(folder: Path, pattern: str, key: str) -> set:
+    """`key` of every record of `finished(folder, pattern)`."""
+    return {r[key] for r in finished(folder, pattern)}
 
 
 def check_writable(folder) -> None:

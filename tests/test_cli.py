@@ -38,10 +38,3 @@ def test_engine_flags_reach_the_engine():
     assert "admit_rows" not in cli._engine_kw(p.parse_args([]))
 
 
-
-def test_niah_refuses_torchrun_before_loading(monkeypatch, tmp_path, capsys):
-    """Under torchrun every process would run the whole NIAH grid into one folder: refused at once."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["niah", "--heads", "0-1", "--out", str(tmp_path / "n")]) == 2
-    assert "without torchrun" in capsys.readouterr().err
-    assert not (tmp_path / "n").exists()

@@ -258,6 +258,29 @@ def test_niah_command(detected, tmp_path, capsys, monkeypatch):
     assert json.loads((tmp_path / "static" / "niah.json").read_text())["policies"] == res["policies"]
 
 
+def test_niah_two_processes_equal_one(detected, tmp_path):
+    """torchrun with two gloo processes: each answers every second prompt into its own shard, rank 0 alone
+    reports and writes niah.json, which equals one process's; a resume with both ranks computes nothing."""
+    out, _ = detected
+    args = ["niah", "--scores", str(out / "head_scores.json"), "--tau", "0.5", "--controls", "random",
+            "--scopes", "all", "--min-len", "160", "--max-len", "320", "--lengths", "2", "--depths", "2",
+            "--needles", "1", "--steps", "6", "--no-progress"]
+    assert _cli(*args, "--out", str(tmp_path / "one")).returncode == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "retmask.cli", *args, "--out", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("| original") == 1  # one table, from rank 0
+    assert len(read_jsonl(tmp_path / "two" / "tests-00000.jsonl")) == len(read_jsonl(tmp_path / "two" / "tests-00001.jsonl")) == 2
+    one, two = (json.loads((tmp_path / d / "niah.json").read_text()) for d in ("one", "two"))
+    assert two["tests"] == one["tests"] and two["policies"] == one["policies"]
+    r = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(read_jsonl(tmp_path / "two" / "tests-00000.jsonl")) == 2  # nothing recomputed
+    assert json.loads((tmp_path / "two" / "niah.json").read_text())["tests"] == one["tests"]
+
+
 def test_niah_resumes_after_a_crash(toy_model, tmp_path, monkeypatch):
     """Each finished prompt is on disk at once; after a crash a rerun with resume computes only the
     prompts not yet there, and its result equals an uninterrupted run's; an existing run needs
@@ -285,7 +308,7 @@ def test_niah_resumes_after_a_crash(toy_model, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         causal.run_niah(model, tok, grid, pols, progress=False, slots=2, out=tmp_path, model_name="toy")
     monkeypatch.setattr(causal.scoring, "rouge1_recall", real)
-    assert len(read_jsonl(tmp_path / "tests.jsonl")) == 2
+    assert len(read_jsonl(tmp_path / "tests-00000.jsonl")) == 2
 
     with pytest.raises(ValueError, match="--resume"):
         causal.run_niah(model, tok, grid, pols, progress=False, slots=2, out=tmp_path, model_name="toy")
