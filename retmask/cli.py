@@ -114,7 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"retmask {args.command}: {e}", file=sys.stderr)
         return 2
+    finally:
+        _dist_close()
     return 2
+
+
+def _dist_close() -> None:
+    """Leave the process group (torchrun / accelerate launch) on the way out, also after an error: the other
+    ranks then fail at their next collective instead of waiting out the timeout."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _model_args(p):

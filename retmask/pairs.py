@@ -8,8 +8,8 @@ Output (TRL's conversational preference format, plus metadata per pair):
                                 "id", "source_id", "meta": {...}} in instruction order
     summary.json               pairs kept, dropped by reason, tokens, tokens/s, configuration
 Work in progress is appended to `work/rank-RRRRR.jsonl` (fsync per pair) so a crash, even SIGKILL,
-loses only pairs in flight; `resume=True` continues. (With `reject_model` a pair is complete only
-after the second pass, so a crash loses the rank's first pass.) Under torchrun each rank takes every
+loses only pairs in flight; `resume=True` continues. (With `reject_model`, the first pass's chosen
+answers go to `work/chosen-RRRRR.jsonl` as they finish, so a resume skips the ones made.) Under torchrun each rank takes every
 world-th instruction and rank 0 merges. Seeds are per instruction, so the pairs do not depend on
 the batch, the rank or the number of processes.
 """
@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import models
-from .runs import all_sum, append_record, barrier, dist, done_keys, prepare_out, read_jsonl
-from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, default_size
+from .runs import all_sum, append_record, barrier, dist, done_keys, finished, prepare_out, read_jsonl
+from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, RowResult, default_size
 from .heads import HeadSet
 from .sampling import Sampling
 
@@ -97,11 +97,13 @@ class PairJob:
         work = out / "work"
         work.mkdir(exist_ok=True)
         done = done_keys(work, "rank-*.jsonl", "id")
+        # with a reject model: the chosen answers already made (the first of the two passes)
+        half = {r["id"]: r for r in finished(work, "chosen-*.jsonl")} if self.reject is not None else {}
         mine = [i for i in range(rank, len(items), world) if i not in done]
         path = work / f"rank-{rank:05d}.jsonl"
         t0 = time.perf_counter()
         self._counts = {"row_steps": 0, "slot_steps": 0, "steps": 0, "prefills": 0}  # the engines' stats
-        n_tok = self._generate(items, mine, path, progress and rank == 0) if mine else 0
+        n_tok = self._generate(items, mine, path, progress and rank == 0, half) if mine else 0
         barrier()
         # this run's counts over all ranks
         c = self._counts
@@ -153,7 +155,7 @@ class PairJob:
                 self._counts[k] += eng.stats[k]
         bar.close()
 
-    def _generate(self, items, mine, path: Path, progress) -> int:
+    def _generate(self, items, mine, path: Path, progress, half: dict) -> int:
         cap = self.cfg.max_prompt_tokens
         prompts = {i: chat_prompt(self.tok, items[i][1], self.cfg.thinking) for i in mine}
         n_tok = 0
@@ -169,13 +171,21 @@ class PairJob:
                 for i, plen, (ch, rj) in self._gen(self.model, self.tok, rows, pols, progress, "pairs", prompts):
                     n_tok += len(ch.tokens) + len(rj.tokens)
                     append_record(f, self._record(items, i, plen, ch, rj, self.tok, self.tok))
-            else:
+            else:  # two passes; each chosen answer is on disk (work/chosen-*.jsonl) before the second starts
                 rmodel, rtok = self.reject
-                chosen = {i: (plen, r[0]) for i, plen, r in self._gen(self.model, self.tok, rows, [ORIGINAL],
-                                                                        progress, "chosen", prompts)}
+                chosen = {i: (half[i]["prompt_tokens"], RowResult("original", half[i]["tokens"], half[i]["finish"]))
+                          for i, _ in rows if i in half}
+                todo = [(i, text) for i, text in rows if i not in chosen]
+                with path.with_name(path.name.replace("rank-", "chosen-")).open("a") as fc:
+                    for i, plen, r in (self._gen(self.model, self.tok, todo, [ORIGINAL], progress, "chosen", prompts)
+                                       if todo else ()):
+                        append_record(fc, {"id": i, "prompt_tokens": plen, "tokens": r[0].tokens,
+                                           "finish": r[0].finish})
+                        n_tok += len(r[0].tokens)
+                        chosen[i] = (plen, r[0])
                 for i, _, r in self._gen(rmodel, rtok, rows, [ORIGINAL], progress, "rejected", first_row=1):
                     plen, ch = chosen[i]
-                    n_tok += len(ch.tokens) + len(r[0].tokens)
+                    n_tok += len(r[0].tokens)
                     append_record(f, self._record(items, i, plen, ch, r[0], self.tok, rtok))
         return n_tok
 

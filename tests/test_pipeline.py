@@ -357,6 +357,43 @@ def test_reject_model_pairs(pairs_dir, tmp_path):
         assert got[i]["meta"]["seeds"] == want[i]["meta"]["seeds"]
 
 
+def test_reject_model_resume_keeps_the_first_pass(pairs_dir, tmp_path, monkeypatch):
+    """A crash during the rejected pass: the chosen answers are already on disk, so the resume runs only the
+    rejected pass, for the pairs not written, and gives the uninterrupted run's pairs."""
+    from retmask import hf
+    from retmask.pairs import PairJob as Job
+
+    model, tok = toy.load()
+    other = hf.zeroed_copy(toy.load()[0], HeadSet.from_list(HEADS))
+    ins = load_instructions(DATA, limit=12)
+
+    def job():
+        return Job(model, tok, None, PairsConfig(max_new_tokens=12), model_name="toy", reject=(other, tok),
+                   reject_name="toy-zeroed", slots=8)
+
+    job().run(ins, tmp_path / "whole", progress=False)
+    real, calls = Job._record, []
+
+    def crash_on_the_fourth(self, *a):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, *a)
+
+    monkeypatch.setattr(Job, "_record", crash_on_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        job().run(ins, tmp_path / "crash", progress=False)
+    monkeypatch.setattr(Job, "_record", real)
+    assert len(read_jsonl(tmp_path / "crash" / "work" / "rank-00000.jsonl")) == 3
+    assert len(read_jsonl(tmp_path / "crash" / "work" / "chosen-00000.jsonl")) == 12
+    passes, gen = [], Job._gen
+    monkeypatch.setattr(Job, "_gen", lambda self, m, t, rows, *a, **k: (passes.append((a[2], len(rows))),
+                                                                         gen(self, m, t, rows, *a, **k))[1])
+    s = job().run(ins, tmp_path / "crash", resume=True, progress=False)
+    assert passes == [("rejected", 9)]
+    assert _gz(tmp_path / "crash") == _gz(tmp_path / "whole") and s["pairs"] >= 9
+
+
 def test_prompts_over_the_cap_are_dropped_and_counted(pairs_dir, tmp_path):
     """A prompt over max_prompt_tokens is dropped as `prompt_too_long` before any generation (every
     slot is sized for the longest prompt); the other instructions give the same pairs as without it."""
