@@ -30,3 +30,14 @@ def poison(monkeypatch):
     from retmask.kernels import _launch
 
     monkeypatch.setattr(_launch, "POISON", True)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a multi-process run's rendezvous (a fixed one collides when two
+    suites run at once)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -140,7 +140,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_two_processes_resume_agree_on_the_split_when_one_rank_lags(detected, tmp_path):
+def test_two_processes_resume_agree_on_the_split_when_one_rank_lags(detected, tmp_path, free_port):
     """A resume splits the unfinished tests by position, so the ranks must read the same finished set: rank 0
     appending its first new results before a slow rank 1 has read would shift rank 1's split (tests lost,
     others run twice). Also: a torn line in a shard is repaired before anyone reads."""
@@ -151,7 +151,7 @@ def test_two_processes_resume_agree_on_the_split_when_one_rank_lags(detected, tm
     (out / "tests-00000.jsonl").write_text("".join((ref / "tests-00000.jsonl").read_text().splitlines(True)[:2]) +
                                           '{"key": "torn')
     (tmp_path / "lagging.py").write_text(LAGGING_RANK_1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
            str(tmp_path / "lagging.py"), "detect", *GRID, "--out", str(out), "--resume"]
     r = subprocess.run(cmd, cwd=ROOT / "tests", capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
@@ -161,10 +161,10 @@ def test_two_processes_resume_agree_on_the_split_when_one_rank_lags(detected, tm
     assert (out / "tests.jsonl").read_text() == (ref / "tests.jsonl").read_text()
 
 
-def test_two_processes_gloo_equal_one(detected, tmp_path):
+def test_two_processes_gloo_equal_one(detected, tmp_path, free_port):
     ref, _ = detected
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
            "-m", "retmask.cli", "detect", *GRID, "--out", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -258,7 +258,7 @@ def test_niah_command(detected, tmp_path, capsys, monkeypatch):
     assert json.loads((tmp_path / "static" / "niah.json").read_text())["policies"] == res["policies"]
 
 
-def test_niah_two_processes_equal_one(detected, tmp_path):
+def test_niah_two_processes_equal_one(detected, tmp_path, free_port):
     """torchrun with two gloo processes: each answers every second prompt into its own shard, rank 0 alone
     reports and writes niah.json, which equals one process's; a resume with both ranks computes nothing."""
     out, _ = detected
@@ -266,7 +266,7 @@ def test_niah_two_processes_equal_one(detected, tmp_path):
             "--scopes", "all", "--min-len", "160", "--max-len", "320", "--lengths", "2", "--depths", "2",
             "--needles", "1", "--steps", "6", "--no-progress"]
     assert _cli(*args, "--out", str(tmp_path / "one")).returncode == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
            "-m", "retmask.cli", *args, "--out", str(tmp_path / "two")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)

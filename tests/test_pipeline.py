@@ -94,7 +94,7 @@ def test_instruct_models_list_of_eos_ids(tmp_path):
     assert metas and all(x["chosen_finish"] in ("eos", "length") for x in metas)
 
 
-def test_resume_after_sigkill_and_two_processes(pairs_dir, tmp_path):
+def test_resume_after_sigkill_and_two_processes(pairs_dir, tmp_path, free_port):
     ref, _ = pairs_dir
     out = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, "-m", "retmask.cli", *ARGS, "--slots", "2", "--out", str(out)], cwd=ROOT,
@@ -115,7 +115,7 @@ def test_resume_after_sigkill_and_two_processes(pairs_dir, tmp_path):
 
     ddp = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29533", "-m", "retmask.cli", *ARGS, "--out", str(ddp)], cwd=ROOT, capture_output=True,
+                        str(free_port), "-m", "retmask.cli", *ARGS, "--out", str(ddp)], cwd=ROOT, capture_output=True,
                        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(list((ddp / "work").glob("rank-*.jsonl"))) == 2
@@ -192,17 +192,13 @@ def test_shipped_accelerate_configs_load(name, kind):
     assert plugin and all(f"--{k}" in known for k in plugin), sorted(k for k in plugin if f"--{k}" not in known)
 
 
-def test_dpo_two_processes_with_accelerate_launch(pairs_dir, tmp_path):
+def test_dpo_two_processes_with_accelerate_launch(pairs_dir, tmp_path, free_port):
     """`accelerate launch` with 2 CPU processes (gloo, DDP): gradient accumulation counts both, the reference
     log-probs precomputed by rank 0 reach rank 1, rank 0 alone reports and writes one checkpoint that reloads."""
-    import socket
-
     from transformers import AutoModelForCausalLM
 
     out, _ = pairs_dir
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port
     cfg = tmp_path / "cpu2.yaml"  # MULTI_GPU + use_cpu: accelerate's torchrun launcher, DDP over gloo on CPU
     cfg.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
                    f"num_processes: 2\nmachine_rank: 0\nmain_process_port: {port}\nmixed_precision: 'no'\n"
@@ -239,14 +235,12 @@ def single_process_runs(pairs_dir, tmp_path_factory):
     ("fsdp.yaml", "FSDP2", False, False), ("fsdp.yaml", "FSDP2", True, True),
     ("zero3.yaml", "DeepSpeed ZeRO-3", False, True), ("zero3.yaml", "DeepSpeed ZeRO-3", True, False)],
     ids=["fsdp-full", "fsdp-lora-precomputed", "zero3-full-precomputed", "zero3-lora"])
-def test_shipped_sharded_configs_train_like_one_process(pairs_dir, single_process_runs, tmp_path, config, mode, lora,
-                                                        precompute):
+def test_shipped_sharded_configs_train_like_one_process(pairs_dir, single_process_runs, tmp_path, free_port, config,
+                                                        mode, lora, precompute):
     """The shipped FSDP and ZeRO-3 configs, run by `accelerate launch` with 2 processes on CPU (tests/shims
     makes accelerate take its sharded path over gloo; it otherwise runs DDP without a GPU): the checkpoint,
     gathered from the shards (and merged, with LoRA), equals one process's on the same batches (reference
     log-probs computed along, in the oracle, or precomputed once before training, in half the cases)."""
-    import socket
-
     import yaml
     from transformers import AutoModelForCausalLM
 
@@ -254,9 +248,7 @@ def test_shipped_sharded_configs_train_like_one_process(pairs_dir, single_proces
 
     out, _ = pairs_dir
     cfg = yaml.safe_load((Path(retmask.__file__).parent / "configs" / config).read_text())
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port
     cfg.update(num_processes=2, mixed_precision="no", main_process_port=port)  # fp32 on CPU
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "tests" / "shims"),
