@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 from . import models, niah, scoring
@@ -52,7 +53,7 @@ def prepare_run(out: str | Path, model_name: str, grid_cfg: GridConfig, policies
     configuration, or `overwrite`). Cheap: call it before loading a model."""
     out = Path(out)
     prepare_out(out, json.loads(json.dumps(run_config(model_name, grid_cfg, policies))), resume=resume,
-                overwrite=overwrite, names=("niah.json",))
+                overwrite=overwrite, names=("niah.json", "tests.jsonl"))
     return out
 
 
@@ -79,6 +80,8 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
         model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         out = prepare_run(out, model_name, g, policies, resume=resume, overwrite=overwrite)
         log = out / f"tests-{rank:05d}.jsonl"
+        if rank == 0 and (out / "tests.jsonl").is_file():  # an older retmask's single log: read as a shard
+            os.replace(out / "tests.jsonl", out / "tests-legacy.jsonl")
         done = {r["prompt"]: r["records"] for r in finished(out, "tests-*.jsonl")}  # the same on every rank
     kw = dict(engine_kw)
     kw.setdefault("max_len", max(len(p) for p, _ in items) + g.steps)

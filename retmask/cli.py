@@ -200,6 +200,8 @@ def _dist_init(device: str | None = None) -> str | None:
         local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
         torch.cuda.set_device(local)
         return f"cuda:{local}"
+    if cuda:  # a GPU named by the user: NCCL's collectives must run there too
+        torch.cuda.set_device(device)
     return device or "cpu"
 
 

@@ -97,9 +97,11 @@ class PairJob:
         work = out / "work"
         work.mkdir(exist_ok=True)
         done = done_keys(work, "rank-*.jsonl", "id")
-        # with a reject model: the chosen answers already made (the first of the two passes)
-        half = {r["id"]: r for r in finished(work, "chosen-*.jsonl")} if self.reject is not None else {}
         mine = [i for i in range(rank, len(items), world) if i not in done]
+        # with a reject model: this rank's chosen answers already made (the first of the two passes)
+        todo = set(mine)
+        half = ({r["id"]: r for r in finished(work, "chosen-*.jsonl", keep=lambda r: r["id"] in todo)}
+                if self.reject is not None else {})
         path = work / f"rank-{rank:05d}.jsonl"
         t0 = time.perf_counter()
         self._counts = {"row_steps": 0, "slot_steps": 0, "steps": 0, "prefills": 0}  # the engines' stats

@@ -68,16 +68,17 @@ def drop_torn_tail(path: Path) -> None:
             os.replace(tmp, path)
 
 
-def finished(folder: Path, pattern: str) -> list[dict]:
-    """Every record in the shards `folder/pattern`, the same list on every rank: rank 0 first drops torn
-    tails (its own shard's and those of ranks a smaller world no longer has), every rank then reads, and
-    no rank goes on (and appends) before all have read. Ranks that split the remaining work by position
-    in a list built from these records therefore agree on the split."""
+def finished(folder: Path, pattern: str, keep=None) -> list[dict]:
+    """Every record in the shards `folder/pattern` (those `keep(record)` accepts, when given), the same
+    list on every rank: rank 0 first drops torn tails (its own shard's and those of ranks a smaller world
+    no longer has), every rank then reads, and no rank goes on (and appends) before all have read. Ranks
+    that split the remaining work by position in a list built from these records therefore agree on the
+    split."""
     if dist()[0] == 0:
         for p in sorted(folder.glob(pattern)):
             drop_torn_tail(p)
     barrier()
-    records = [r for p in sorted(folder.glob(pattern)) for r in read_jsonl(p)]
+    records = [r for p in sorted(folder.glob(pattern)) for r in read_jsonl(p) if keep is None or keep(r)]
     barrier()
     return records
 
@@ -118,8 +119,10 @@ def prepare_out(out: Path, config: dict, *, resume: bool, overwrite: bool, names
             old = json.loads(old_cfg) if old_cfg is not None else None
             if old is not None and old != config:
                 diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                raise ValueError(f"{out} holds a run with a different configuration ({', '.join(diff)}); "
-                                 "use another --out or --overwrite")
+                unrecorded = [k for k in diff if k not in old]
+                raise ValueError(f"{out} holds a run with a different configuration ({', '.join(diff)})" +
+                                 (f"; {', '.join(unrecorded)} not recorded there: an older retmask wrote it"
+                                  if unrecorded else "") + "; use another --out or --overwrite")
         else:
             raise ValueError(f"{out} already holds results; pass --resume to continue them or --overwrite "
                              "to start over")

@@ -192,7 +192,9 @@ def parallel_mode(accelerator) -> str:
     if kind == "DEEPSPEED":
         stage = accelerator.state.deepspeed_plugin.zero_stage
         return f"DeepSpeed ZeRO-{stage} over {n} processes"
-    return "one process" if n == 1 else f"DDP over {n} processes"
+    if n == 1:
+        return "one process"
+    return f"DDP over {n} processes" if kind.startswith("MULTI_") else f"{kind} over {n} processes"
 
 
 def merge_adapter(base: str, adapter: str | Path, out: str | Path) -> None:

@@ -272,12 +272,13 @@ def test_niah_two_processes_equal_one(detected, tmp_path, free_port):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("| original") == 1  # one table, from rank 0
-    assert len(read_jsonl(tmp_path / "two" / "tests-00000.jsonl")) == len(read_jsonl(tmp_path / "two" / "tests-00001.jsonl")) == 2
+    shards = [(tmp_path / "two" / f"tests-0000{r}.jsonl").read_text() for r in (0, 1)]
+    assert [len(t.splitlines()) for t in shards] == [2, 2]
     one, two = (json.loads((tmp_path / d / "niah.json").read_text()) for d in ("one", "two"))
     assert two["tests"] == one["tests"] and two["policies"] == one["policies"]
     r = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len(read_jsonl(tmp_path / "two" / "tests-00000.jsonl")) == 2  # nothing recomputed
+    assert [(tmp_path / "two" / f"tests-0000{r}.jsonl").read_text() for r in (0, 1)] == shards  # nothing recomputed
     assert json.loads((tmp_path / "two" / "niah.json").read_text())["tests"] == one["tests"]
 
 
@@ -323,3 +324,22 @@ def test_niah_resumes_after_a_crash(toy_model, tmp_path, monkeypatch):
                               resume=True)
     assert len(ran) == n_prompts - 2
     assert resumed == whole
+
+
+def test_niah_resume_reads_an_older_single_log(toy_model, tmp_path, monkeypatch):
+    """A folder from before the per-rank shards holds one tests.jsonl: a resume reads it and recomputes nothing."""
+    from retmask import engine as engine_mod
+
+    model, tok = toy_model
+    pols = causal.make_policies(HeadSet.from_list("0-1,0-2"), None, controls=(), scopes=("all",))
+    grid = causal.GridConfig(min_len=160, max_len=320, n_lengths=2, n_depths=2, n_needles=1, buffer=32, steps=6,
+                             seed=3)
+    whole = causal.run_niah(model, tok, grid, pols, progress=False, slots=2, out=tmp_path, model_name="toy")
+    (tmp_path / "tests-00000.jsonl").rename(tmp_path / "tests.jsonl")
+    ran = []
+    gen = engine_mod.Engine.generate
+    monkeypatch.setattr(engine_mod.Engine, "generate", lambda self, groups, cfg, **kw: (ran.extend(groups),
+                                                                                       gen(self, groups, cfg, **kw))[1])
+    again = causal.run_niah(model, tok, grid, pols, progress=False, slots=2, out=tmp_path, model_name="toy",
+                            resume=True)
+    assert ran == [] and again["tests"] == whole["tests"]

@@ -134,6 +134,11 @@ def test_resume_with_other_instructions_is_refused(pairs_dir, tmp_path):
     r = _cli(*base, "--start", "10", "--resume")
     assert r.returncode == 2 and "instructions_sha" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert _cli(*base, "--resume").returncode == 0  # the same instructions resume
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    del cfg["instructions_sha"]  # as an older retmask wrote it
+    (tmp_path / "o" / "config.json").write_text(json.dumps(cfg))
+    r = _cli(*base, "--resume")
+    assert r.returncode == 2 and "not recorded there: an older retmask wrote it" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("args,message", [
