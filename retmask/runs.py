@@ -34,17 +34,21 @@ def all_sum(values: list[int]) -> list[int]:
     return t.tolist()
 
 
+def iter_jsonl(path: Path):
+    """Complete lines of a JSONL file, one at a time; a torn last line (a crash mid-write) is ignored."""
+    if not path.is_file():
+        return
+    with path.open() as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                return
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Complete lines of a JSONL file; a torn last line (a crash mid-write) is ignored."""
-    out = []
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
+    return list(iter_jsonl(path))
 
 
 def append_record(f, rec: dict) -> None:
@@ -57,15 +61,36 @@ def append_record(f, rec: dict) -> None:
 def drop_torn_tail(path: Path) -> None:
     """Rewrite `path` without a torn last line, so appends start on a clean line. The new text goes to a
     temporary file first and replaces `path` in one rename, so a crash here loses nothing."""
-    if path.is_file():
-        text = "".join(json.dumps(r) + "\n" for r in read_jsonl(path))
-        if path.read_text() != text:
-            tmp = path.with_name(path.name + ".tmp")
-            with tmp.open("w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+    if not path.is_file() or _ends_with_a_whole_record(path):  # the usual case, decided from the tail
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        for r in iter_jsonl(path):
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _ends_with_a_whole_record(path: Path, tail: int = 1 << 16) -> bool:
+    """Empty, or its last line is complete (newline-terminated) JSON. Records are appended whole, each with
+    an fsync, so only the last line can be torn."""
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return True
+        f.seek(max(0, size - tail))
+        chunk = f.read()
+    if not chunk.endswith(b"\n"):
+        return False
+    lines = chunk[:-1].rsplit(b"\n", 1)
+    if len(lines) == 1 and size > len(chunk):
+        return False  # a last line longer than the tail read: let the full pass decide
+    try:
+        json.loads(lines[-1])
+        return True
+    except ValueError:
+        return False
 
 
 def finished(folder: Path, pattern: str, keep=None) -> list[dict]:
@@ -74,18 +99,22 @@ def finished(folder: Path, pattern: str, keep=None) -> list[dict]:
     no longer has), every rank then reads, and no rank goes on (and appends) before all have read. Ranks
     that split the remaining work by position in a list built from these records therefore agree on the
     split."""
+    return _synced(folder, pattern, lambda recs: [r for r in recs if keep is None or keep(r)])
+
+
+def done_keys(folder: Path, pattern: str, key: str) -> set:
+    """`key` of every record in the shards, read as `finished` reads them (one record in memory at a time)."""
+    return _synced(folder, pattern, lambda recs: {r[key] for r in recs})
+
+
+def _synced(folder: Path, pattern: str, collect):
     if dist()[0] == 0:
         for p in sorted(folder.glob(pattern)):
             drop_torn_tail(p)
     barrier()
-    records = [r for p in sorted(folder.glob(pattern)) for r in read_jsonl(p) if keep is None or keep(r)]
+    out = collect(r for p in sorted(folder.glob(pattern)) for r in iter_jsonl(p))
     barrier()
-    return records
-
-
-def done_keys(folder: Path, pattern: str, key: str) -> set:
-    """`key` of every record of `finished(folder, pattern)`."""
-    return {r[key] for r in finished(folder, pattern)}
+    return out
 
 
 def check_writable(folder) -> None:
