@@ -93,9 +93,8 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
     cfg = GenConfig(max_new_tokens=g.steps, eos_ids=eos)
     groups = [Group(list(p), policies, key=i) for i, (p, _) in enumerate(items) if i not in done][rank::world]
     records = [r for recs in done.values() for r in recs]
-    bar = tqdm(total=len(tests) if world == 1 else sum(len(items[gr.key][1]) for gr in groups),
-               initial=len(records) if world == 1 else 0, desc="niah" if world == 1 else f"niah (rank 0 of {world})",
-               unit="test", disable=not progress or rank != 0)
+    bar = tqdm(total=len(records) + sum(len(items[gr.key][1]) for gr in groups), initial=len(records), desc="niah",
+               unit="test", disable=not progress or rank != 0)  # under torchrun: rank 0's share
     with Engine(model, tok, **kw) as eng, (log.open("a") if log else contextlib.nullcontext()) as f:
         for res in eng.generate(groups, cfg):
             _, ts = items[res.key]

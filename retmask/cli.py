@@ -195,14 +195,12 @@ def _dist_init(device: str | None = None) -> str | None:
         # on a long job: NCCL's default 10-minute timeout would tear down the ranks that finish first.
         hours = float(os.environ.get("RETMASK_DIST_TIMEOUT_HOURS", "48"))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=hours))
-    if cuda and device in (None, "cuda"):
-        # modulo: a launcher may show each process only its own GPU
-        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
-        torch.cuda.set_device(local)
-        return f"cuda:{local}"
-    if cuda:  # a GPU named by the user: NCCL's collectives must run there too
-        torch.cuda.set_device(device)
-    return device or "cpu"
+    if not cuda:
+        return device or "cpu"
+    if device in (None, "cuda"):  # modulo: a launcher may show each process only its own GPU
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    torch.cuda.set_device(device)  # NCCL's collectives run on the current device
+    return device
 
 
 def _engine_kw(args) -> dict:

@@ -9,8 +9,8 @@ Output (TRL's conversational preference format, plus metadata per pair):
     summary.json               pairs kept, dropped by reason, tokens, tokens/s, configuration
 Work in progress is appended to `work/rank-RRRRR.jsonl` (fsync per pair) so a crash, even SIGKILL,
 loses only pairs in flight; `resume=True` continues. (With `reject_model`, the first pass's chosen
-answers go to `work/chosen-RRRRR.jsonl` as they finish, so a resume skips the ones made.) Under torchrun each rank takes every
-world-th instruction and rank 0 merges. Seeds are per instruction, so the pairs do not depend on
+answers go to `work/chosen-RRRRR.jsonl` as they finish, so a resume skips the ones made.) Under
+torchrun each rank takes every world-th instruction and rank 0 merges. Seeds are per instruction, so the pairs do not depend on
 the batch, the rank or the number of processes.
 """
 

@@ -139,11 +139,10 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
     trainer.train(resume_from_checkpoint=ckpt)
     final = out / "final"
     if cfg.lora:
-        # Every rank saves (it gathers ZeRO-3 / FSDP shards of the adapter); rank 0 then merges it into a fresh
-        # copy of the base model on the CPU. Merging the trained model in place would run a sharded layer's
-        # collectives on rank 0 alone, which fails or hangs under FSDP and ZeRO-3.
+        # Every rank saves (it gathers ZeRO-3 / FSDP shards of the adapter; rank 0 writes it); rank 0 then merges
+        # it into a fresh copy of the base model on the CPU. Merging the trained model in place would run a
+        # sharded layer's collectives on rank 0 alone, which fails or hangs under FSDP and ZeRO-3.
         trainer.save_model(str(out / "adapter"))
-        trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
             merge_adapter(model_path, out / "adapter", final)
     else:
@@ -203,13 +202,11 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    try:  # training is over: a ZeRO-3 trainer's config would make from_pretrained partition across ranks, and
-        # this runs on rank 0 alone
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # no deepspeed needed to import
 
-        unset_hf_deepspeed_config()
-    except ImportError:
-        pass
+    # training is over: a ZeRO-3 trainer's config would make from_pretrained partition across ranks, and this
+    # runs on rank 0 alone
+    unset_hf_deepspeed_config()
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", device_map=None)
     PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().save_pretrained(out, safe_serialization=True)
 

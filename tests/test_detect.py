@@ -282,12 +282,20 @@ def test_niah_two_processes_equal_one(detected, tmp_path, free_port):
     assert json.loads((tmp_path / "two" / "niah.json").read_text())["tests"] == one["tests"]
 
 
+def generated_groups(monkeypatch) -> list:
+    """The groups every Engine.generate call receives from now on (the engine still runs them)."""
+    from retmask import engine as engine_mod
+
+    ran, gen = [], engine_mod.Engine.generate
+    monkeypatch.setattr(engine_mod.Engine, "generate", lambda self, groups, cfg, **kw: (ran.extend(groups),
+                                                                                       gen(self, groups, cfg, **kw))[1])
+    return ran
+
+
 def test_niah_resumes_after_a_crash(toy_model, tmp_path, monkeypatch):
     """Each finished prompt is on disk at once; after a crash a rerun with resume computes only the
     prompts not yet there, and its result equals an uninterrupted run's; an existing run needs
     resume or overwrite."""
-    from retmask import engine as engine_mod
-
     model, tok = toy_model
     pols = causal.make_policies(HeadSet.from_list("0-1,0-2"), None, controls=(), scopes=("all",))
     grid = causal.GridConfig(min_len=160, max_len=320, n_lengths=2, n_depths=3, n_needles=1, buffer=32, steps=6,
@@ -316,10 +324,7 @@ def test_niah_resumes_after_a_crash(toy_model, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="different configuration"):
         causal.run_niah(model, tok, grid, pols[:1], progress=False, slots=2, out=tmp_path, model_name="toy",
                         resume=True)
-    ran = []
-    gen = engine_mod.Engine.generate
-    monkeypatch.setattr(engine_mod.Engine, "generate", lambda self, groups, cfg, **kw: (ran.extend(groups),
-                                                                                       gen(self, groups, cfg, **kw))[1])
+    ran = generated_groups(monkeypatch)
     resumed = causal.run_niah(model, tok, grid, pols, progress=False, slots=2, out=tmp_path, model_name="toy",
                               resume=True)
     assert len(ran) == n_prompts - 2
@@ -328,18 +333,13 @@ def test_niah_resumes_after_a_crash(toy_model, tmp_path, monkeypatch):
 
 def test_niah_resume_reads_an_older_single_log(toy_model, tmp_path, monkeypatch):
     """A folder from before the per-rank shards holds one tests.jsonl: a resume reads it and recomputes nothing."""
-    from retmask import engine as engine_mod
-
     model, tok = toy_model
     pols = causal.make_policies(HeadSet.from_list("0-1,0-2"), None, controls=(), scopes=("all",))
     grid = causal.GridConfig(min_len=160, max_len=320, n_lengths=2, n_depths=2, n_needles=1, buffer=32, steps=6,
                              seed=3)
     whole = causal.run_niah(model, tok, grid, pols, progress=False, slots=2, out=tmp_path, model_name="toy")
     (tmp_path / "tests-00000.jsonl").rename(tmp_path / "tests.jsonl")
-    ran = []
-    gen = engine_mod.Engine.generate
-    monkeypatch.setattr(engine_mod.Engine, "generate", lambda self, groups, cfg, **kw: (ran.extend(groups),
-                                                                                       gen(self, groups, cfg, **kw))[1])
+    ran = generated_groups(monkeypatch)
     again = causal.run_niah(model, tok, grid, pols, progress=False, slots=2, out=tmp_path, model_name="toy",
                             resume=True)
     assert ran == [] and again["tests"] == whole["tests"]

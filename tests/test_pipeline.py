@@ -203,10 +203,9 @@ def test_dpo_two_processes_with_accelerate_launch(pairs_dir, tmp_path, free_port
     from transformers import AutoModelForCausalLM
 
     out, _ = pairs_dir
-    port = free_port
     cfg = tmp_path / "cpu2.yaml"  # MULTI_GPU + use_cpu: accelerate's torchrun launcher, DDP over gloo on CPU
     cfg.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
-                   f"num_processes: 2\nmachine_rank: 0\nmain_process_port: {port}\nmixed_precision: 'no'\n"
+                   f"num_processes: 2\nmachine_rank: 0\nmain_process_port: {free_port}\nmixed_precision: 'no'\n"
                    "use_cpu: true\nrdzv_backend: static\nsame_network: true\n")
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "-m",
                         "retmask.cli", "train", "--pairs", str(out), "--out", str(tmp_path / "run"), "--epochs", "1",
@@ -253,8 +252,7 @@ def test_shipped_sharded_configs_train_like_one_process(pairs_dir, single_proces
 
     out, _ = pairs_dir
     cfg = yaml.safe_load((Path(retmask.__file__).parent / "configs" / config).read_text())
-    port = free_port
-    cfg.update(num_processes=2, mixed_precision="no", main_process_port=port)  # fp32 on CPU
+    cfg.update(num_processes=2, mixed_precision="no", main_process_port=free_port)  # fp32 on CPU
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "tests" / "shims"),
            "RETMASK_SHARDED_ON_CPU": "1", "ACCELERATE_TORCH_DEVICE": "cpu", "DS_ACCELERATOR": "cpu"}
