@@ -72,10 +72,10 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
 
     g = grid_cfg
     needles, hays, tests = g.load()
-    items = list(g.unique_prompts(tok, needles, hays, tests).items())
+    rank, world = dist() if out is not None else (0, 1)
+    items = g.unique_prompts(tok, needles, hays, tests, progress=progress and rank == 0)
     done: dict[int, list] = {}
     log = None
-    rank, world = dist() if out is not None else (0, 1)
     if out is not None:
         model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         out = prepare_run(out, model_name, g, policies, resume=resume, overwrite=overwrite)
@@ -91,7 +91,7 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
         kw.update(default_size(model, len(items) * len(policies), max(4, 2 * len(policies))))
     eos = models.eos_ids(model, tok)
     cfg = GenConfig(max_new_tokens=g.steps, eos_ids=eos)
-    groups = [Group(list(p), policies, key=i) for i, (p, _) in enumerate(items) if i not in done][rank::world]
+    groups = [Group(p, policies, key=i) for i, (p, _) in enumerate(items) if i not in done][rank::world]
     records = [r for recs in done.values() for r in recs]
     bar = tqdm(total=len(records) + sum(len(items[gr.key][1]) for gr in groups), initial=len(records), desc="niah",
                unit="test", disable=not progress or rank != 0)  # under torchrun: rank 0's share

@@ -50,7 +50,7 @@ class Detector:
                     names=("head_scores.json", "detect.json", "tests.jsonl", "heads.png", "niah.png"))
         done = done_keys(out, "tests-*.jsonl", "key")  # one set for every rank, so the split below agrees
         todo = [t for t in self.tests if t.key not in done]
-        groups = list(self.cfg.unique_prompts(self.tok, self.needles, self.haystacks, todo).items())
+        groups = self.cfg.unique_prompts(self.tok, self.needles, self.haystacks, todo, progress=progress and rank == 0)
         mine = groups[rank::world]
         shard = out / f"tests-{rank:05d}.jsonl"
         if mine:
@@ -80,14 +80,14 @@ class Detector:
             n_tok[0] += n
             bar.set_postfix_str(f"{n_tok[0] / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
 
-        items = [Group(list(p), [ORIGINAL], key=i) for i, (p, _) in enumerate(groups)]
+        items = [Group(p, [ORIGINAL], key=i) for i, (p, _) in enumerate(groups)]
         with Engine(self.model, tok, **kw) as eng, shard.open("a") as f:
             for res in eng.generate(items, gen, progress=on_step):
                 prompt, tests = groups[res.key]
                 row = res.rows[0]
                 response = tok.decode(row.tokens, skip_special_tokens=True)
                 needle = self.needles[tests[0].needle_idx]
-                span = niah.find_span(list(prompt), answers[tests[0].needle_idx])
+                span = niah.find_span(prompt, answers[tests[0].needle_idx])
                 rouge = scoring.rouge1_recall(needle.real_needle, response)
                 sc = scoring.retrieval_scores(prompt, span, row.tokens, row.argmax)  # (L, H)
                 for t in tests:

@@ -615,7 +615,7 @@ class Engine:
             for gi, (g, _) in enumerate(batch):
                 n = len(g.prompt) - 1
                 if n:
-                    ids[gi, plen - n :] = torch.as_tensor(list(g.prompt[:-1]), device=dev)
+                    ids[gi, plen - n :] = torch.as_tensor(np.asarray(g.prompt[:-1], dtype=np.int64), device=dev)
             pos = (torch.arange(plen, device=dev)[None, :] - pads[:, None]).clamp(min=0)
             self._ctx = ctx
             chunk = max(1, min(self.chunk, self.prefill_tokens // len(slots)))  # rows x chunk within the budget

@@ -20,6 +20,7 @@ import json
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -75,14 +76,44 @@ class GridConfig:
         ns, hs = load_source(self.needles, self.haystack, self.n_needles, seed=self.seed)
         return ns, hs, grid(self.min_len, self.max_len, self.n_lengths, self.n_depths, len(ns))
 
-    def unique_prompts(self, tokenizer, needles, haystacks, tests) -> dict[tuple, list["Test"]]:
-        """Each distinct prompt -> the tests that use it, in grid order (identical prompts run once)."""
-        out: dict[tuple, list] = {}
+    def unique_prompts(self, tokenizer, needles, haystacks, tests, *, progress: bool = False,
+                       batch_tokens: int = 1 << 20) -> list[tuple[np.ndarray, list["Test"]]]:
+        """Each distinct prompt (int32 token ids) with the tests that use it, in grid order of first use
+        (identical prompts run once). The prompts are `prompt_ids`'s, built a batch of tests (about
+        `batch_tokens` context tokens) at a time: each haystack is tokenized once, and a batch's prompts
+        are tokenized in one call (in parallel across cores with a fast tokenizer)."""
+        from tqdm.auto import tqdm
+
+        chat = _use_chat(tokenizer, self.chat)
+        hay_ids: dict[str, list[int]] = {}  # each haystack text tokenized once (needles may share one)
+        out: dict[bytes, tuple[np.ndarray, list[Test]]] = {}
+        batches, cur, size = [], [], 0
         for t in tests:
-            p = tuple(prompt_ids(tokenizer, haystacks[t.needle_idx], needles[t.needle_idx], t.length, t.depth,
-                                 placement=self.placement, buffer=self.buffer, chat=self.chat))
-            out.setdefault(p, []).append(t)
-        return out
+            if cur and size + t.length > batch_tokens:
+                batches.append(cur)
+                cur, size = [], 0
+            cur.append(t)
+            size += t.length
+        if cur:
+            batches.append(cur)
+        bar = tqdm(total=len(tests), desc="prompts", unit="test", disable=not progress or len(batches) < 2)
+        for part in batches:
+            for t in part:
+                text = haystacks[t.needle_idx]
+                if text not in hay_ids:
+                    hay_ids[text] = _encode(tokenizer, text)
+            ctxs = [splice(tokenizer, hay_ids[haystacks[t.needle_idx]],
+                           _encode(tokenizer, needles[t.needle_idx].needle), t.length, t.depth,
+                           placement=self.placement, buffer=self.buffer) for t in part]
+            texts = [tokenizer.decode(np.asarray(c)) for c in ctxs]  # an array converts faster than a list
+            ids = _encode_prompts(tokenizer, [user_message(c, needles[t.needle_idx].question)
+                                              for c, t in zip(texts, part)], chat)
+            for t, p in zip(part, ids):
+                a = np.asarray(p, dtype=np.int32)
+                out.setdefault(a.tobytes(), (a, []))[1].append(t)
+            bar.update(len(part))
+        bar.close()
+        return list(out.values())
 
 
 @dataclass(frozen=True)
@@ -196,18 +227,27 @@ def _period_ids(tokenizer) -> frozenset[int]:
     return _PERIODS[tokenizer]
 
 
+def _encode(tokenizer, text: str) -> list[int]:
+    # verbose=False: a haystack is longer than the model's limit on purpose (it is cut to length)
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
 def context_ids(tokenizer, haystack: str, needle: Needle, length: int, depth: float, *,
                 placement: str = "sentence", buffer: int = 200) -> list[int]:
     """Token ids of the context with the needle spliced in (the reference's `insert_needle`)."""
+    return splice(tokenizer, _encode(tokenizer, haystack), _encode(tokenizer, needle.needle), length, depth,
+                  placement=placement, buffer=buffer)
+
+
+def splice(tokenizer, hay: list[int], nd: list[int], length: int, depth: float, *,
+           placement: str = "sentence", buffer: int = 200) -> list[int]:
+    """`context_ids` from the haystack's and the needle's token ids."""
     if placement not in PLACEMENTS:
         raise ValueError(f"placement={placement!r}: use one of {PLACEMENTS}")
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    hay = enc(haystack)
     if not hay:
         raise ValueError("the haystack is empty")
     reps = -(-length // len(hay))
     ctx = (hay * reps)[:length]
-    nd = enc(needle.needle)
     budget = length - buffer
     if len(ctx) + len(nd) > budget:
         ctx = ctx[: max(budget - len(nd), 0)]
@@ -231,9 +271,7 @@ def prompt_ids(tokenizer, haystack: str, needle: Needle, length: int, depth: flo
     ctx = tokenizer.decode(context_ids(tokenizer, haystack, needle, length, depth, placement=placement,
                                        buffer=buffer))
     msg = user_message(ctx, needle.question)
-    if chat is None:
-        chat = getattr(tokenizer, "chat_template", None) is not None
-    if chat:
+    if _use_chat(tokenizer, chat):
         out = tokenizer.apply_chat_template([{"role": "user", "content": msg}], add_generation_prompt=True,
                                             tokenize=True, enable_thinking=False)
         if isinstance(out, dict) or hasattr(out, "keys"):
@@ -242,15 +280,38 @@ def prompt_ids(tokenizer, haystack: str, needle: Needle, length: int, depth: flo
     return tokenizer(msg)["input_ids"]
 
 
-def find_span(prompt: list[int], answer_ids: list[int]) -> tuple[int, int]:
+def _use_chat(tokenizer, chat: bool | None) -> bool:
+    return getattr(tokenizer, "chat_template", None) is not None if chat is None else chat
+
+
+def _encode_prompts(tokenizer, msgs: list[str], chat: bool) -> list[list[int]]:
+    """`prompt_ids`'s last step for many user messages in one tokenizer call: the chat template is
+    rendered to text and tokenized without added special tokens, which is what
+    `apply_chat_template(tokenize=True)` does."""
+    if not chat:
+        return tokenizer(msgs, verbose=False, return_attention_mask=False)["input_ids"]
+    texts = tokenizer.apply_chat_template([[{"role": "user", "content": m}] for m in msgs],
+                                          add_generation_prompt=True, tokenize=False, enable_thinking=False)
+    return tokenizer(texts, add_special_tokens=False, verbose=False, return_attention_mask=False)["input_ids"]
+
+
+def find_span(prompt: Sequence[int], answer_ids: Sequence[int]) -> tuple[int, int]:
     """The reference's `find_needle_idx`: the first window of len(answer) whose token set overlaps
-    the answer's token set by more than 90 %; (-1, -1) if none."""
-    if not answer_ids:
+    the answer's token set by more than 90 %; (-1, -1) if none.
+
+    Only windows holding more than 90 % as many answer tokens (counted with repeats, a bound on the
+    distinct ones) can pass, so a vectorized count picks them and the set rule checks just those."""
+    if len(answer_ids) == 0:
         return (-1, -1)
-    want = set(answer_ids)
+    want = set(int(x) for x in answer_ids)
     n = len(answer_ids)
-    for i in range(len(prompt)):
-        if len(set(prompt[i: i + n]) & want) / len(want) > 0.9:
+    ids = np.asarray(prompt, dtype=np.int64).reshape(-1)
+    # windows start at every position (the last ones are cut short by the prompt's end, as in the reference)
+    hits = np.concatenate([[0], np.cumsum(np.isin(ids, list(want)))])
+    starts = np.arange(len(ids))
+    inside = hits[np.minimum(starts + n, len(ids))] - hits[starts]
+    for i in np.flatnonzero(inside / len(want) > 0.9).tolist():
+        if len(set(ids[i: i + n].tolist()) & want) / len(want) > 0.9:
             return (i, i + n)
     return (-1, -1)
 

@@ -96,3 +96,77 @@ def test_prompt_uses_chat_template_and_span(tok):
     assert "based on the content of the book , question : what is the secret code" in text
     span = niah.find_span(p, tok(nd.real_needle, add_special_tokens=False)["input_ids"])
     assert tok.decode(p[span[0]: span[1]]) == "rho opal fig sixty"
+
+
+def _bpe_tokenizer(text: str):
+    """A byte-level BPE tokenizer (the Llama-3 / Qwen kind) trained here, with a BOS it adds itself
+    and a chat template that writes special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator([text], trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", model_max_length=256)
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["toy", "bpe"])
+@pytest.mark.parametrize("chat", [None, False])
+@pytest.mark.parametrize("placement", ["sentence", "faithful"])
+def test_unique_prompts_are_prompt_ids_deduplicated(tok, kind, chat, placement):
+    """The batched prompt builder gives each test exactly `prompt_ids`'s prompt (the per-test path),
+    across batch boundaries, with identical prompts merged in grid order of first use."""
+    needles = synth.needles(2, seed=5)
+    hays = [synth.haystack(500, seed=7), synth.haystack(500, seed=8)]
+    if kind == "bpe":
+        tok = _bpe_tokenizer(" ".join(hays) + " " + " ".join(n.needle + " " + n.question for n in needles))
+    g = niah.GridConfig(min_len=150, max_len=400, n_lengths=3, n_depths=4, n_needles=2, placement=placement,
+                        buffer=40, chat=chat)
+    tests = niah.grid(g.min_len, g.max_len, g.n_lengths, g.n_depths, g.n_needles)
+    items = g.unique_prompts(tok, needles, hays, tests, batch_tokens=700)  # several tests per batch, several batches
+    assert sorted(t.key for _, ts in items for t in ts) == sorted(t.key for t in tests)
+    assert len({p.tobytes() for p, _ in items}) == len(items)
+    assert [ts[0] for _, ts in items] == [t for t in tests if any(t is ts[0] for _, ts in items)]
+    for p, ts in items:
+        for t in ts:
+            want = niah.prompt_ids(tok, hays[t.needle_idx], needles[t.needle_idx], t.length, t.depth,
+                                   placement=placement, buffer=40, chat=chat)
+            assert p.tolist() == want, t.key
+    has_chat = chat is None  # both tokenizers have a template
+    first = items[0][0].tolist()
+    assert (first[0] == tok.bos_token_id) if kind == "bpe" else True  # the BOS: from the template or the tokenizer
+    assert ("assistant" in tok.decode(first[-8:])) == has_chat
+    if placement == "faithful":  # every depth < 100 puts the needle at 0: those prompts merge
+        assert len(items) == len(tests) // g.n_depths * 2
+
+
+def test_find_span_matches_the_reference_rule():
+    """The vectorized search against the reference's loop, on random prompts with many near-misses
+    and windows cut short by the prompt's end."""
+    import random
+
+    def loop(prompt, answer):
+        want = set(answer)
+        for i in range(len(prompt)):
+            if len(set(prompt[i: i + len(answer)]) & want) / len(want) > 0.9:
+                return (i, i + len(answer))
+        return (-1, -1)
+
+    rng = random.Random(0)
+    found = 0
+    for _ in range(2000):
+        vocab = rng.choice([3, 6, 12, 40])
+        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(0, 50))]
+        answer = [rng.randrange(vocab) for _ in range(rng.randrange(1, 12))]
+        assert niah.find_span(prompt, answer) == loop(prompt, answer), (prompt, answer)
+        found += loop(prompt, answer) != (-1, -1)
+    assert 200 < found < 1800  # both outcomes well covered
+    assert niah.find_span([5, 1, 2, 3], [1, 2, 3, 4, 9]) == (-1, -1)
+    assert niah.find_span([7, 7, 1, 2], [1, 2]) == (2, 4)
+    assert niah.find_span([], [1]) == (-1, -1) and niah.find_span([1, 2], []) == (-1, -1)
