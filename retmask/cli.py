@@ -358,9 +358,9 @@ def _train(args) -> int:
                               "effective_batch": args.effective_batch, "per_device_batch": args.per_device_batch}.items()
             if v is not None}
     cfg = TrainConfig.preset(preset, lora=args.lora, precompute_ref=args.precompute_ref, liger=args.liger, **over)
-    from .pairs import load_pairs
+    from .pairs import pair_files
 
-    load_pairs(args.pairs)  # fails early with a clear message when there are none
+    pair_files(args.pairs)  # fails early with a clear message when there are none
     out = Path(args.out or f"runs/train/{models.display_name(args.model)}")
     res = train(path, args.pairs, out, cfg, resume=args.resume)
     if "metrics" not in res:  # not the main process (accelerate launch): rank 0 reports

@@ -16,6 +16,7 @@ the batch, the rank or the number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import models
-from .runs import all_sum, append_record, barrier, dist, done_keys, finished, prepare_out, read_jsonl
+from .runs import all_sum, append_record, barrier, dist, done_keys, finished, iter_jsonl_at, prepare_out, read_at
 from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, RowResult, default_size
 from .heads import HeadSet
 from .sampling import Sampling
@@ -215,23 +216,32 @@ class PairJob:
     def merge(self, out: Path, items, n_tok: int, seconds: float, engine: dict | None = None) -> dict:
         """Write the shards and summary.json from every rank's work file; `engine`: this run's engine
         counts (slot_utilization, decode_steps, prefill_passes), summed over the ranks."""
-        recs = {r["id"]: r for p in sorted((out / "work").glob("rank-*.jsonl")) for r in read_jsonl(p)}
-        missing = [i for i in range(len(items)) if i not in recs]
+        # One record in memory at a time: an index of where each id's record lies (the last one, should an
+        # id appear twice), then the kept records read back in id order.
+        files = sorted((out / "work").glob("rank-*.jsonl"))
+        where: dict[int, tuple[int, int, str | None, int]] = {}  # id -> (file, offset, dropped, tokens)
+        for fi, p in enumerate(files):
+            for off, r in iter_jsonl_at(p):
+                where[r["id"]] = (fi, off, r["dropped"], r["meta"]["chosen_tokens"] + r["meta"]["rejected_tokens"])
+        missing = [i for i in range(len(items)) if i not in where]
         if missing:
             raise RuntimeError(f"{len(missing)} instructions have no result (first: {missing[0]}); rerun with --resume")
-        kept = [recs[i] for i in range(len(items)) if recs[i]["dropped"] is None]
+        kept = [i for i in range(len(items)) if where[i][2] is None]
         dropped: dict[str, int] = {}
         for i in range(len(items)):
-            if recs[i]["dropped"]:
-                dropped[recs[i]["dropped"]] = dropped.get(recs[i]["dropped"], 0) + 1
+            if where[i][2]:
+                dropped[where[i][2]] = dropped.get(where[i][2], 0) + 1
         shards = []
-        for s in range(0, max(len(kept), 1), self.cfg.shard_pairs):
-            p = out / f"pairs-{len(shards):05d}.jsonl.gz"
-            with gzip.open(p, "wt") as f:
-                for r in kept[s: s + self.cfg.shard_pairs]:
-                    f.write(json.dumps({k: v for k, v in r.items() if k != "dropped"}) + "\n")
-            shards.append(p.name)
-        toks = sum(r["meta"]["chosen_tokens"] + r["meta"]["rejected_tokens"] for r in recs.values())
+        with contextlib.ExitStack() as stack:
+            src = [stack.enter_context(p.open("rb")) for p in files]
+            for s in range(0, max(len(kept), 1), self.cfg.shard_pairs):
+                p = out / f"pairs-{len(shards):05d}.jsonl.gz"
+                with gzip.open(p, "wt", compresslevel=6) as f:  # 9 (gzip's default) took 3x as long for 4 % less
+                    for i in kept[s: s + self.cfg.shard_pairs]:
+                        r = read_at(src[where[i][0]], where[i][1])
+                        f.write(json.dumps({k: v for k, v in r.items() if k != "dropped"}) + "\n")
+                shards.append(p.name)
+        toks = sum(w[3] for w in where.values())
         summary = {"config": self.config_dict(), "instructions": len(items), "pairs": len(kept), "dropped": dropped,
                    "generated_tokens": toks, "this_run_tokens": n_tok, "this_run_seconds": round(seconds, 2),
                    "tokens_per_s": round(n_tok / seconds, 1) if seconds > 0 and n_tok else None,
@@ -244,14 +254,24 @@ def _seed(base: int, index: int, row: int) -> int:
     return (base * 1_000_003 + index * 2 + row) % (1 << 62)
 
 
-def load_pairs(folder: str | Path) -> list[dict]:
-    """Every kept pair of a `retmask pairs` output folder, in order."""
+def pair_files(folder: str | Path) -> list[Path]:
+    """The pair shards of a `retmask pairs` output folder, in order (an error when there are none)."""
     folder = Path(folder)
     files = sorted(folder.glob("pairs-*.jsonl.gz"))
     if not files:
         raise ValueError(f"no pairs-*.jsonl.gz in {folder}: run `retmask pairs --out {folder}` first")
-    out = []
-    for p in files:
+    return files
+
+
+def iter_pairs(folder: str | Path):
+    """Every kept pair of a `retmask pairs` output folder, in order, one at a time."""
+    for p in pair_files(folder):
         with gzip.open(p, "rt") as f:
-            out.extend(json.loads(line) for line in f if line.strip())
-    return out
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
+
+
+def load_pairs(folder: str | Path) -> list[dict]:
+    """Every kept pair of a `retmask pairs` output folder, in order."""
+    return list(iter_pairs(folder))

@@ -36,14 +36,29 @@ def all_sum(values: list[int]) -> list[int]:
 
 def iter_jsonl(path: Path):
     """Complete lines of a JSONL file, one at a time; a torn last line (a crash mid-write) is ignored."""
+    return (rec for _, rec in iter_jsonl_at(path))
+
+
+def iter_jsonl_at(path: Path):
+    """(byte offset, record) of each complete line of a JSONL file, one at a time, as `iter_jsonl`;
+    `read_at` reads a record back from its offset."""
     if not path.is_file():
         return
-    with path.open() as f:
+    with path.open("rb") as f:
+        offset = 0
         for line in f:
             try:
-                yield json.loads(line)
+                rec = json.loads(line)
             except json.JSONDecodeError:
                 return
+            yield offset, rec
+            offset += len(line)
+
+
+def read_at(f, offset: int) -> dict:
+    """The record at `offset` of a JSONL file opened in binary mode."""
+    f.seek(offset)
+    return json.loads(f.readline())
 
 
 def read_jsonl(path: Path) -> list[dict]:

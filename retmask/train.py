@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -82,15 +84,13 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
           log=print, quiet: bool = False) -> dict:
     """Run DPO; returns {"final": path, "metrics": last logged values, "history": log history}."""
     import torch
-    from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import DPOTrainer
 
-    from .pairs import load_pairs
+    from .pairs import iter_pairs
 
     out = Path(out)
-    pairs = load_pairs(pairs_dir)
-    if not pairs:
+    if next(iter_pairs(pairs_dir), None) is None:
         raise ValueError(f"{pairs_dir} holds no pairs (all dropped?): nothing to train on")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if int(os.environ.get("RANK", "0")) != 0:  # one process speaks
@@ -106,12 +106,11 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
     if cpu and cfg.bf16:
         cfg = replace(cfg, bf16=False)
     args = dpo_config(cfg, out, world, cpu)
-    log(f"DPO: {len(pairs)} pairs, max_length={cfg.max_length} tokens (longer pairs are truncated), "
+    tmp = tempfile.TemporaryDirectory(prefix="retmask-pairs-")  # the Arrow copy, mapped, not in memory
+    ds = dpo_dataset(pairs_dir, tmp.name, out / "dataset" if cfg.precompute_ref else None)
+    log(f"DPO: {len(ds)} pairs, max_length={cfg.max_length} tokens (longer pairs are truncated), "
         f"beta={cfg.beta} {cfg.loss_type}, lr {cfg.learning_rate:g} -> {cfg.min_lr:g}, effective batch "
         f"{cfg.effective_batch} ({cfg.per_device_batch} x {world} x {args.gradient_accumulation_steps} accumulation)")
-    ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs])
-    if cfg.precompute_ref:
-        ds = _on_disk(ds, out / "dataset")
     tok = AutoTokenizer.from_pretrained(model_path)
     peft_config = None
     if cfg.lora:
@@ -154,33 +153,51 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
         steps = [h for h in hist if "loss" in h]
         metrics = {k: v for k, v in (steps[-1] if steps else {}).items() if isinstance(v, (int, float))}
         first = {k: v for k, v in (steps[0] if steps else {}).items() if isinstance(v, (int, float))}
-        res = {"final": str(final), "config": asdict(cfg), "pairs": len(pairs), "first": first, "metrics": metrics,
+        res = {"final": str(final), "config": asdict(cfg), "pairs": len(ds), "first": first, "metrics": metrics,
                "history": steps}
         (out / "train.json").write_text(json.dumps(res, indent=1) + "\n")
         if steps:
             from . import plots
 
-            plots.train_curves(steps, out / "train.png", f"DPO on {len(pairs)} pairs: {Path(model_path).name}")
+            plots.train_curves(steps, out / "train.png", f"DPO on {len(ds)} pairs: {Path(model_path).name}")
         return res
     return {"final": str(final)}
 
 
-def _on_disk(ds, folder: Path):
-    """`ds` saved by the main process and loaded back by every rank. TRL caches precomputed reference
-    log-probs next to the dataset's files and has the other ranks read that file: an in-memory dataset
-    would put it in each process's own temporary folder, where the other ranks cannot find it. With
-    several nodes, `folder` must be on a filesystem they all see (TRL's cache needs it anyway)."""
-    import shutil
+def _dpo_rows(folder: str):
+    from .pairs import iter_pairs
 
+    for r in iter_pairs(folder):
+        yield {k: r[k] for k in ("prompt", "chosen", "rejected")}
+
+
+def dpo_dataset(pairs_dir: str | Path, cache_dir: str | Path, shared: Path | None = None):
+    """The pairs as TRL's conversational preference dataset, streamed from the shards into Arrow files
+    under `cache_dir` (memory-mapped: a paper-scale run's 294K pairs are never Python objects at once).
+
+    With `shared` (precomputed reference log-probs), the main process builds it and saves it there and
+    every rank loads it from there. TRL caches the log-probs next to the dataset's files and has the
+    other ranks read that file: a dataset in each process's own folder would hide it from them. With
+    several nodes, `shared` must be on a filesystem they all see (TRL's cache needs it anyway)."""
+    from datasets import Dataset, Features, Value, load_from_disk
+
+    turn = [{"role": Value("string"), "content": Value("string")}]
+    features = Features({"prompt": turn, "chosen": turn, "rejected": turn})
+
+    def build():
+        return Dataset.from_generator(_dpo_rows, gen_kwargs={"folder": str(pairs_dir)}, features=features,
+                                      cache_dir=str(cache_dir))
+
+    if shared is None:
+        return build()
     from accelerate import PartialState
-    from datasets import load_from_disk
 
     state = PartialState()
     with state.main_process_first():
         if state.is_main_process:
-            shutil.rmtree(folder, ignore_errors=True)  # a previous run's copy and its cached log-probs
-            ds.save_to_disk(str(folder))
-        return load_from_disk(str(folder))
+            shutil.rmtree(shared, ignore_errors=True)  # a previous run's copy and its cached log-probs
+            build().save_to_disk(str(shared))
+        return load_from_disk(str(shared))
 
 
 def parallel_mode(accelerator) -> str:

@@ -412,3 +412,50 @@ def test_prompts_over_the_cap_are_dropped_and_counted(pairs_dir, tmp_path):
     r = _cli(*ARGS, "--max-prompt-tokens", "1", "--out", str(tmp_path / "cli"))  # every prompt is longer
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["dropped"] == {"prompt_too_long": 20}
+
+
+def test_pairs_merge_reads_records_in_id_order(tmp_path):
+    """The merge indexes the rank files and reads the kept records back in id order (never all at once):
+    records out of order across files, an id written twice (the last counts), a dropped one and a torn last
+    line give the shards a dict-based merge gives."""
+    import random
+
+    rng = random.Random(0)
+    recs = [{"id": i, "source_id": f"s{i}", "prompt": [{"role": "user", "content": f"q{i}"}],
+             "chosen": [{"role": "assistant", "content": f"c{i}"}], "rejected": [{"role": "assistant", "content": f"r{i}"}],
+             "dropped": "identical" if i % 5 == 0 else None,
+             "meta": {"prompt_tokens": i, "chosen_tokens": i % 7, "rejected_tokens": 1}} for i in range(23)]
+    redo = dict(recs[4], chosen=[{"role": "assistant", "content": "again"}])
+    order = list(range(23))
+    rng.shuffle(order)
+    work = tmp_path / "work"
+    work.mkdir()
+    with (work / "rank-00000.jsonl").open("w") as f:
+        f.writelines(json.dumps(recs[i]) + "\n" for i in order[:12])
+        f.write(json.dumps(redo) + "\n")
+    with (work / "rank-00001.jsonl").open("w") as f:
+        f.writelines(json.dumps(recs[i]) + "\n" for i in order[12:])
+        f.write('{"id": 3, "torn')
+    job = PairJob(None, None, None, PairsConfig(shard_pairs=4), model_name="m", reject=(None, None), reject_name="r")
+    s = job.merge(tmp_path, [("s", "t")] * 23, 0, 1.0)
+    final = {r["id"]: r for r in recs}
+    final[4] = redo
+    kept = [{k: v for k, v in final[i].items() if k != "dropped"} for i in range(23) if final[i]["dropped"] is None]
+    assert load_pairs(tmp_path) == kept
+    assert s["pairs"] == len(kept) == 18 and s["dropped"] == {"identical": 5}
+    assert len(s["shards"]) == 5 and s["generated_tokens"] == sum(i % 7 + 1 for i in range(23))
+    (work / "rank-00001.jsonl").write_text("")
+    with pytest.raises(RuntimeError, match="have no result"):
+        job.merge(tmp_path, [("s", "t")] * 23, 0, 1.0)
+
+
+def test_dpo_dataset_is_the_pairs_in_arrow(pairs_dir, tmp_path):
+    from retmask.train import dpo_dataset
+
+    out, _ = pairs_dir
+    ds = dpo_dataset(out, tmp_path / "cache")
+    want = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in load_pairs(out)]
+    assert ds.to_list() == want
+    assert ds.cache_files and all(c["filename"].startswith(str(tmp_path / "cache")) for c in ds.cache_files)
+    shared = dpo_dataset(out, tmp_path / "cache2", tmp_path / "shared")  # one process: saved there, loaded back
+    assert shared.to_list() == want and (tmp_path / "shared" / "dataset_info.json").is_file()
