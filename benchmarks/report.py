@@ -106,8 +106,16 @@ def detect_section() -> str:
     return "".join(out) + _footnote(rows)
 
 
+def host_section() -> str:
+    rows = benchlib.read_latest(benchlib.RESULTS / "host.csv")
+    if not rows:
+        return "_No results committed yet: run `python benchmarks/bench_host.py`._"
+    return (benchlib.table(rows, ["kind", "provider", "size", "seconds", "peak_gb", "detail"])
+            + f"\n\n<sub>{rows[0]['device']}; commit {rows[0]['commit']}; run {rows[0]['run']}.</sub>")
+
+
 SECTIONS = {"prefill": prefill_section, "decode": decode_section, "engine": engine_section,
-            "detect": detect_section}
+            "detect": detect_section, "host": host_section}
 
 
 def main(argv=None) -> int:

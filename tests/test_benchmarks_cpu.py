@@ -70,7 +70,7 @@ def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch, model_bench
     monkeypatch.setattr(benchlib, "RESULTS", tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text("a\n" + "".join(f"<!-- bench:{n} -->\nold\n<!-- /bench:{n} -->\n"
-                                      for n in ("prefill", "decode", "engine", "detect")))
+                                      for n in ("prefill", "decode", "engine", "detect", "host")))
     monkeypatch.setattr(report, "README", readme)
     assert report.main([]) == 0
     text = readme.read_text()
@@ -78,7 +78,7 @@ def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch, model_bench
     assert "| batch | torch reference | retmask fused |" in text  # the sampler sweep
     assert "| pairs | engine (both policies, one pass) |" in text and "One pair on a long prompt" in text
     assert "| length | retmask | reference-style |" in text and "vs_floor" in text
-    assert text.count("commit") == 4
+    assert text.count("commit") == 4 and "bench_host.py" in text  # no host.csv here
 
 
 def test_engine_benchmark_tiny(model_benches):
@@ -120,3 +120,20 @@ def test_engine_host_time_script_runs():
                        env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "8 slots, 2 layers x 4 heads, 3 steps" in p.stdout and "ms of host time per step" in p.stdout
+
+
+def test_host_benchmark_tiny(tmp_path):
+    """bench_host.py (the host-side costs quoted in the README) runs its tiny mode: both providers of each
+    kind, in child processes, agree on what they built."""
+    out = tmp_path / "host.csv"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_host.py"), "--tiny", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = list(csv.DictReader(open(out)))
+    assert [(r["kind"], r["provider"]) for r in rows] == [("prompts", "retmask"), ("prompts", "per-test"),
+                                                          ("merge", "load-all"), ("merge", "retmask"),
+                                                          ("dataset", "retmask"), ("dataset", "list")]
+    for kind in ("prompts", "dataset"):  # the same prompt tokens, the same rows
+        assert len({r["detail"] for r in rows if r["kind"] == kind}) == 1
+    assert all(float(r["seconds"]) > 0 and float(r["peak_gb"]) > 0 and r["commit"] for r in rows)
+    assert "| kind" in p.stdout.splitlines()[-len(rows) - 2]
