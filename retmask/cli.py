@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prompt-tokens", type=int, help="drop (and count) longer prompts, in chat-templated "
                    "tokens; every slot is sized for the longest prompt (default 2048; 0: no limit)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--length-buckets", default="512", help="prompt-length edges (tokens, comma-separated; '' for "
+                   "none): each bucket gets its own engine, with slots sized for its longest prompt")
     p.add_argument("--out", help="output folder (default runs/pairs/MODEL)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
@@ -322,6 +324,13 @@ def _pairs(args) -> int:
     if args.thinking:
         kw["thinking"] = args.thinking == "on"
     cfg = PairsConfig.paper(args.model, **kw)
+    try:
+        edges = [int(x) for x in args.length_buckets.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--length-buckets {args.length_buckets!r}: give token counts, e.g. '512' or "
+                         "'256,1024' ('' for none)") from None
+    if any(e < 1 for e in edges) or edges != sorted(set(edges)):
+        raise ValueError(f"--length-buckets {args.length_buckets!r}: give increasing token counts >= 1")
     models.check_heads(args.model, hs)
     runs.check_writable(out)
     data = args.data or str(toy.ASSET_DIR.parent / "instructions.jsonl")
@@ -333,7 +342,7 @@ def _pairs(args) -> int:
     model, tok = models.load(args.model, dtype=args.dtype, device=device)
     reject = models.load(args.reject_model, dtype=args.dtype, device=device) if args.reject_model else None
     job = PairJob(model, tok, hs, cfg, model_name=args.model, reject=reject, reject_name=args.reject_model,
-                  **_engine_kw(args))
+                  length_buckets=edges, **_engine_kw(args))
     s = job.run(ins, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     if s:
         print(f"{s['pairs']} pairs kept of {s['instructions']}; dropped {s['dropped'] or 'none'}; "

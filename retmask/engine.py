@@ -365,6 +365,10 @@ class Engine:
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if mid * per_slot + self.staging_bytes(mid) <= budget else (lo, mid - 1)
             slots = lo
+            if 1 <= slots < self.group_rows:
+                raise ValueError(f"kv_budget_gb={kv_budget_gb:.3g}: {slots} row(s) fit (a row needs "
+                                 f"{per_slot / 1e9:.3f} GB at max_len={max_len}), but a group of the given policies "
+                                 f"has {self.group_rows}; raise the budget or lower max_len")
             if slots < 1:
                 raise ValueError(f"kv_budget_gb={kv_budget_gb:.3g}: one row needs {per_slot / 1e9:.3f} GB at "
                                  f"max_len={max_len}, and a prefill pass stages up to "

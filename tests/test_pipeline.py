@@ -16,7 +16,8 @@ from retmask import toy
 from retmask.data import load_instructions
 from retmask.detect import read_jsonl
 from retmask.heads import HeadSet
-from retmask.pairs import PairJob, PairsConfig, load_pairs
+from retmask.engine import ORIGINAL, Group
+from retmask.pairs import PairJob, PairsConfig, chat_prompt, load_pairs
 
 pytestmark = pytest.mark.skipif(not toy.available(), reason="toy model not built")
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +70,32 @@ def test_pairs_do_not_depend_on_batching(pairs_dir, tmp_path):
                   model_name="toy", slots=2)
     job.run(load_instructions(DATA, limit=20), tmp_path, progress=False)
     assert _gz(tmp_path) == _gz(out)
+
+
+def test_length_buckets_size_engines_and_leave_pairs_unchanged(pairs_dir, tmp_path):
+    """Each prompt-length bucket gets its own engine, sized for its longest prompt: with a KV budget, the
+    buckets of shorter prompts get more slots. The pairs are the one-engine run's."""
+    from retmask.pairs import length_buckets
+
+    out, _ = pairs_dir
+    model, tok = toy.load()
+    ins = load_instructions(DATA, limit=20)
+    lens = sorted(len(chat_prompt(tok, text, False)) for _, text in ins.items)
+    edges = (lens[5], lens[12])  # three buckets: 6, 7 and 7 prompts
+    job = PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(max_new_tokens=12, shard_pairs=7),
+                  model_name="toy", length_buckets=edges, kv_budget_gb=0.004)
+    job.run(ins, tmp_path, progress=False)
+    assert _gz(tmp_path) == _gz(out)
+    e = job.engines
+    assert [x["prompts_up_to"] for x in e] == [*edges, None] and [x["groups"] for x in e] == [6, 7, 7]
+    assert [x["max_len"] for x in e] == [lens[5] + 12, lens[12] + 12, lens[-1] + 12]
+    assert e[0]["slots"] > e[1]["slots"] > e[2]["slots"] >= 2  # the same memory, more rows for shorter prompts
+    groups = [Group(list(range(n)), [ORIGINAL]) for n in (5, 1, 9, 3)]
+    assert [(edge, [len(g.prompt) for g in gs]) for edge, gs in length_buckets(groups, [3, 8])] == [
+        (3, [1, 3]), (8, [5]), (None, [9])]
+    assert [len(gs) for _, gs in length_buckets(groups, [])] == [4]
+    with pytest.raises(ValueError, match="increasing"):
+        PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(), model_name="toy", length_buckets=(8, 3))
 
 
 ARGS = ["pairs", "--data", DATA, "--limit", "20", "--heads", HEADS, "--max-new-tokens", "12", "--no-progress"]
@@ -147,6 +174,8 @@ def test_resume_with_other_instructions_is_refused(pairs_dir, tmp_path):
     (["--heads", HEADS, "--out", "{blocked}/x"], "not writable"),
     (["--heads", HEADS, "--data", "{nocols}"], "none holds instructions"),
     (["--heads", HEADS, "--data", "{empty}"], "empty"),
+    (["--heads", HEADS, "--length-buckets", "512,256"], "--length-buckets '512,256': give increasing"),
+    (["--heads", HEADS, "--length-buckets", "short"], "--length-buckets 'short': give token counts"),
 ])
 def test_bad_inputs_fail_early_with_one_message(tmp_path, args, message):
     (tmp_path / "scores.json").write_text(json.dumps({"0-0": [0.2], "0-1": [0.0]}))
