@@ -78,7 +78,7 @@ def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch, model_bench
     assert "| batch | torch reference | retmask fused |" in text  # the sampler sweep
     assert "| pairs | engine (both policies, one pass) |" in text and "One pair on a long prompt" in text
     assert "| length | retmask | reference-style |" in text and "vs_floor" in text
-    assert text.count("commit") == 4 and "bench_host.py" in text  # no host.csv here
+    assert text.count("; commit ") == 4 and "bench_host.py" in text  # a footnote per GPU table; no host.csv here
 
 
 def test_engine_benchmark_tiny(model_benches):
