@@ -488,3 +488,15 @@ def test_dpo_dataset_is_the_pairs_in_arrow(pairs_dir, tmp_path):
     assert ds.cache_files and all(c["filename"].startswith(str(tmp_path / "cache")) for c in ds.cache_files)
     shared = dpo_dataset(out, tmp_path / "cache2", tmp_path / "shared")  # one process: saved there, loaded back
     assert shared.to_list() == want and (tmp_path / "shared" / "dataset_info.json").is_file()
+
+
+def test_tokenize_procs(monkeypatch):
+    from retmask import train
+
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda _pid: set(range(32)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert train.tokenize_procs(500) is None and train.tokenize_procs(294_000) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks on the node share its 32 cores
+    assert train.tokenize_procs(294_000) == 4
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    assert train.tokenize_procs(294_000) is None
