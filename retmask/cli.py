@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, help="default 2048 (4096 for Qwen3 with thinking)")
     p.add_argument("--thinking", choices=["on", "off"], help="Qwen3 thinking (paper: on)")
     p.add_argument("--max-prompt-tokens", type=int, help="drop (and count) longer prompts, in chat-templated "
-                   "tokens; every slot is sized for the longest prompt (default 2048; 0: no limit)")
+                   "tokens; the slots of a length bucket hold its longest prompt (default 2048; 0: no limit)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--length-buckets", default="512", help="prompt-length edges (tokens, comma-separated; '' for "
                    "none): each bucket gets its own engine, with slots sized for its longest prompt")

@@ -366,6 +366,9 @@ class Engine:
                 lo, hi = (mid, hi) if mid * per_slot + self.staging_bytes(mid) <= budget else (lo, mid - 1)
             slots = lo
             if 1 <= slots < self.group_rows:
+                if max_slots is not None and slots == max_slots:
+                    raise ValueError(f"max_slots={max_slots}: a group of the given policies has {self.group_rows} "
+                                     "rows; allow at least that many")
                 raise ValueError(f"kv_budget_gb={kv_budget_gb:.3g}: {slots} row(s) fit (a row needs "
                                  f"{per_slot / 1e9:.3f} GB at max_len={max_len}), but a group of the given policies "
                                  f"has {self.group_rows}; raise the budget or lower max_len")

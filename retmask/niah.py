@@ -16,6 +16,7 @@ depth below 100, exactly as the reference's released runs did.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import weakref
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ class GridConfig:
 
         chat = _use_chat(tokenizer, self.chat)
         hay_ids: dict[str, list[int]] = {}  # each haystack text tokenized once (needles may share one)
-        out: dict[bytes, tuple[np.ndarray, list[Test]]] = {}
+        out: dict[bytes, tuple[np.ndarray, list[Test]]] = {}  # prompt digest -> (prompt, tests)
         batches, cur, size = [], [], 0
         for t in tests:
             if cur and size + t.length > batch_tokens:
@@ -110,7 +111,8 @@ class GridConfig:
                                               for c, t in zip(texts, part)], chat)
             for t, p in zip(part, ids):
                 a = np.asarray(p, dtype=np.int32)
-                out.setdefault(a.tobytes(), (a, []))[1].append(t)
+                key = hashlib.blake2b(a.tobytes(), digest_size=16).digest()  # not the bytes: half the memory
+                out.setdefault(key, (a, []))[1].append(t)
             bar.update(len(part))
         bar.close()
         return list(out.values())

@@ -95,7 +95,7 @@ class PairJob:
         if any(e < 1 for e in edges) or edges != sorted(set(edges)):
             raise ValueError(f"length_buckets={tuple(edges)}: give increasing prompt lengths >= 1 (or none)")
         self.length_buckets = tuple(edges)
-        self.engines: list[dict] = []  # this process's engines: bucket, groups, slots, max_len
+        self.engines: list[dict] = []  # the last run()'s engines in this process: bucket, groups, slots, max_len
         from .hf import dims
 
         if heads is not None:
@@ -114,6 +114,7 @@ class PairJob:
         """instructions: `data.Instructions` (or a list of (source id, text))."""
         items = list(getattr(instructions, "items", instructions))
         out = Path(out)
+        self.engines = []
         rank, world = dist()
         # the instructions themselves are part of the configuration: a resume with another slice, data set or
         # revision would otherwise keep the old texts under the ids already done

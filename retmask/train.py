@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -106,8 +105,11 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
     if cpu and cfg.bf16:
         cfg = replace(cfg, bf16=False)
     args = dpo_config(cfg, out, world, cpu)
-    tmp = tempfile.TemporaryDirectory(prefix="retmask-pairs-")  # the Arrow copy, mapped, not in memory
-    ds = dpo_dataset(pairs_dir, tmp.name, out / "dataset" if cfg.precompute_ref else None)
+    # this rank's Arrow copy of the pairs, memory-mapped from the output folder's disk (a temporary folder
+    # can be RAM); a previous run's copy is replaced, and this one is removed once training is done
+    arrow = out / "arrow" / f"rank-{int(os.environ.get('RANK', '0')):05d}"
+    shutil.rmtree(arrow, ignore_errors=True)
+    ds = dpo_dataset(pairs_dir, arrow, out / "dataset" if cfg.precompute_ref else None)
     args.dataset_num_proc = tokenize_procs(len(ds))
     log(f"DPO: {len(ds)} pairs, max_length={cfg.max_length} tokens (longer pairs are truncated), "
         f"beta={cfg.beta} {cfg.loss_type}, lr {cfg.learning_rate:g} -> {cfg.min_lr:g}, effective batch "
@@ -137,6 +139,7 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
         cks = sorted((out / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         ckpt = str(cks[-1]) if cks else None
     trainer.train(resume_from_checkpoint=ckpt)
+    shutil.rmtree(arrow, ignore_errors=True)
     final = out / "final"
     if cfg.lora:
         # Every rank saves (it gathers ZeRO-3 / FSDP shards of the adapter; rank 0 writes it); rank 0 then merges

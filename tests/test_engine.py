@@ -228,6 +228,8 @@ def test_kv_budget_sizes_slots():
         one = probe.bytes_per_segment() + probe.bytes_per_slot(with_pool=False) + probe.staging_bytes(1)
     with pytest.raises(ValueError, match="1 row.s. fit .* a group of the given policies has 3"):  # not at generate()
         Engine(m, kv_budget_gb=one * 1.001 / 1e9, max_len=100, policies=three, segments=1)
+    with pytest.raises(ValueError, match="max_slots=2: a group of the given policies has 3 rows"):  # the cap, not memory
+        Engine(m, kv_budget_gb=1.0, max_slots=2, max_len=100, policies=three, segments=1)
     # a group over prefill_tokens is staged alone: its rows' whole prompt at the layers it does not share
     pair = [ORIGINAL, Policy(HEADS)]
     with Engine(m, slots=2, max_len=100, policies=pair, prefill_tokens=50) as big:

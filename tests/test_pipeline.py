@@ -200,6 +200,7 @@ def test_dpo_checkpoint_reloads_and_generates(pairs_dir, tmp_path):
     res = train(str(toy.ASSET_DIR), out, tmp_path, TrainConfig.preset("toy", epochs=1.0, effective_batch=4, per_device_batch=4), log=lambda *_: None)
     assert res["metrics"]["rewards/margins"] > 0  # chosen pulled above rejected
     assert (tmp_path / "train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "arrow").is_dir() and not any((tmp_path / "arrow").iterdir())  # the pairs' copy, removed
     before = toy.load()[0]
     m = AutoModelForCausalLM.from_pretrained(res["final"])
     tok = AutoTokenizer.from_pretrained(res["final"])
