@@ -19,6 +19,7 @@ from pathlib import Path
 TURN_COLUMNS = ("conversation", "conversations", "messages", "synthesized_multiturn_conversation",
                 "synthesized_conversation")
 TEXT_COLUMNS = ("prompt", "instruction", "question")
+ID_COLUMNS = ("conversation_id", "conversation_hash", "id")  # the source id, first found
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".gz": "json"}
 
 
@@ -90,10 +91,17 @@ def load_instructions(source: str, *, split: str = "train", start: int = 0, end:
             raise ValueError(f"dataset {source} is empty")
         cols = list(first)
     schema = detect_schema(cols)
+    # only the columns read below (LMSYS rows also carry e.g. per-turn moderation scores, slow to decode)
+    ds = ds.select_columns([c for c in cols if c in (schema, "input", "redacted", *ID_COLUMNS)])
+    first = 0
+    if hasattr(ds, "select") and hasattr(ds, "__len__"):  # a local file: jump to the slice, do not read past rows
+        stop = len(ds) if end is None else min(end, len(ds))
+        first = min(start, stop)
+        ds = ds.select(range(first, stop)) if first < stop else []
     out = Instructions([], Counter(), schema)
     seen: set[str] = set()
     n_rows = 0
-    for i, row in enumerate(ds):
+    for i, row in enumerate(ds, start=first):
         if i < start:
             continue
         if end is not None and i >= end:
@@ -113,7 +121,7 @@ def load_instructions(source: str, *, split: str = "train", start: int = 0, end:
             out.skipped["duplicate"] += 1
             continue
         seen.add(text)
-        sid = str(row.get("conversation_id", row.get("conversation_hash", row.get("id", i))))
+        sid = str(next((row[c] for c in ID_COLUMNS if c in row), i))
         out.items.append((sid, text))
         if limit is not None and len(out.items) >= limit:
             break

@@ -35,6 +35,12 @@ def test_wildchat_extra_turn_fields_and_slice(tmp_path):
         {"role": "assistant", "content": "a", "language": "English"}]} for i in range(10)]
     ins = load_instructions(_jsonl(tmp_path / "wild.jsonl", rows), start=2, end=8, limit=3)
     assert ins.items == [("h2", "q2"), ("h3", "q3"), ("h4", "q4")]
+    plain = [{"prompt": f"p{i}"} for i in range(10)]  # no id column: the source id is the row index in the file
+    for kw in ({}, {"streaming": True}):
+        ins = load_instructions(_jsonl(tmp_path / "plain.jsonl", plain), start=7, end=20, **kw)
+        assert ins.items == [("7", "p7"), ("8", "p8"), ("9", "p9")]
+        with pytest.raises(ValueError, match=r"no rows in \[10, None\)"):
+            load_instructions(_jsonl(tmp_path / "plain.jsonl", plain), start=10, **kw)
 
 
 def test_synth_variant_and_sharegpt_turns(tmp_path):
