@@ -93,15 +93,15 @@ def load_instructions(source: str, *, split: str = "train", start: int = 0, end:
     schema = detect_schema(cols)
     # only the columns read below (LMSYS rows also carry e.g. per-turn moderation scores, slow to decode)
     ds = ds.select_columns([c for c in cols if c in (schema, "input", "redacted", *ID_COLUMNS)])
-    first = 0
+    offset = 0  # the file's row index of ds's first row
     if hasattr(ds, "select") and hasattr(ds, "__len__"):  # a local file: jump to the slice, do not read past rows
         stop = len(ds) if end is None else min(end, len(ds))
-        first = min(start, stop)
-        ds = ds.select(range(first, stop)) if first < stop else []
+        offset = min(start, stop)
+        ds = ds.select(range(offset, stop)) if offset < stop else []
     out = Instructions([], Counter(), schema)
     seen: set[str] = set()
     n_rows = 0
-    for i, row in enumerate(ds, start=first):
+    for i, row in enumerate(ds, start=offset):
         if i < start:
             continue
         if end is not None and i >= end:
