@@ -43,12 +43,10 @@ WORDS = ("the of and to in is was that for on with as by at from it an be this a
 def _peak_gb() -> float:
     """This process's peak resident memory. VmHWM belongs to the process image; `ru_maxrss` would carry
     over the parent's peak into a child started by subprocess."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9  # kB
-    except OSError:
-        pass
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else ():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # elsewhere (KiB on Linux)
 
 

@@ -310,7 +310,7 @@ def _pairs(args) -> int:
 
     from . import models, runs, toy
     from .data import load_instructions
-    from .pairs import PairJob, PairsConfig
+    from .pairs import PairJob, PairsConfig, check_edges
 
     hs = _select_heads(args, args.scores)
     if hs is None and not args.reject_model:
@@ -329,8 +329,7 @@ def _pairs(args) -> int:
     except ValueError:
         raise ValueError(f"--length-buckets {args.length_buckets!r}: give token counts, e.g. '512' or "
                          "'256,1024' ('' for none)") from None
-    if any(e < 1 for e in edges) or edges != sorted(set(edges)):
-        raise ValueError(f"--length-buckets {args.length_buckets!r}: give increasing token counts >= 1")
+    edges = check_edges(edges, f"--length-buckets {args.length_buckets!r}")
     models.check_heads(args.model, hs)
     runs.check_writable(out)
     data = args.data or str(toy.ASSET_DIR.parent / "instructions.jsonl")

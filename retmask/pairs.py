@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -68,6 +69,14 @@ def chat_prompt(tok, text: str, thinking: bool) -> list[int]:
 LENGTH_BUCKETS = (512,)
 
 
+def check_edges(edges: Sequence[int], name: str) -> tuple[int, ...]:
+    """Length-bucket edges as a tuple; `name` (how the user gave them) heads the error."""
+    edges = tuple(edges)
+    if any(e < 1 for e in edges) or list(edges) != sorted(set(edges)):
+        raise ValueError(f"{name}: give increasing token counts >= 1 (or none)")
+    return edges
+
+
 def length_buckets(groups: list[Group], edges: Sequence[int]) -> list[tuple[int | None, list[Group]]]:
     """The groups split by prompt length: (edge, groups with a prompt of at most `edge` tokens and more
     than the edge before), then (None, the longer ones); empty buckets are left out."""
@@ -91,10 +100,7 @@ class PairJob:
                  **engine_kw):
         if heads is None and reject is None:
             raise ValueError("give heads to switch off (--tau/--topk/--heads) or --reject-model")
-        edges = list(length_buckets)
-        if any(e < 1 for e in edges) or edges != sorted(set(edges)):
-            raise ValueError(f"length_buckets={tuple(edges)}: give increasing prompt lengths >= 1 (or none)")
-        self.length_buckets = tuple(edges)
+        self.length_buckets = check_edges(length_buckets, f"length_buckets={tuple(length_buckets)}")
         self.engines: list[dict] = []  # the last run()'s engines in this process: bucket, groups, slots, max_len
         from .hf import dims
 
@@ -262,10 +268,7 @@ class PairJob:
         if missing:
             raise RuntimeError(f"{len(missing)} instructions have no result (first: {missing[0]}); rerun with --resume")
         kept = [i for i in range(len(items)) if where[i][2] is None]
-        dropped: dict[str, int] = {}
-        for i in range(len(items)):
-            if where[i][2]:
-                dropped[where[i][2]] = dropped.get(where[i][2], 0) + 1
+        dropped = dict(Counter(where[i][2] for i in range(len(items)) if where[i][2]))
         shards = []
         with contextlib.ExitStack() as stack:
             src = [stack.enter_context(p.open("rb")) for p in files]
