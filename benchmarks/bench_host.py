@@ -3,8 +3,9 @@
 Kinds (each measurement runs in a fresh process, which reports its seconds and peak resident memory):
   - `prompts`: building the NIAH prompts of a detection grid (default: the `128k` preset, 600 tests).
     `retmask` is `GridConfig.unique_prompts` (each haystack tokenized once, a batch of prompts per
-    tokenizer call, int32 arrays); `per-test` builds each prompt on its own with `prompt_ids`, as the
-    reference detector does, kept as Python lists.
+    tokenizer call, int32 arrays); `retmask-rank0ofN` is what one of N torchrun ranks builds (its share,
+    `--world`); `per-test` builds each prompt on its own with `prompt_ids`, as the reference detector
+    does, kept as Python lists.
   - `merge`: the end of `retmask pairs` on N synthetic pairs of the paper's average lengths (63.6
     prompt / 494.7 answer tokens; default 294K, its main run) in 8 rank files. `retmask` is
     `PairJob.merge`; `load-all` reads every record into a dict and writes with gzip's default level.
@@ -103,14 +104,16 @@ def measure(kind: str, provider: str, a: dict) -> dict:
         g = niah.GridConfig(**a["grid"])
         ns, hs, tests = g.load()
         t = time.perf_counter()
-        if provider == "retmask":
-            items = g.unique_prompts(tok, ns, hs, tests)
+        if provider.startswith("retmask"):
+            world = int(provider.rpartition("of")[2]) if "-rank0of" in provider else 1
+            items = g.unique_prompts(tok, ns, hs, tests, world=world)
             n_tok = sum(len(p) for p, _ in items)
+            n_tests = sum(len(ts) for _, ts in items)
         else:
             prompts = [niah.prompt_ids(tok, hs[x.needle_idx], ns[x.needle_idx], x.length, x.depth,
                                        placement=g.placement, buffer=g.buffer) for x in tests]
-            n_tok = sum(len(p) for p in prompts)
-        return {"seconds": time.perf_counter() - t, "items": len(tests), "tokens": n_tok}
+            n_tok, n_tests = sum(len(p) for p in prompts), len(tests)
+        return {"seconds": time.perf_counter() - t, "items": n_tests, "tokens": n_tok}
     run = Path(a["run"])
     n = a["pairs"]
     t = time.perf_counter()
@@ -161,6 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("kinds", nargs="*", help=f"what to measure: {', '.join(KINDS)} (default: all)")
     ap.add_argument("--tiny", action="store_true", help="small sizes (seconds)")
     ap.add_argument("--preset", default="128k", help="detection grid preset (prompts)")
+    ap.add_argument("--world", type=int, default=8, help="torchrun ranks whose rank-0 share is measured (prompts)")
     ap.add_argument("--haystack", help="haystack file or folder (the reference layout brings its needles)")
     ap.add_argument("--tokenizer", help="a local tokenizer folder instead of the BPE trained on the haystack")
     ap.add_argument("--pairs", type=int, default=294_000, help="synthetic pairs (merge, dataset)")
@@ -190,7 +194,7 @@ def main(argv=None) -> int:
                 _, hs = niah.load_source(None, a.haystack, 3)
                 tokenizer = str(tmp / "tokenizer")
                 build_tokenizer(" ".join(dict.fromkeys(hs)), Path(tokenizer), 2000 if a.tiny else 32000)
-            for provider in ("retmask", "per-test"):
+            for provider in ("retmask", f"retmask-rank0of{a.world}", "per-test"):
                 r = child("prompts", provider, {"tokenizer": tokenizer, "grid": grid})
                 rows.append({**st, "kind": "prompts", "provider": provider, "size": f"{r['items']} tests",
                              "seconds": round(r["seconds"], 2), "peak_gb": round(r["peak_gb"], 3),

@@ -66,15 +66,14 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
     as soon as they exist, and a rerun with `resume=True` computes only the prompts not there yet; an
     existing run is never silently mixed in (`resume` or `overwrite`). `model_name` (default: the
     model's own `name_or_path`) is part of the configuration a resumed run must match. Under torchrun
-    (with `out`) each rank answers every world-th remaining prompt; rank 0 returns the whole result
+    (with `out`) each rank builds and answers every world-th remaining prompt; rank 0 returns the whole result
     (the other ranks return {})."""
     from tqdm.auto import tqdm
 
     g = grid_cfg
     needles, hays, tests = g.load()
     rank, world = dist() if out is not None else (0, 1)
-    items = g.unique_prompts(tok, needles, hays, tests, progress=progress and rank == 0)
-    done: dict[int, list] = {}
+    records: list[dict] = []
     log = None
     if out is not None:
         model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
@@ -82,40 +81,43 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
         log = out / f"tests-{rank:05d}.jsonl"
         if rank == 0 and (out / "tests.jsonl").is_file():  # an older retmask's single log: read as a shard
             os.replace(out / "tests.jsonl", out / "tests-legacy.jsonl")
-        done = {r["prompt"]: r["records"] for r in finished(out, "tests-*.jsonl")}  # the same on every rank
-    kw = dict(engine_kw)
-    kw.setdefault("max_len", max(len(p) for p, _ in items) + g.steps)
-    kw.setdefault("policies", policies)  # pool the prompt layers every policy leaves intact
-    kw.setdefault("private_len", g.steps)
-    if "slots" not in kw and "kv_budget_gb" not in kw:
-        kw.update(default_size(model, len(items) * len(policies), max(4, 2 * len(policies))))
-    eos = models.eos_ids(model, tok)
-    cfg = GenConfig(max_new_tokens=g.steps, eos_ids=eos)
-    groups = [Group(p, policies, key=i) for i, (p, _) in enumerate(items) if i not in done][rank::world]
-    records = [r for recs in done.values() for r in recs]
-    bar = tqdm(total=len(records) + sum(len(items[gr.key][1]) for gr in groups), initial=len(records), desc="niah",
+        records = [r for rec in finished(out, "tests-*.jsonl") for r in rec["records"]]  # the same on every rank
+    done = {r["key"] for r in records}
+    items = g.unique_prompts(tok, needles, hays, [t for t in tests if t.key not in done],
+                             progress=progress and rank == 0, rank=rank, world=world)  # this rank's share
+    bar = tqdm(total=len(records) + sum(len(ts) for _, ts in items), initial=len(records), desc="niah",
                unit="test", disable=not progress or rank != 0)  # under torchrun: rank 0's share
-    with Engine(model, tok, **kw) as eng, (log.open("a") if log else contextlib.nullcontext()) as f:
-        for res in eng.generate(groups, cfg):
-            _, ts = items[res.key]
-            nd = needles[ts[0].needle_idx]
-            per = {}
-            for pol, row in zip(policies, res.rows):
-                text = tok.decode(row.tokens, skip_special_tokens=True)
-                per[pol.label] = {"response": text, "rouge": scoring.rouge1_recall(nd.real_needle, text)}
-            new = [{"key": t.key, "needle_idx": t.needle_idx, "length": t.length, "depth": t.depth, "policies": per}
-                   for t in ts]
-            if f is not None:
-                append_record(f, {"prompt": res.key, "records": new})
-            records += new
-            bar.update(len(ts))
+    if items:
+        kw = dict(engine_kw)
+        kw.setdefault("max_len", max(len(p) for p, _ in items) + g.steps)
+        kw.setdefault("policies", policies)  # pool the prompt layers every policy leaves intact
+        kw.setdefault("private_len", g.steps)
+        if "slots" not in kw and "kv_budget_gb" not in kw:
+            kw.update(default_size(model, len(items) * len(policies), max(4, 2 * len(policies))))
+        cfg = GenConfig(max_new_tokens=g.steps, eos_ids=models.eos_ids(model, tok))
+        groups = [Group(p, policies, key=i) for i, (p, _) in enumerate(items)]
+        with Engine(model, tok, **kw) as eng, (log.open("a") if log else contextlib.nullcontext()) as f:
+            for res in eng.generate(groups, cfg):
+                _, ts = items[res.key]
+                nd = needles[ts[0].needle_idx]
+                per = {}
+                for pol, row in zip(policies, res.rows):
+                    text = tok.decode(row.tokens, skip_special_tokens=True)
+                    per[pol.label] = {"response": text, "rouge": scoring.rouge1_recall(nd.real_needle, text)}
+                new = [{"key": t.key, "needle_idx": t.needle_idx, "length": t.length, "depth": t.depth,
+                        "policies": per} for t in ts]
+                if f is not None:
+                    append_record(f, {"prompt": ts[0].key, "records": new})  # one line per prompt: all or none
+                records += new
+                bar.update(len(ts))
     bar.close()
     if world > 1:
         barrier()  # every rank's answers are on disk: rank 0 gathers them
         if rank != 0:
             return {}
-        per_prompt = {rec["prompt"]: rec["records"] for p in sorted(out.glob("tests-*.jsonl")) for rec in read_jsonl(p)}
-        records = [r for recs in per_prompt.values() for r in recs]
+        by_key = {r["key"]: r for p in sorted(out.glob("tests-*.jsonl")) for rec in read_jsonl(p)
+                  for r in rec["records"]}
+        records = list(by_key.values())
     order = {t.key: i for i, t in enumerate(tests)}
     records.sort(key=lambda r: order[r["key"]])
     table = []

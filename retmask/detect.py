@@ -50,8 +50,8 @@ class Detector:
                     names=("head_scores.json", "detect.json", "tests.jsonl", "heads.png", "niah.png"))
         done = done_keys(out, "tests-*.jsonl", "key")  # one set for every rank, so the split below agrees
         todo = [t for t in self.tests if t.key not in done]
-        groups = self.cfg.unique_prompts(self.tok, self.needles, self.haystacks, todo, progress=progress and rank == 0)
-        mine = groups[rank::world]
+        mine = self.cfg.unique_prompts(self.tok, self.needles, self.haystacks, todo, progress=progress and rank == 0,
+                                       rank=rank, world=world)  # this rank's share of the prompts, built here alone
         shard = out / f"tests-{rank:05d}.jsonl"
         if mine:
             self._generate(mine, shard, progress and rank == 0)

@@ -78,42 +78,58 @@ class GridConfig:
         return ns, hs, grid(self.min_len, self.max_len, self.n_lengths, self.n_depths, len(ns))
 
     def unique_prompts(self, tokenizer, needles, haystacks, tests, *, progress: bool = False,
-                       batch_tokens: int = 1 << 20) -> list[tuple[np.ndarray, list["Test"]]]:
+                       batch_tokens: int = 1 << 20, rank: int = 0,
+                       world: int = 1) -> list[tuple[np.ndarray, list["Test"]]]:
         """Each distinct prompt (int32 token ids) with the tests that use it, in grid order of first use
-        (identical prompts run once). The prompts are `prompt_ids`'s, built a batch of tests (about
-        `batch_tokens` context tokens) at a time: each haystack is tokenized once, and a batch's prompts
-        are tokenized in one call (in parallel across cores with a fast tokenizer)."""
+        (identical prompts run once). The prompts are `prompt_ids`'s.
+
+        Tests whose needle and cut (`_place`) agree share a prompt, found before any prompt is built;
+        with `world` > 1 only every `world`-th of those prompts from `rank` on is built and returned
+        (torchrun ranks each build their own share). A prompt is built once, a batch (about
+        `batch_tokens` context tokens) at a time: each haystack is tokenized once, and a batch's
+        prompts in one call (in parallel across cores with a fast tokenizer)."""
         from tqdm.auto import tqdm
 
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of world {world}: need 0 <= rank < world")
         chat = _use_chat(tokenizer, self.chat)
         hay_ids: dict[str, list[int]] = {}  # each haystack text tokenized once (needles may share one)
-        out: dict[bytes, tuple[np.ndarray, list[Test]]] = {}  # prompt digest -> (prompt, tests)
-        batches, cur, size = [], [], 0
+        nd_ids: dict[int, list[int]] = {}
+        same: dict[tuple, list[Test]] = {}  # (needle, kept tokens, needle position) -> tests
         for t in tests:
-            if cur and size + t.length > batch_tokens:
+            text = haystacks[t.needle_idx]
+            if text not in hay_ids:
+                hay_ids[text] = _encode(tokenizer, text)
+            if t.needle_idx not in nd_ids:
+                nd_ids[t.needle_idx] = _encode(tokenizer, needles[t.needle_idx].needle)
+            cut = _place(tokenizer, hay_ids[text], len(nd_ids[t.needle_idx]), t.length, t.depth, self.placement,
+                         self.buffer)
+            same.setdefault((t.needle_idx, *cut), []).append(t)
+        share = list(same.values())[rank::world]
+        batches, cur, size = [], [], 0
+        for ts in share:
+            if cur and size + ts[0].length > batch_tokens:
                 batches.append(cur)
                 cur, size = [], 0
-            cur.append(t)
-            size += t.length
+            cur.append(ts)
+            size += ts[0].length
         if cur:
             batches.append(cur)
-        bar = tqdm(total=len(tests), desc="prompts", unit="test", disable=not progress or len(batches) < 2)
+        out: dict[bytes, tuple[np.ndarray, list[Test]]] = {}  # prompt digest -> (prompt, tests)
+        bar = tqdm(total=sum(map(len, share)), desc="prompts", unit="test",
+                   disable=not progress or len(batches) < 2)
         for part in batches:
-            for t in part:
-                text = haystacks[t.needle_idx]
-                if text not in hay_ids:
-                    hay_ids[text] = _encode(tokenizer, text)
-            ctxs = [splice(tokenizer, hay_ids[haystacks[t.needle_idx]],
-                           _encode(tokenizer, needles[t.needle_idx].needle), t.length, t.depth,
-                           placement=self.placement, buffer=self.buffer) for t in part]
+            firsts = [ts[0] for ts in part]
+            ctxs = [splice(tokenizer, hay_ids[haystacks[t.needle_idx]], nd_ids[t.needle_idx], t.length, t.depth,
+                           placement=self.placement, buffer=self.buffer) for t in firsts]
             texts = [tokenizer.decode(np.asarray(c)) for c in ctxs]  # an array converts faster than a list
             ids = _encode_prompts(tokenizer, [user_message(c, needles[t.needle_idx].question)
-                                              for c, t in zip(texts, part)], chat)
-            for t, p in zip(part, ids):
+                                              for c, t in zip(texts, firsts)], chat)
+            for ts, p in zip(part, ids):
                 a = np.asarray(p, dtype=np.int32)
                 key = hashlib.blake2b(a.tobytes(), digest_size=16).digest()  # not the bytes: half the memory
-                out.setdefault(key, (a, []))[1].append(t)
-            bar.update(len(part))
+                out.setdefault(key, (a, []))[1].extend(ts)
+                bar.update(len(ts))
         bar.close()
         return list(out.values())
 
@@ -244,22 +260,30 @@ def context_ids(tokenizer, haystack: str, needle: Needle, length: int, depth: fl
 def splice(tokenizer, hay: list[int], nd: list[int], length: int, depth: float, *,
            placement: str = "sentence", buffer: int = 200) -> list[int]:
     """`context_ids` from the haystack's and the needle's token ids."""
+    n, at = _place(tokenizer, hay, len(nd), length, depth, placement, buffer)
+    ctx = (hay * -(-n // len(hay)))[:n]
+    return ctx[:at] + nd + ctx[at:]
+
+
+def _place(tokenizer, hay: list[int], n_needle: int, length: int, depth: float, placement: str,
+           buffer: int) -> tuple[int, int]:
+    """Where `splice` cuts: (tokens kept of the repeated haystack, the needle's position among them).
+    With the needle's and the haystack's ids these fix the context, so tests with equal cuts share a
+    prompt; no context is built to find them."""
     if placement not in PLACEMENTS:
         raise ValueError(f"placement={placement!r}: use one of {PLACEMENTS}")
     if not hay:
         raise ValueError("the haystack is empty")
-    reps = -(-length // len(hay))
-    ctx = (hay * reps)[:length]
-    budget = length - buffer
-    if len(ctx) + len(nd) > budget:
-        ctx = ctx[: max(budget - len(nd), 0)]
+    n = length
+    if n + n_needle > length - buffer:  # room for the needle and the buffer (the reference's rule)
+        n = min(length, max(length - buffer - n_needle, 0))
     if depth >= 100:
-        return ctx + nd
-    at = int(len(ctx) * (depth / 100))
+        return n, n
+    at = int(n * (depth / 100))
     periods = _period_ids(tokenizer) if placement == "sentence" else frozenset(LLAMA2_PERIOD_IDS)
-    while at > 0 and ctx[at - 1] not in periods:
+    while at > 0 and hay[(at - 1) % len(hay)] not in periods:  # back to the nearest sentence end
         at -= 1
-    return ctx[:at] + nd + ctx[at:]
+    return n, at
 
 
 def user_message(context: str, question: str) -> str:

@@ -130,10 +130,14 @@ def test_host_benchmark_tiny(tmp_path):
                        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert p.returncode == 0, p.stderr[-2000:]
     rows = list(csv.DictReader(open(out)))
-    assert [(r["kind"], r["provider"]) for r in rows] == [("prompts", "retmask"), ("prompts", "per-test"),
+    assert [(r["kind"], r["provider"]) for r in rows] == [("prompts", "retmask"), ("prompts", "retmask-rank0of8"),
+                                                          ("prompts", "per-test"),
                                                           ("merge", "load-all"), ("merge", "retmask"),
                                                           ("dataset", "retmask"), ("dataset", "list")]
+    whole, rank0 = rows[0], rows[1]
     for kind in ("prompts", "dataset"):  # the same prompt tokens, the same rows
-        assert len({r["detail"] for r in rows if r["kind"] == kind}) == 1
+        assert len({r["detail"] for r in rows if r["kind"] == kind and r is not rank0}) == 1
+    n_tests = int(whole["size"].split()[0])
+    assert int(rank0["size"].split()[0]) == -(-n_tests // 8)  # one of 8 ranks builds its eighth (36 tests: 5)
     assert all(float(r["seconds"]) > 0 and float(r["peak_gb"]) > 0 and r["commit"] for r in rows)
     assert "| kind" in p.stdout.splitlines()[-len(rows) - 2]

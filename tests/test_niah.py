@@ -146,6 +146,33 @@ def test_unique_prompts_are_prompt_ids_deduplicated(tok, kind, chat, placement):
         assert len(items) == len(tests) // g.n_depths * 2
 
 
+@pytest.mark.parametrize("placement", ["sentence", "faithful"])
+def test_unique_prompts_build_each_prompt_once_and_only_the_ranks_share(tok, placement, monkeypatch):
+    """Tests that share a prompt are found before any prompt is built: one prompt is built per distinct
+    prompt, and under torchrun a rank builds only its every-world-th share of the single process's list."""
+    needles = synth.needles(2, seed=5)
+    hays = [synth.haystack(500, seed=7), synth.haystack(500, seed=8)]
+    g = niah.GridConfig(min_len=150, max_len=400, n_lengths=3, n_depths=4, n_needles=2, placement=placement,
+                        buffer=40)
+    tests = niah.grid(g.min_len, g.max_len, g.n_lengths, g.n_depths, g.n_needles)
+    built = []
+    real = niah._encode_prompts
+    monkeypatch.setattr(niah, "_encode_prompts", lambda tk, msgs, chat: built.extend(msgs) or real(tk, msgs, chat))
+    whole = g.unique_prompts(tok, needles, hays, tests, batch_tokens=700)
+    assert len(built) == len(whole) < len(tests) + (placement == "sentence")  # faithful: far fewer than tests
+    for world in (2, 3):
+        built.clear()
+        shares = [g.unique_prompts(tok, needles, hays, tests, batch_tokens=700, rank=r, world=world)
+                  for r in range(world)]
+        assert len(built) == len(whole)  # every prompt built once over all ranks
+        for r, share in enumerate(shares):
+            want = whole[r::world]
+            assert [p.tolist() for p, _ in share] == [p.tolist() for p, _ in want]
+            assert [[t.key for t in ts] for _, ts in share] == [[t.key for t in ts] for _, ts in want]
+    with pytest.raises(ValueError, match="rank 2 of world 2"):
+        g.unique_prompts(tok, needles, hays, tests, rank=2, world=2)
+
+
 def test_find_span_matches_the_reference_rule():
     """The vectorized search against the reference's loop, on random prompts with many near-misses
     and windows cut short by the prompt's end."""
