@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     sel.add_argument("--tau", type=float, help="switch off heads with mean score >= tau")
     sel.add_argument("--topk", type=int, help="switch off the k best heads")
     sel.add_argument("--heads", help="explicit heads to switch off, e.g. '2-1,3-0'")
-    p.add_argument("--controls", default="random,non-retrieval", help="controls of the same size ('' for none)")
+    p.add_argument("--controls", help="controls of the same size, comma-separated ('' for none; default "
+                   "random,non-retrieval, or random alone for --heads without --scores)")
     p.add_argument("--scopes", default="all,generated", help="mask scopes of each ablation")
     p.add_argument("--out", help="output folder (default runs/niah/MODEL)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -206,6 +207,12 @@ def _dist_init(device: str | None = None) -> str | None:
 
 
 def _engine_kw(args) -> dict:
+    for flag, v in (("--slots", args.slots), ("--chunk", args.chunk), ("--prefill-tokens", args.prefill_tokens),
+                    ("--admit-rows", args.admit_rows)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} {v}: must be >= 1")
+    if args.kv_budget_gb is not None and not args.kv_budget_gb > 0:
+        raise ValueError(f"--kv-budget-gb {args.kv_budget_gb:g}: must be > 0")
     kw = {"chunk": args.chunk, "decode": args.decode, "prefill_tokens": args.prefill_tokens}
     if args.slots is not None:
         kw["slots"] = args.slots
@@ -213,6 +220,18 @@ def _engine_kw(args) -> dict:
         kw["kv_budget_gb"] = args.kv_budget_gb
     if args.admit_rows is not None:
         kw["admit_rows"] = args.admit_rows
+    return kw
+
+
+def _check_model_args(args, *models_) -> dict:
+    """Everything about the model arguments that can fail, checked before any work: the device, the engine
+    sizes, and each model's folder or hub name and architecture (from its config). Returns the engine kw."""
+    from . import models
+
+    models.check_device(args.device)
+    kw = _engine_kw(args)
+    for m in models_ or (args.model,):
+        models.check(m)
     return kw
 
 
@@ -230,7 +249,7 @@ def _detect(args) -> int:
     from tabulate import tabulate
 
     from . import models, runs
-    from .detect import DetectConfig, Detector
+    from .detect import DetectConfig, Detector, prepare
 
     base = _default_len(args)
     if args.preset:
@@ -239,20 +258,27 @@ def _detect(args) -> int:
         base.update(PRESETS[args.preset])
     cfg = DetectConfig(**_grid_kw(args, base))
     cfg.check()
+    engine_kw = _check_model_args(args)
     name = models.display_name(args.model)
     out = Path(args.out or f"runs/detect/{name}")
     runs.check_writable(out)
     device = _dist_init(args.device) or args.device
+    prepare(out, args.model, cfg, resume=args.resume, overwrite=args.overwrite)  # before the model loads
     model, tok = models.load(args.model, dtype=args.dtype, device=device)
-    det = Detector(model, tok, cfg, model_name=args.model, **_engine_kw(args))
-    summary = det.run(out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    det = Detector(model, tok, cfg, model_name=args.model, **engine_kw)
+    summary = det.run(out, resume=True, progress=not args.no_progress)
     if summary:
         print(f"{summary['tests']} tests, {summary['counted']} counted (ROUGE-1 recall > 50), "
               f"mean recall {summary['mean_rouge']:.1f}")
         if summary["stats"]:
             print(tabulate(list(summary["stats"].items()), tablefmt="github", headers=["statistic", "value"],
                            disable_numparse=True))
-        print(f"wrote {out}/head_scores.json, detect.json, tests.jsonl, heads.png, niah.png")
+            print(f"wrote {out}/head_scores.json, detect.json, tests.jsonl, heads.png, niah.png")
+        else:
+            print(f"no test counted, so no head has a score and {out}/head_scores.json is not written (a test counts "
+                  "when the answer's ROUGE-1 recall of the needle is above 50: check the needles, the lengths and "
+                  "the model's answers in tests.jsonl)")
+            print(f"wrote {out}/detect.json, tests.jsonl, heads.png, niah.png")
     return 0
 
 
@@ -266,13 +292,25 @@ def _niah(args) -> int:
 
     grid = causal.GridConfig(**_grid_kw(args, {**causal.DEFAULTS, **_default_len(args)}))
     grid.check()
+    engine_kw = _check_model_args(args)
     scores = load_scores(args.scores) if args.scores else None
     selected = _select_heads(args, args.scores)
-    controls = [c for c in args.controls.split(",") if c.strip()]
+    if selected is None and (args.scores or args.controls):
+        raise ValueError("--scores/--controls need heads to switch off: give --tau or --topk (with --scores) or "
+                         "--heads")
+    models.check_heads(args.model, selected)
+    if args.controls is None:
+        args.controls = "random,non-retrieval" if scores is not None else "random"
+    controls = [c.strip() for c in args.controls.split(",") if c.strip()]
     scopes = [c for c in args.scopes.split(",") if c.strip()]
     for c in controls:
         if c not in ("random", "non-retrieval"):
             raise ValueError(f"--controls: unknown control {c!r}; use random and/or non-retrieval")
+    if scores is None and controls:  # `random` draws from every head of the model
+        c = models.config(args.model)
+        scores = {(l, h): 0.0 for l in range(c.num_hidden_layers) for h in range(c.num_attention_heads)}
+        if "non-retrieval" in controls:
+            raise ValueError("--controls non-retrieval needs the score table the heads came from (--scores)")
     policies = causal.make_policies(selected, scores, controls=controls if selected else (), scopes=scopes)
     for p in policies:
         models.check_heads(args.model, p.heads)
@@ -282,7 +320,7 @@ def _niah(args) -> int:
     causal.prepare_run(out, args.model, grid, policies, resume=args.resume, overwrite=args.overwrite)
     model, tok = models.load(args.model, dtype=args.dtype, device=device)
     res = causal.run_niah(model, tok, grid, policies, progress=not args.no_progress, out=out, resume=True,
-                          model_name=args.model, **_engine_kw(args))
+                          model_name=args.model, **engine_kw)
     if not res:  # not rank 0: it reports
         return 0
     print(tabulate(causal.table_rows(res), tablefmt="github",
@@ -310,14 +348,18 @@ def _pairs(args) -> int:
 
     from . import models, runs, toy
     from .data import load_instructions
-    from .pairs import PairJob, PairsConfig, check_edges
+    from .pairs import PairJob, PairsConfig, check_edges, prepare
 
+    if args.control and args.tau is None and args.topk is None:
+        raise ValueError(f"--control {args.control}: a control is drawn the size of a selection; give --scores "
+                         "with --tau or --topk")
     hs = _select_heads(args, args.scores)
     if hs is None and not args.reject_model:
         raise ValueError("give the heads to switch off (--scores with --tau/--topk, or --heads) or --reject-model")
+    engine_kw = _check_model_args(args, args.model, *([args.reject_model] if args.reject_model else []))
     out = Path(args.out or f"runs/pairs/{models.display_name(args.model)}")
     kw = {"temperature": args.temperature, "top_p": args.top_p, "scope": args.mask_scope, "seed": args.seed}
-    if args.max_new_tokens:
+    if args.max_new_tokens is not None:
         kw["max_new_tokens"] = args.max_new_tokens
     if args.max_prompt_tokens is not None:
         kw["max_prompt_tokens"] = args.max_prompt_tokens
@@ -338,11 +380,13 @@ def _pairs(args) -> int:
         print(f"{len(ins.items)} instructions from {data} (schema {ins.schema!r}); skipped "
               f"{dict(ins.skipped) or 'none'}")
     device = _dist_init(args.device) or args.device
+    prepare(out, ins.items, cfg, args.model, hs, args.reject_model, resume=args.resume,
+            overwrite=args.overwrite)  # refuse an existing run before the model loads
     model, tok = models.load(args.model, dtype=args.dtype, device=device)
     reject = models.load(args.reject_model, dtype=args.dtype, device=device) if args.reject_model else None
     job = PairJob(model, tok, hs, cfg, model_name=args.model, reject=reject, reject_name=args.reject_model,
-                  length_buckets=edges, **_engine_kw(args))
-    s = job.run(ins, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+                  length_buckets=edges, **engine_kw)
+    s = job.run(ins, out, resume=True, progress=not args.no_progress)
     if s:
         print(f"{s['pairs']} pairs kept of {s['instructions']}; dropped {s['dropped'] or 'none'}; "
               f"{s['generated_tokens']} tokens generated" +
@@ -369,6 +413,8 @@ def _train(args) -> int:
     from .pairs import pair_files
 
     pair_files(args.pairs)  # fails early with a clear message when there are none
+    if args.model != toy.NAME:
+        models.check(args.model, arch=False)  # a folder without a model, an unreachable hub name
     out = Path(args.out or f"runs/train/{models.display_name(args.model)}")
     res = train(path, args.pairs, out, cfg, resume=args.resume)
     if "metrics" not in res:  # not the main process (accelerate launch): rank 0 reports
@@ -388,6 +434,8 @@ def _heads(args) -> int:
     from .heads import HeadSet, load_scores, score_stats
 
     scores = load_scores(args.scores)
+    if args.tau is None and args.topk is None and (args.control or args.out):
+        raise ValueError(f"{'--control' if args.control else '--out'} needs a selection: give --tau or --topk")
     print(tabulate(score_stats(scores).as_rows(), tablefmt="github", headers=["statistic", "value"],
                    disable_numparse=True))
     if args.tau is None and args.topk is None:

@@ -34,6 +34,7 @@ class Instructions:
 
 def _open(source: str, split: str, streaming: bool | None):
     from datasets import load_dataset
+    from datasets.exceptions import DatasetsError
 
     p = Path(source)
     if p.exists():
@@ -47,12 +48,23 @@ def _open(source: str, split: str, streaming: bool | None):
             raise ValueError(f"dataset {source} is empty")
         try:
             return load_dataset(fmt, data_files=files, split="train", streaming=bool(streaming))
-        except (StopIteration, ValueError, OSError) as e:
-            raise ValueError(f"dataset {source}: could not read it as {fmt} ({type(e).__name__}: {e})") from None
+        except (StopIteration, ValueError, OSError, DatasetsError) as e:
+            raise ValueError(f"dataset {source}: could not read it as {fmt} ({_cause(e)})") from None
     if "/" not in source:
         raise ValueError(f"dataset {source!r}: no such file; give a local .jsonl/.json/.parquet or a hub name "
                          "such as lmsys/lmsys-chat-1m")
-    return load_dataset(source, split=split, streaming=True if streaming is None else streaming)
+    try:
+        return load_dataset(source, split=split, streaming=True if streaming is None else streaming)
+    except (ConnectionError, OSError, DatasetsError) as e:  # offline, a wrong name, a gated set without a login
+        raise ValueError(f"dataset {source!r}: could not load it from the hub ({_cause(e)}); check the name, the "
+                         "network and `hf auth login`, or give a local .jsonl/.json/.parquet") from None
+
+
+def _cause(e: BaseException) -> str:
+    """The innermost error's first line (datasets wraps a parse error in DatasetGenerationError)."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
 def detect_schema(columns: list[str]) -> str:
@@ -110,6 +122,9 @@ def load_instructions(source: str, *, split: str = "train", start: int = 0, end:
         text = first_user_turn(row.get(schema)) if schema in TURN_COLUMNS else row.get(schema)
         if schema == "instruction" and row.get("input"):
             text = f"{text}\n\n{row['input']}"
+        if text is not None and not isinstance(text, str):
+            out.skipped["not_text"] += 1  # e.g. a number in the prompt column
+            continue
         text = (text or "").strip()
         if not text:
             out.skipped["empty"] += 1

@@ -18,6 +18,24 @@ import time
 from pathlib import Path
 
 
+# what a demo writes in its folder: a rerun replaces these, and refuses a folder that holds anything else
+DEMO_ENTRIES = frozenset({"detect", "pairs", "train", "niah-before", "niah-after", "summary.json"})
+
+
+def clear_out(out: Path) -> None:
+    """Empty `out` for a fresh demo: only a folder that holds nothing but an earlier demo's files is
+    deleted, so `--out .` (or any folder with other files) is refused rather than wiped."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder for the demo's files")
+    other = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES)
+    if other:
+        raise ValueError(f"--out {out} holds files an earlier demo did not write ({', '.join(other[:5])}"
+                         f"{', ...' if len(other) > 5 else ''}); give a new or empty folder")
+    shutil.rmtree(out)
+
+
 def run(out: str | Path = "runs/demo", *, seed: int = 0, model_dir: str | Path | None = None,
         n_instructions: int = 64) -> int:
     import torch
@@ -30,10 +48,9 @@ def run(out: str | Path = "runs/demo", *, seed: int = 0, model_dir: str | Path |
     from .pairs import PairJob, PairsConfig
     from .train import TrainConfig, train
 
-    torch.manual_seed(seed)
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
+    clear_out(out)
+    torch.manual_seed(seed)
     model_dir = Path(model_dir or toy.ASSET_DIR)
     t_all = time.perf_counter()
     rows = []

@@ -32,6 +32,18 @@ PRESETS = niah.GRID_PRESETS
 DetectConfig = niah.GridConfig  # detection runs a grid with the reference's defaults (50 steps)
 
 
+NAMES = ("head_scores.json", "detect.json", "tests.jsonl", "heads.png", "niah.png")
+
+
+def prepare(out: str | Path, model_name: str, cfg: DetectConfig, *, resume: bool = False,
+            overwrite: bool = False) -> Path:
+    """Make `out` ready for a detection run (refusing an existing one unless `resume` with the same
+    configuration, or `overwrite`). Cheap: call it before loading a model."""
+    out = Path(out)
+    prepare_out(out, {"model": model_name, **asdict(cfg)}, resume=resume, overwrite=overwrite, names=NAMES)
+    return out
+
+
 class Detector:
     """Runs a DetectConfig on a model. `engine_kw` go to the Engine (slots / kv_budget_gb, chunk)."""
 
@@ -40,14 +52,9 @@ class Detector:
         self.engine_kw = engine_kw
         self.needles, self.haystacks, self.tests = cfg.load()
 
-    def config_dict(self) -> dict:
-        return {"model": self.model_name, **asdict(self.cfg)}
-
     def run(self, out: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-        out = Path(out)
+        out = prepare(out, self.model_name, self.cfg, resume=resume, overwrite=overwrite)
         rank, world = dist()
-        prepare_out(out, self.config_dict(), resume=resume, overwrite=overwrite,
-                    names=("head_scores.json", "detect.json", "tests.jsonl", "heads.png", "niah.png"))
         done = done_keys(out, "tests-*.jsonl", "key")  # one set for every rank, so the split below agrees
         todo = [t for t in self.tests if t.key not in done]
         mine = self.cfg.unique_prompts(self.tok, self.needles, self.haystacks, todo, progress=progress and rank == 0,
@@ -116,7 +123,7 @@ class Detector:
         means = scoring.head_means(counted) if counted else torch.zeros(L, H)
         stats = score_stats({(l, h): float(means[l, h]) for l in range(L) for h in range(H)}) if counted else None
         summary = {
-            "config": self.config_dict(), "tests": len(ordered), "counted": len(counted),
+            "config": {"model": self.model_name, **asdict(self.cfg)}, "tests": len(ordered), "counted": len(counted),
             "mean_rouge": sum(r["rouge"] for r in ordered) / len(ordered),
             "niah": niah.niah_table(ordered), "mean_scores": means.tolist(),
             "stats": dict(stats.as_rows()) if stats else None,

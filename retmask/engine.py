@@ -68,7 +68,9 @@ ORIGINAL = Policy(None, "all", "original")
 class Group:
     prompt: Sequence[int]
     policies: Sequence[Policy]
-    seeds: Sequence[int] | None = None  # one per row (default: the engine's seed + row index)
+    # one per row; default: GenConfig.seed + the row's index among all rows of the generate() call, so
+    # no two rows of a call draw the same noise
+    seeds: Sequence[int] | None = None
     key: Any = None
 
 
@@ -352,6 +354,10 @@ class Engine:
             raise ValueError(f"segments={segments}: must be >= 1 (or None: sized with the slots)")
         cheap = 2 * self.pool_layers * max_len <= sum(self.private_cap)  # a segment vs a row's private KV
         self._seg_per_slot = cheap or self.group_rows == 1  # else one per group of slots
+        if slots is not None and slots < 1:
+            raise ValueError(f"slots={slots}: must be >= 1")
+        if kv_budget_gb is not None and not kv_budget_gb > 0:
+            raise ValueError(f"kv_budget_gb={kv_budget_gb}: must be > 0")
         if slots is None:
             if kv_budget_gb is None:
                 raise ValueError("give slots (rows decoded together) or kv_budget_gb (KV memory to use)")
@@ -509,6 +515,10 @@ class Engine:
         # (and its CUDA graph) serves every step; a power of two, as the kernel rounds it
         self._group_max = next_pow2(max((len(g.policies) for g in groups), default=1))
         queue = deque(groups)
+        self._row0, n = {}, 0  # each group's first row among the call's rows: the default seeds
+        for g in groups:
+            self._row0.setdefault(id(g), n)
+            n += len(g.policies)
         d, S = self.d, self.slots
         st = _Slots(S, d.n_layers, d.n_heads, self.n_segments, cfg.max_new_tokens, self.device)
         results: dict[int, list] = {}
@@ -654,7 +664,7 @@ class Engine:
             st.group_seg[gid] = segs[gi]
             for r, slot in enumerate(rows):
                 pol = g.policies[r]
-                seed = g.seeds[r] if g.seeds is not None else cfg.seed + r
+                seed = g.seeds[r] if g.seeds is not None else cfg.seed + self._row0[id(g)] + r
                 st.start(slot, gid, r, pol, seed, g.prompt[-1], n)
                 st.keep_prompt[slot] = self._keep_row(pol, prompt=True)
                 st.keep_gen[slot] = self._keep_row(pol, prompt=False)

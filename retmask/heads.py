@@ -35,6 +35,10 @@ def head_name(h: Head) -> str:
 def load_scores(path: str | Path) -> dict[Head, float]:
     """Mean score per head from a reference-format JSON file."""
     path = Path(path)
+    if path.is_dir():
+        hint = (f"; give {path / 'head_scores.json'}" if (path / "head_scores.json").is_file()
+                else "; give the head_scores.json that `retmask detect` writes")
+        raise ValueError(f"scores file {path}: is a folder{hint}")
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
@@ -79,8 +83,8 @@ class HeadSet:
         (default: the heads in the score table)."""
         src: dict = {}
         if not isinstance(scores, dict):
-            src = {"file": str(scores), "sha256": file_sha256(scores)}
-            scores = load_scores(scores)
+            path, scores = scores, load_scores(scores)  # checks the file before it is hashed
+            src = {"file": str(path), "sha256": file_sha256(path)}
         if (tau is None) == (topk is None):
             raise ValueError("give exactly one of tau (mean score >= tau) or topk (the k best heads)")
         ranked = sorted(scores, key=lambda h: (-scores[h], h))

@@ -28,12 +28,72 @@ def load(name: str, *, dtype: str | None = None, device: str | None = None):
         return toy.load(dtype=torch_dtype, device=device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(name).exists() and ("/" not in name or name.startswith((".", "/"))):
+    check(name)
+    tok = _hub(name, "tokenizer", AutoTokenizer.from_pretrained)
+    model = _hub(name, "weights", AutoModelForCausalLM.from_pretrained, dtype=torch_dtype, attn_implementation="eager")
+    return model.to(device).eval(), tok
+
+
+def check_device(device: str | None) -> None:
+    """A clear error for a --device torch cannot use, before anything is loaded."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU; use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: {torch.cuda.device_count()} GPU(s) visible (cuda:0 to "
+                             f"cuda:{torch.cuda.device_count() - 1})")
+
+
+def config(name: str, *, arch: bool = True):
+    """The model's config (the text config of a multimodal one), with a clear error for a folder that
+    holds no model, a hub name that cannot be reached, or (with `arch`) an architecture the engine does
+    not run; no weights are read."""
+    from . import hf, toy
+
+    if name == toy.NAME:
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**toy.CONFIG)
+    from transformers import AutoConfig
+
+    p = Path(name)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ValueError(f"model {name!r}: {'the folder has no config.json' if p.is_dir() else 'not a folder'}; "
+                             "give a folder saved with save_pretrained (config.json, weights, tokenizer)")
+    elif "/" not in name or name.startswith((".", "/")):
         raise ValueError(f"model {name!r}: no such folder; give 'toy', a local folder or a hub name like "
                          "meta-llama/Llama-3.1-8B-Instruct")
-    tok = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, attn_implementation="eager")
-    return model.to(device).eval(), tok
+    c = _hub(name, "config", AutoConfig.from_pretrained)
+    c = getattr(c, "text_config", c)
+    if arch and getattr(c, "model_type", None) not in hf.SUPPORTED:
+        raise ValueError(f"model {name!r}: model_type {getattr(c, 'model_type', None)!r} is not supported; retmask "
+                         f"runs {', '.join(hf.SUPPORTED)} models")
+    return c
+
+
+def check(name: str, *, arch: bool = True) -> None:
+    """`config`'s checks alone: call before expensive work."""
+    config(name, arch=arch)
+
+
+def _hub(name: str, what: str, load, **kw):
+    """`load(name, **kw)`, with an error that names the model when its files cannot be had (offline, a
+    wrong name, a gated model without a login)."""
+    try:
+        return load(name, **kw)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"model {name!r}: could not load its {what} ({first[:300]}); give a local folder, or "
+                         "check the name, the network and `hf auth login`") from None
 
 
 def display_name(name: str) -> str:
@@ -42,19 +102,10 @@ def display_name(name: str) -> str:
 
 def check_heads(name: str, heads) -> None:
     """Validate a HeadSet against the model's config alone (before any weights are loaded)."""
-    from . import toy
-
     if heads is None:
         return
-    if name == toy.NAME:
-        n_layers, n_heads = toy.CONFIG["num_hidden_layers"], toy.CONFIG["num_attention_heads"]
-    else:
-        from transformers import AutoConfig
-
-        c = AutoConfig.from_pretrained(name)
-        c = getattr(c, "text_config", c)
-        n_layers, n_heads = c.num_hidden_layers, c.num_attention_heads
-    heads.validate(n_layers, n_heads)
+    c = config(name)
+    heads.validate(c.num_hidden_layers, c.num_attention_heads)
 
 
 def eos_ids(model, tok) -> tuple[int, ...]:

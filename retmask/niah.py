@@ -153,6 +153,9 @@ def grid(min_len: int, max_len: int, n_lengths: int = 20, n_depths: int = 10, n_
         raise ValueError(f"lengths: need 1 <= --min ({min_len}) <= --max ({max_len})")
     if n_lengths < 1 or n_depths < 1 or n_needles < 1:
         raise ValueError("the grid needs at least one length, one depth and one needle")
+    if n_lengths == 1 and min_len != max_len:  # linspace(min, max, 1) is [min]: --max would do nothing
+        raise ValueError(f"one length (--lengths 1) with --min {min_len} != --max {max_len}: give the length as "
+                         "both --min and --max")
     lengths = [int(x) for x in np.round(np.linspace(min_len, max_len, n_lengths))]
     depths = [float(x) for x in np.linspace(0, 100, n_depths)]
     return [Test(i, L, d) for i in range(n_needles) for L in lengths for d in depths]

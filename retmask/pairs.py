@@ -51,6 +51,14 @@ class PairsConfig:
     # bucket. 0: none
     max_prompt_tokens: int = 2048
 
+    def __post_init__(self):
+        for name, v, ok in (("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1),
+                            ("max_prompt_tokens", self.max_prompt_tokens, self.max_prompt_tokens >= 0),
+                            ("shard_pairs", self.shard_pairs, self.shard_pairs >= 1)):
+            if not ok:
+                raise ValueError(f"{name}={v}: must be >= {0 if name == 'max_prompt_tokens' else 1}" +
+                                 (" (0: no limit)" if name == "max_prompt_tokens" else ""))
+
     @classmethod
     def paper(cls, model_name: str, **kw) -> "PairsConfig":
         if "qwen3" in model_name.lower():
@@ -87,6 +95,28 @@ def length_buckets(groups: list[Group], edges: Sequence[int]) -> list[tuple[int 
     return [(e, gs) for e, gs in out if gs]
 
 
+def run_config(cfg: PairsConfig, model_name: str, heads: HeadSet | None, reject_name: str | None) -> dict:
+    """What a pairs run depends on, besides its instructions."""
+    return {"model": model_name, "reject_model": reject_name, **asdict(cfg),
+            "heads": heads.names() if heads is not None else None,
+            "heads_sha": heads.digest() if heads is not None else None}
+
+
+def prepare(out: str | Path, items, cfg: PairsConfig, model_name: str, heads: HeadSet | None,
+            reject_name: str | None = None, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Make `out` ready for a pairs run over `items` ((source id, text) pairs), refusing an existing run
+    unless `resume` with the same configuration and instructions, or `overwrite`. Cheap: call it before
+    loading a model."""
+    out = Path(out)
+    items = list(items)
+    # the instructions themselves are part of the configuration: a resume with another slice, data set or
+    # revision would otherwise keep the old texts under the ids already done
+    digest = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
+    prepare_out(out, {**run_config(cfg, model_name, heads, reject_name), "n_instructions": len(items),
+                      "instructions_sha": digest}, resume=resume, overwrite=overwrite, names=("summary.json", "work"))
+    return out
+
+
 class PairJob:
     """A pairs run. `length_buckets`: prompt-length edges (tokens); each bucket is answered by its own
     engine, sized for its longest prompt. The decode slots hold prompt + max_new_tokens each, so
@@ -112,9 +142,7 @@ class PairJob:
         self.engine_kw = engine_kw
 
     def config_dict(self) -> dict:
-        h = self.heads
-        return {"model": self.model_name, "reject_model": self.reject_name, **asdict(self.cfg),
-                "heads": h.names() if h is not None else None, "heads_sha": h.digest() if h is not None else None}
+        return run_config(self.cfg, self.model_name, self.heads, self.reject_name)
 
     def run(self, instructions, out: str | Path, *, resume=False, overwrite=False, progress=True) -> dict:
         """instructions: `data.Instructions` (or a list of (source id, text))."""
@@ -124,9 +152,8 @@ class PairJob:
         rank, world = dist()
         # the instructions themselves are part of the configuration: a resume with another slice, data set or
         # revision would otherwise keep the old texts under the ids already done
-        digest = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
-        prepare_out(out, {**self.config_dict(), "n_instructions": len(items), "instructions_sha": digest},
-                    resume=resume, overwrite=overwrite, names=("summary.json", "work"))
+        prepare(out, items, self.cfg, self.model_name, self.heads, self.reject_name, resume=resume,
+                overwrite=overwrite)
         if rank == 0:
             for p in out.glob("pairs-*.jsonl.gz"):
                 p.unlink()
@@ -310,10 +337,15 @@ def pair_files(folder: str | Path) -> list[Path]:
 def iter_pairs(folder: str | Path):
     """Every kept pair of a `retmask pairs` output folder, in order, one at a time."""
     for p in pair_files(folder):
-        with gzip.open(p, "rt") as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
+        n = 0
+        try:
+            with gzip.open(p, "rt") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        yield json.loads(line)
+        except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:  # a cut or damaged shard
+            raise ValueError(f"pairs shard {p}: unreadable after line {n} ({type(e).__name__}: {e}); rerun "
+                             "`retmask pairs --resume` on its folder to write the shards again") from None
 
 
 def load_pairs(folder: str | Path) -> list[dict]:

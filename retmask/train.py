@@ -48,6 +48,17 @@ class TrainConfig:
     seed: int = 42
     save_steps: int = 500
 
+    def __post_init__(self):
+        for flag, name in (("--lr", "learning_rate"), ("--epochs", "epochs")):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{flag} {getattr(self, name):g}: must be > 0")
+        for flag, name in (("--effective-batch", "effective_batch"), ("--per-device-batch", "per_device_batch"),
+                           ("--max-length", "max_length"), ("save_steps", "save_steps")):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag} {getattr(self, name)}: must be >= 1")
+        if self.beta <= 0:
+            raise ValueError(f"beta={self.beta}: must be > 0")
+
     @classmethod
     def preset(cls, name: str, **kw) -> "TrainConfig":
         if name not in PRESETS:
@@ -138,6 +149,9 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
     if resume:
         cks = sorted((out / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         ckpt = str(cks[-1]) if cks else None
+        if ckpt is None:
+            log(f"--resume: no checkpoint in {out / 'trainer'} yet (one is saved every {cfg.save_steps} optimizer "
+                "steps); training starts from step 0")
     trainer.train(resume_from_checkpoint=ckpt)
     shutil.rmtree(arrow, ignore_errors=True)
     final = out / "final"
@@ -199,8 +213,15 @@ def dpo_dataset(pairs_dir: str | Path, cache_dir: str | Path, shared: Path | Non
     features = Features({"prompt": turn, "chosen": turn, "rejected": turn})
 
     def build():
-        return Dataset.from_generator(_dpo_rows, gen_kwargs={"folder": str(pairs_dir)}, features=features,
-                                      cache_dir=str(cache_dir))
+        from datasets.exceptions import DatasetGenerationError
+
+        try:
+            return Dataset.from_generator(_dpo_rows, gen_kwargs={"folder": str(pairs_dir)}, features=features,
+                                          cache_dir=str(cache_dir))
+        except DatasetGenerationError as e:  # our own clear error (a damaged shard) comes wrapped
+            if isinstance(e.__cause__, ValueError):
+                raise e.__cause__ from None
+            raise
 
     if shared is None:
         return build()

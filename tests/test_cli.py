@@ -38,3 +38,106 @@ def test_engine_flags_reach_the_engine():
     assert "admit_rows" not in cli._engine_kw(p.parse_args([]))
 
 
+
+
+def _refused(capsys, argv, *fragments):
+    """`retmask argv` exits 2 with an error naming each fragment (no traceback: any other exception fails)."""
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    for f in fragments:
+        assert f in err, (argv, err)
+
+
+def test_bad_input_is_refused_clearly_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """Each mistake a user can make on the command line gets one line naming the input, and none of them
+    loads a model first (a model loads in minutes at 8B)."""
+    import gzip
+
+    import torch
+
+    from retmask import models
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(models, "load", no_load)
+    scores = tmp_path / "s.json"
+    scores.write_text(json.dumps({f"{l}-{h}": [0.1 * h] for l in range(4) for h in range(4)}))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    grid = ["--lengths", "2", "--depths", "2", "--needles", "1"]
+
+    # score files: missing, or a folder (the detect run's) instead of its head_scores.json
+    _refused(capsys, ["heads", "--scores", str(tmp_path / "nope.json"), "--tau", "0.1"], "nope.json: not found")
+    _refused(capsys, ["pairs", "--scores", str(tmp_path / "nope.json"), "--tau", "0.1"], "nope.json: not found")
+    _refused(capsys, ["niah", "--scores", str(tmp_path), "--tau", "0.1"], "is a folder")
+    # a control or an output with no selection to be a control of
+    _refused(capsys, ["heads", "--scores", str(scores), "--control", "random"], "--control needs a selection")
+    _refused(capsys, ["heads", "--scores", str(scores), "--out", str(tmp_path / "h.json")], "--out needs a selection")
+    _refused(capsys, ["pairs", "--heads", "0-1", "--control", "random"], "--control random")
+    _refused(capsys, ["niah", "--scores", str(scores)], "--tau or --topk")
+    # heads outside the model come before anything about controls; non-retrieval needs the scores
+    _refused(capsys, ["niah", "--heads", "9-9"], "9-9")
+    _refused(capsys, ["niah", "--heads", "0-1", "--controls", "non-retrieval"], "needs the score table")
+    # devices, engine sizes, models
+    _refused(capsys, ["detect", "--device", "foo", *grid], "--device 'foo': not a device")
+    if not torch.cuda.is_available():
+        _refused(capsys, ["detect", "--device", "cuda", *grid], "sees no CUDA GPU")
+    for flag, v in (("--slots", "-1"), ("--slots", "0"), ("--chunk", "0"), ("--admit-rows", "0"),
+                    ("--kv-budget-gb", "0")):
+        _refused(capsys, ["niah", flag, v, *grid], f"{flag} {v}: must be")
+    _refused(capsys, ["detect", "--model", str(empty), *grid], "has no config.json")
+    _refused(capsys, ["pairs", "--model", str(gpt2), "--heads", "0-1"], "model_type 'gpt2' is not supported")
+    _refused(capsys, ["train", "--model", str(empty), "--pairs", str(tmp_path)], "no pairs-*.jsonl.gz")
+    _refused(capsys, ["detect", "--lengths", "1", "--max", "200"], "--lengths 1")
+    # generation and training numbers
+    _refused(capsys, ["pairs", "--heads", "0-1", "--max-new-tokens", "0"], "max_new_tokens=0: must be >= 1")
+    _refused(capsys, ["pairs", "--heads", "0-1", "--max-prompt-tokens", "-1"], "max_prompt_tokens=-1")
+    with gzip.open(tmp_path / "pairs-00000.jsonl.gz", "wt") as f:
+        f.write("{}\n")
+    for flag in ("--effective-batch", "--per-device-batch", "--max-length", "--epochs"):
+        _refused(capsys, ["train", "--pairs", str(tmp_path), flag, "0"], f"{flag} 0: must be")
+    _refused(capsys, ["train", "--model", str(empty), "--pairs", str(tmp_path)], "has no config.json")
+    # a malformed instructions file
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"prompt": \n')
+    _refused(capsys, ["pairs", "--heads", "0-1", "--data", str(bad), "--out", str(tmp_path / "p")],
+             "bad.jsonl: could not read it as json")
+    # an existing run is refused before the model loads
+    for cmd, extra in (("detect", grid), ("pairs", ["--heads", "0-1", "--limit", "4"])):
+        out = tmp_path / cmd
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        _refused(capsys, [cmd, *extra, "--out", str(out)], "already holds results")
+
+
+def test_niah_heads_without_scores_get_a_random_control(capsys, monkeypatch, tmp_path):
+    """Explicit heads without a score table: the random control is drawn from every head of the model."""
+    from retmask import causal
+
+    def stop(out, model, grid, policies, **kw):
+        raise ValueError("policies " + ",".join(p.label for p in policies) + " sizes " +
+                         ",".join(str(len(p.heads)) for p in policies if p.heads is not None))
+
+    monkeypatch.setattr(causal, "prepare_run", stop)
+    _refused(capsys, ["niah", "--heads", "0-1,2-3", "--out", str(tmp_path)],
+             "policies original,heads-all,heads-generated,random-all,random-generated sizes 2,2,2,2")
+
+
+def test_demo_never_wipes_a_folder_it_did_not_write(tmp_path, capsys):
+    from retmask.demo import clear_out
+
+    mine = tmp_path / "old-demo"
+    (mine / "detect").mkdir(parents=True)
+    (mine / "summary.json").write_text("{}")
+    clear_out(mine)  # an earlier demo's folder is replaced
+    assert not mine.exists()
+    user = tmp_path / "work"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    (user / "detect").mkdir()
+    _refused(capsys, ["demo", "--out", str(user)], "notes.txt", "give a new or empty folder")
+    assert (user / "notes.txt").read_text() == "keep me" and (user / "detect").is_dir()

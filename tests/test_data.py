@@ -76,3 +76,28 @@ def test_bad_inputs(tmp_path):
         load_instructions(_jsonl(tmp_path / "blank.jsonl", [{"prompt": ""}]))
     with pytest.raises(ValueError, match="no such file"):
         load_instructions("missing.jsonl")
+
+
+def test_malformed_rows_and_shards_name_the_file(tmp_path):
+    """A line that is not JSON names the file and the parser's reason; a prompt that is not text is
+    skipped and counted; a cut pairs shard names the shard (it would otherwise surface deep in datasets)."""
+    import gzip
+
+    from retmask.pairs import iter_pairs
+
+    bad = tmp_path / "mal.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"prompt": \n{"prompt": "c"}\n')
+    with pytest.raises(ValueError, match=r"mal.jsonl: could not read it as json \(\w+"):
+        load_instructions(str(bad))
+    ins = load_instructions(_jsonl(tmp_path / "num.jsonl", [{"prompt": 1}, {"prompt": "text"}]))
+    assert ins.items == [("1", "text")] and ins.skipped == {"not_text": 1}
+    turn = [{"role": "user", "content": "q"}]
+    data = gzip.compress(b"".join(json.dumps({"id": i, "prompt": turn, "chosen": turn, "rejected": turn}).encode()
+                                  + b"\n" for i in range(200)))
+    (tmp_path / "pairs-00000.jsonl.gz").write_bytes(data[: len(data) // 2])  # cut short
+    with pytest.raises(ValueError, match=r"pairs shard .*pairs-00000.jsonl.gz: unreadable after line \d+"):
+        list(iter_pairs(tmp_path))
+    from retmask.train import dpo_dataset
+
+    with pytest.raises(ValueError, match=r"pairs shard .*pairs-00000.jsonl.gz"):  # not datasets' wrapper
+        dpo_dataset(tmp_path, tmp_path / "cache")

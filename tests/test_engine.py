@@ -111,10 +111,27 @@ def test_rows_do_not_depend_on_batch_mates(family):
     pols = [ORIGINAL, Policy(HEADS), Policy(HeadSet.from_list("0-1"), name="layer0"), Policy(HEADS, "generated")]
     cfg = GenConfig(max_new_tokens=NEW, sampling=Sampling(temperature=0.8, top_p=0.9, top_k=20))
     with Engine(m, slots=8, max_len=48, chunk=8) as eng:
-        together = {r.key: r for r in eng.generate([Group(p, pols, key=i) for i, p in enumerate(ps)], cfg)}
+        together = {r.key: r for r in eng.generate([Group(p, pols, seeds=[0, 1, 2, 3], key=i)
+                                                    for i, p in enumerate(ps)], cfg)}
         alone = {i: next(eng.generate([Group(ps[i], [pols[j]], seeds=[j], key=i)], cfg)) for i in range(3) for j in [1]}
     for i in range(3):
         assert together[i].rows[1].tokens == alone[i].rows[0].tokens
+
+
+def test_default_seeds_differ_across_the_rows_of_a_call(family):
+    """Without seeds, a row's seed is GenConfig.seed plus its index among the call's rows: groups with the
+    same prompt sample differently, and each row equals a run given that seed explicitly."""
+    _, m, *_ = family
+    p = prompts(1, (9,))[0]
+    pols = [ORIGINAL, Policy(HEADS)]
+    cfg = GenConfig(max_new_tokens=NEW, sampling=Sampling(temperature=1.5), seed=100)
+    with Engine(m, slots=8, max_len=48, chunk=8) as eng:
+        res = {r.key: r for r in eng.generate([Group(p, pols, key=i) for i in range(3)], cfg)}
+        explicit = {r.key: r for r in eng.generate([Group(p, pols, seeds=[100 + 2 * i, 101 + 2 * i], key=i)
+                                                    for i in range(3)], cfg)}
+    assert len({tuple(res[i].rows[0].tokens) for i in range(3)}) == 3  # same prompt and policy, own noise
+    for i in range(3):
+        assert [r.tokens for r in res[i].rows] == [r.tokens for r in explicit[i].rows]
 
 
 def test_argmax_stream_matches_eager_attention(family):
@@ -509,7 +526,8 @@ def _pairs_run(m, ps, **engine_kw):
     pair = [ORIGINAL, Policy(HEADS)]
     with Engine(m, max_len=48, policies=pair, private_len=14, **engine_kw) as eng:
         res = {r.key: [row.tokens for row in r.rows] for r in
-               eng.generate([Group(p, pair, key=i) for i, p in enumerate(ps)], RANDOM_STOPS)}
+               eng.generate([Group(p, pair, seeds=[3, 4], key=i)  # one fixed pair of seeds for every group
+                             for i, p in enumerate(ps)], RANDOM_STOPS)}
         return res, dict(eng.stats), eng.slot_utilization
 
 
