@@ -333,8 +333,11 @@ def _niah(args) -> int:
 def _select_heads(args, scores_path):
     from .heads import HeadSet
 
-    if args.heads:
-        return HeadSet.from_list(args.heads)
+    if args.heads is not None:
+        hs = HeadSet.from_list(args.heads)
+        if not len(hs):
+            raise ValueError(f"--heads {args.heads!r}: give at least one head, e.g. '15-30,24-27'")
+        return hs
     if args.tau is None and args.topk is None:
         return None
     if not scores_path:

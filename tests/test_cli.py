@@ -81,6 +81,7 @@ def test_bad_input_is_refused_clearly_before_any_model_loads(tmp_path, capsys, m
     _refused(capsys, ["niah", "--scores", str(scores)], "--tau or --topk")
     # heads outside the model come before anything about controls; non-retrieval needs the scores
     _refused(capsys, ["niah", "--heads", "9-9"], "9-9")
+    _refused(capsys, ["niah", "--heads", " "], "give at least one head")
     _refused(capsys, ["niah", "--heads", "0-1", "--controls", "non-retrieval"], "needs the score table")
     # devices, engine sizes, models
     _refused(capsys, ["detect", "--device", "foo", *grid], "--device 'foo': not a device")
