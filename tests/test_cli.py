@@ -142,3 +142,17 @@ def test_demo_never_wipes_a_folder_it_did_not_write(tmp_path, capsys):
     (user / "detect").mkdir()
     _refused(capsys, ["demo", "--out", str(user)], "notes.txt", "give a new or empty folder")
     assert (user / "notes.txt").read_text() == "keep me" and (user / "detect").is_dir()
+
+
+def test_detect_with_no_counted_test_says_no_scores_were_written(tmp_path, capsys, monkeypatch):
+    """When no answer passes ROUGE-1 recall > 50 there are no head scores: the command says so instead of
+    listing head_scores.json among the files it wrote."""
+    from retmask import detect, models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: (None, None))
+    monkeypatch.setattr(detect.Detector, "run", lambda self, out, **kw: {
+        "tests": 8, "counted": 0, "mean_rouge": 12.5, "stats": None})
+    assert main(["detect", "--lengths", "2", "--depths", "2", "--needles", "2", "--out", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "8 tests, 0 counted" in out and "head_scores.json is not written" in out
+    assert "wrote" in out and "head_scores.json," not in out.splitlines()[-1]
