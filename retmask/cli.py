@@ -231,7 +231,7 @@ def _check_model_args(args, *models_) -> dict:
     models.check_device(args.device)
     kw = _engine_kw(args)
     for m in models_ or (args.model,):
-        models.check(m)
+        models.config(m)
     return kw
 
 
@@ -248,7 +248,7 @@ def _detect(args) -> int:
 
     from tabulate import tabulate
 
-    from . import models, runs
+    from . import models
     from .detect import DetectConfig, Detector, prepare
 
     base = _default_len(args)
@@ -259,9 +259,7 @@ def _detect(args) -> int:
     cfg = DetectConfig(**_grid_kw(args, base))
     cfg.check()
     engine_kw = _check_model_args(args)
-    name = models.display_name(args.model)
-    out = Path(args.out or f"runs/detect/{name}")
-    runs.check_writable(out)
+    out = Path(args.out or f"runs/detect/{models.display_name(args.model)}")
     device = _dist_init(args.device) or args.device
     prepare(out, args.model, cfg, resume=args.resume, overwrite=args.overwrite)  # before the model loads
     model, tok = models.load(args.model, dtype=args.dtype, device=device)
@@ -299,19 +297,20 @@ def _niah(args) -> int:
         raise ValueError("--scores/--controls need heads to switch off: give --tau or --topk (with --scores) or "
                          "--heads")
     models.check_heads(args.model, selected)
-    if args.controls is None:
-        args.controls = "random,non-retrieval" if scores is not None else "random"
-    controls = [c.strip() for c in args.controls.split(",") if c.strip()]
-    scopes = [c for c in args.scopes.split(",") if c.strip()]
-    for c in controls:
-        if c not in ("random", "non-retrieval"):
-            raise ValueError(f"--controls: unknown control {c!r}; use random and/or non-retrieval")
-    if scores is None and controls:  # `random` draws from every head of the model
-        c = models.config(args.model)
-        scores = {(l, h): 0.0 for l in range(c.num_hidden_layers) for h in range(c.num_attention_heads)}
-        if "non-retrieval" in controls:
+    controls = []
+    if selected is not None:
+        default = "random,non-retrieval" if scores is not None else "random"
+        controls = [c.strip() for c in (default if args.controls is None else args.controls).split(",") if c.strip()]
+        for c in controls:
+            if c not in ("random", "non-retrieval"):
+                raise ValueError(f"--controls: unknown control {c!r}; use random and/or non-retrieval")
+        if scores is None and "non-retrieval" in controls:
             raise ValueError("--controls non-retrieval needs the score table the heads came from (--scores)")
-    policies = causal.make_policies(selected, scores, controls=controls if selected else (), scopes=scopes)
+        if scores is None and controls:  # `random` draws from every head of the model
+            c = models.config(args.model)
+            scores = {(l, h): 0.0 for l in range(c.num_hidden_layers) for h in range(c.num_attention_heads)}
+    scopes = [c for c in args.scopes.split(",") if c.strip()]
+    policies = causal.make_policies(selected, scores, controls=controls, scopes=scopes)
     for p in policies:
         models.check_heads(args.model, p.heads)
     out = Path(args.out or f"runs/niah/{models.display_name(args.model)}")
@@ -417,7 +416,7 @@ def _train(args) -> int:
 
     pair_files(args.pairs)  # fails early with a clear message when there are none
     if args.model != toy.NAME:
-        models.check(args.model, arch=False)  # a folder without a model, an unreachable hub name
+        models.config(args.model, arch=False)  # a folder without a model, an unreachable hub name
     out = Path(args.out or f"runs/train/{models.display_name(args.model)}")
     res = train(path, args.pairs, out, cfg, resume=args.resume)
     if "metrics" not in res:  # not the main process (accelerate launch): rank 0 reports

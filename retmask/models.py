@@ -3,6 +3,7 @@ Hugging Face hub name (downloaded only when the user names it)."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 
@@ -28,7 +29,7 @@ def load(name: str, *, dtype: str | None = None, device: str | None = None):
         return toy.load(dtype=torch_dtype, device=device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check(name)
+    config(name)
     tok = _hub(name, "tokenizer", AutoTokenizer.from_pretrained)
     model = _hub(name, "weights", AutoModelForCausalLM.from_pretrained, dtype=torch_dtype, attn_implementation="eager")
     return model.to(device).eval(), tok
@@ -52,10 +53,11 @@ def check_device(device: str | None) -> None:
                              f"cuda:{torch.cuda.device_count() - 1})")
 
 
+@lru_cache(maxsize=32)  # read once per process: the commands check a model's heads and policies against it
 def config(name: str, *, arch: bool = True):
-    """The model's config (the text config of a multimodal one), with a clear error for a folder that
-    holds no model, a hub name that cannot be reached, or (with `arch`) an architecture the engine does
-    not run; no weights are read."""
+    """The model's config (the text config of a multimodal one; shared, do not change it), with a clear
+    error for a folder that holds no model, a hub name that cannot be reached, or (with `arch`) an
+    architecture the engine does not run; no weights are read. Call it before expensive work."""
     from . import hf, toy
 
     if name == toy.NAME:
@@ -78,11 +80,6 @@ def config(name: str, *, arch: bool = True):
         raise ValueError(f"model {name!r}: model_type {getattr(c, 'model_type', None)!r} is not supported; retmask "
                          f"runs {', '.join(hf.SUPPORTED)} models")
     return c
-
-
-def check(name: str, *, arch: bool = True) -> None:
-    """`config`'s checks alone: call before expensive work."""
-    config(name, arch=arch)
 
 
 def _hub(name: str, what: str, load, **kw):

@@ -277,9 +277,7 @@ def _place(tokenizer, hay: list[int], n_needle: int, length: int, depth: float, 
         raise ValueError(f"placement={placement!r}: use one of {PLACEMENTS}")
     if not hay:
         raise ValueError("the haystack is empty")
-    n = length
-    if n + n_needle > length - buffer:  # room for the needle and the buffer (the reference's rule)
-        n = min(length, max(length - buffer - n_needle, 0))
+    n = min(length, max(length - buffer - n_needle, 0))  # room for the needle and the buffer (the reference's rule)
     if depth >= 100:
         return n, n
     at = int(n * (depth / 100))

@@ -52,12 +52,12 @@ class PairsConfig:
     max_prompt_tokens: int = 2048
 
     def __post_init__(self):
-        for name, v, ok in (("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1),
-                            ("max_prompt_tokens", self.max_prompt_tokens, self.max_prompt_tokens >= 0),
-                            ("shard_pairs", self.shard_pairs, self.shard_pairs >= 1)):
-            if not ok:
-                raise ValueError(f"{name}={v}: must be >= {0 if name == 'max_prompt_tokens' else 1}" +
-                                 (" (0: no limit)" if name == "max_prompt_tokens" else ""))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.max_prompt_tokens < 0:
+            raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens}: must be >= 0 (0: no limit)")
+        if self.shard_pairs < 1:
+            raise ValueError(f"shard_pairs={self.shard_pairs}: must be >= 1")
 
     @classmethod
     def paper(cls, model_name: str, **kw) -> "PairsConfig":
@@ -150,8 +150,6 @@ class PairJob:
         out = Path(out)
         self.engines = []
         rank, world = dist()
-        # the instructions themselves are part of the configuration: a resume with another slice, data set or
-        # revision would otherwise keep the old texts under the ids already done
         prepare(out, items, self.cfg, self.model_name, self.heads, self.reject_name, resume=resume,
                 overwrite=overwrite)
         if rank == 0:
