@@ -11,6 +11,11 @@ Providers, per context length:
     matmul rate: no detector can do a test faster than its prefill.
 Reported: seconds per test, peak GPU memory, ratio to the floor, speed-up over the baseline.
 
+Depth sweep (`detect_sweep.csv`): one haystack with its needle at `--sweep-depths` depths (a grid's
+column), run as `retmask detect` runs it (one slot, prompts in prefix order) with prefix reuse and
+without: seconds per test, prompt tokens computed, and the floor of each (the FLOPs of the tokens
+computed, each attending over everything before it).
+
     python benchmarks/bench_detect.py
     python benchmarks/bench_detect.py --tiny        # CPU smoke run on a tiny Llama
 """
@@ -26,7 +31,7 @@ import torch
 
 import benchlib
 from bench_engine import LLAMA_8B, TINY, _peak_gb, _peak_reset, _sync, build
-from retmask.engine import ORIGINAL, Engine, GenConfig, Group
+from retmask.engine import ORIGINAL, Engine, GenConfig, Group, prefix_order
 from retmask.scoring import retrieval_scores
 
 STEPS = 50
@@ -39,13 +44,49 @@ def matmul_tflops(device, dtype, n: int) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def prefill_flops(c, L: int) -> float:
-    """Forward FLOPs of an L-token prefill: 2 x params-in-matmuls x L + causal attention (QK and PV)."""
+def prefill_flops(c, L: int, start: int = 0) -> float:
+    """Forward FLOPs of prefilling tokens [start, L) after a cached prefix of `start`: 2 x params-in-matmuls
+    per token + causal attention (QK and PV) over every earlier token."""
     d, hd = c.hidden_size, c.head_dim
     per_layer = d * c.num_attention_heads * hd * 2 + d * c.num_key_value_heads * hd * 2 + 3 * d * c.intermediate_size
-    linear = 2 * L * c.num_hidden_layers * per_layer
-    attn = 2 * 2 * c.num_hidden_layers * c.num_attention_heads * hd * L * L / 2
+    linear = 2 * (L - start) * c.num_hidden_layers * per_layer
+    attn = 2 * 2 * c.num_hidden_layers * c.num_attention_heads * hd * (L * L - start * start) / 2
     return linear + attn
+
+
+def depth_prompts(vocab: int, L: int, n_depths: int, g: torch.Generator) -> list[list[int]]:
+    """One random L-token haystack with a 16-token needle at each of `n_depths` depths (linspace 0-100)
+    and a 32-token question after it, as a grid's column of NIAH prompts."""
+    hay = torch.randint(10, vocab, (L - 48,), generator=g).tolist()
+    needle, question = (torch.randint(10, vocab, (n,), generator=g).tolist() for n in (16, 32))
+    cuts = [round(i / max(1, n_depths - 1) * len(hay)) for i in range(n_depths)]
+    return [hay[:c] + needle + hay[c:] + question for c in cuts]
+
+
+def run_sweep(model, prompts, device, chunk, reuse: int):
+    """A depth sweep as `retmask detect` runs it (one slot, prefix order, scores on the device): seconds
+    per test, and the start of each prompt's computed part (its reused prefix)."""
+    L = len(prompts[0])
+    order = prefix_order(prompts)
+    gen = GenConfig(max_new_tokens=STEPS, return_argmax=True)
+    with Engine(model, slots=1, max_len=L + STEPS, chunk=chunk, private_len=STEPS, reuse_prefix=reuse) as eng:
+        # warm-up on another haystack with the same depths: the prefill kernel autotunes per (chunk, keys)
+        # bucket, and the chunks after a reused prefix have their own sizes
+        g = torch.Generator().manual_seed(1)
+        warm = depth_prompts(model.config.vocab_size, L, len(prompts), g)
+        list(eng.generate([Group(p, [ORIGINAL]) for p in (warm[i] for i in prefix_order(warm))],
+                          GenConfig(max_new_tokens=2, return_argmax=True)))
+        _sync(device)
+        t = time.perf_counter()
+        reused = {}
+        for res in eng.generate([Group(prompts[i], [ORIGINAL], key=i) for i in order], gen):
+            row = res.rows[0]
+            sc = retrieval_scores(torch.tensor(prompts[res.key], device=device), (L - 40, L - 32), row.tokens,
+                                  row.argmax.to(device))
+            sc.sum().item()
+            reused[res.key] = res.reused
+        _sync(device)
+        return (time.perf_counter() - t) / len(prompts), [reused[i] for i in range(len(prompts))]
 
 
 def run_retmask(model, prompt, span, device, chunk):
@@ -101,11 +142,13 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072")
     ap.add_argument("--baseline-max", type=int, default=32768, help="longest length the baseline runs at")
     ap.add_argument("--chunk", type=int, default=8192)
+    ap.add_argument("--sweep-length", type=int, default=32768, help="context of the depth sweep (0: none)")
+    ap.add_argument("--sweep-depths", type=int, default=10)
     ap.add_argument("--out", type=Path, default=benchlib.RESULTS / "detect.csv")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny Llama")
     args = ap.parse_args(argv)
-    device = benchlib.resolve_mode(args, "detect", dict(lengths="96,160", baseline_max=160, chunk=64),
-                                   interpreter=False)
+    device = benchlib.resolve_mode(args, "detect", dict(lengths="96,160", baseline_max=160, chunk=64,
+                                                        sweep_length=400, sweep_depths=5), interpreter=False)
     if device is None:
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -130,6 +173,21 @@ def main(argv=None) -> int:
                              matmul_tflops=f"{tflops:.0f}"))
     print(f"\nwrote {len(rows)} rows to {args.out}\n")
     print(benchlib.table(rows, ["provider", "length", "seconds", "peak_gb", "floor_s", "vs_floor", "speedup"]))
+    if args.sweep_length:
+        L, n = args.sweep_length, args.sweep_depths
+        prompts = depth_prompts(c.vocab_size, L, n, g)
+        sweep = benchlib.RowLog(args.out.with_name(args.out.stem + "_sweep.csv"))
+        reuse = 16 if args.tiny else 128
+        timed = {r: run_sweep(model, prompts, device, args.chunk, r) for r in (0, reuse)}
+        for r, (sec, pre) in timed.items():
+            floor = sum(prefill_flops(c, L, s) for s in pre) / n / (tflops * 1e12)
+            sweep.append(dict(st, provider="retmask, prefix reuse" if r else "retmask, no reuse", length=L, depths=n,
+                              steps=STEPS, seconds=f"{sec:.3f}", computed_tokens=n * (L - 1) - sum(pre),
+                              reused=f"{sum(pre) / (n * (L - 1)):.2f}", floor_s=f"{floor:.3g}", vs_floor=f"{sec / floor:.2f}",
+                              speedup=f"{timed[0][0] / sec:.2f}", matmul_tflops=f"{tflops:.0f}"))
+        print(f"\nwrote {len(sweep)} rows to {sweep.path}\n")
+        print(benchlib.table(sweep, ["provider", "length", "depths", "seconds", "computed_tokens", "reused",
+                                     "floor_s", "vs_floor", "speedup"]))
     return 0
 
 

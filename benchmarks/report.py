@@ -103,6 +103,12 @@ def detect_section() -> str:
            ">= 10x the reference-style detector at 32K):\n",
            benchlib.table([r for r in rows if r["provider"] == "retmask"],
                           ["length", "seconds", "peak_gb", "floor_s", "vs_floor", "speedup"])]
+    sweep = benchlib.read_latest(benchlib.RESULTS / "detect_sweep.csv")
+    if sweep:
+        out += ["\n\nOne haystack with its needle at each depth (a grid column, one slot, prefix order), with and "
+                "without prefix reuse (seconds and floor per test):\n",
+                benchlib.table(sweep, ["provider", "length", "depths", "seconds", "computed_tokens", "reused",
+                                       "floor_s", "vs_floor", "speedup"])]
     return "".join(out) + _footnote(rows)
 
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from . import models, niah, scoring
-from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, default_size
+from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, default_size, prefix_order
 from .heads import HeadSet
 from .runs import append_record, barrier, dist, finished, prepare_out, read_jsonl
 
@@ -95,7 +95,8 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
         if "slots" not in kw and "kv_budget_gb" not in kw:
             kw.update(default_size(model, len(items) * len(policies), max(4, 2 * len(policies))))
         cfg = GenConfig(max_new_tokens=g.steps, eos_ids=models.eos_ids(model, tok))
-        groups = [Group(p, policies, key=i) for i, (p, _) in enumerate(items)]
+        # prompts sharing a prefix next to each other (reused when every row reads the prompt intact)
+        groups = [Group(items[i][0], policies, key=i) for i in prefix_order([p for p, _ in items])]
         with Engine(model, tok, **kw) as eng, (log.open("a") if log else contextlib.nullcontext()) as f:
             for res in eng.generate(groups, cfg):
                 _, ts = items[res.key]

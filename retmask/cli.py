@@ -146,6 +146,9 @@ def _model_args(p):
     p.add_argument("--admit-rows", type=int, help="rows that must be admissible before waiting prompts join "
                    "while others decode (default: slots // 16, at least a group); an admission costs prefill "
                    "passes between decode steps, so fewer, larger admissions cost less")
+    p.add_argument("--reuse-prefix", type=int, default=128,
+                   help="shortest prompt prefix (tokens) whose KV is copied from an earlier prompt instead of "
+                   "computed, for prompts that every row reads intact (detection); 0 = off")
     p.add_argument("--decode", choices=["auto", "eager", "static", "graph"], default="auto",
                    help="decode step: auto = a CUDA graph on CUDA, eager elsewhere")
     p.add_argument("--no-progress", action="store_true")
@@ -213,7 +216,10 @@ def _engine_kw(args) -> dict:
             raise ValueError(f"{flag} {v}: must be >= 1")
     if args.kv_budget_gb is not None and not args.kv_budget_gb > 0:
         raise ValueError(f"--kv-budget-gb {args.kv_budget_gb:g}: must be > 0")
-    kw = {"chunk": args.chunk, "decode": args.decode, "prefill_tokens": args.prefill_tokens}
+    if args.reuse_prefix < 0:
+        raise ValueError(f"--reuse-prefix {args.reuse_prefix}: must be >= 0 (0 turns prefix reuse off)")
+    kw = {"chunk": args.chunk, "decode": args.decode, "prefill_tokens": args.prefill_tokens,
+          "reuse_prefix": args.reuse_prefix}
     if args.slots is not None:
         kw["slots"] = args.slots
     if args.kv_budget_gb is not None:

@@ -25,7 +25,7 @@ import torch
 
 from . import niah, scoring
 from .runs import append_record, barrier, dist, done_keys, prepare_out, read_jsonl
-from .engine import ORIGINAL, Engine, GenConfig, Group, default_size
+from .engine import ORIGINAL, Engine, GenConfig, Group, default_size, prefix_order
 from .heads import head_name, score_stats
 
 PRESETS = niah.GRID_PRESETS
@@ -50,9 +50,13 @@ class Detector:
     def __init__(self, model, tokenizer, cfg: DetectConfig, *, model_name: str = "model", **engine_kw):
         self.model, self.tok, self.cfg, self.model_name = model, tokenizer, cfg, model_name
         self.engine_kw = engine_kw
+        self.prefill = {"prompt_tokens": 0, "reused_tokens": 0}
         self.needles, self.haystacks, self.tests = cfg.load()
 
     def run(self, out: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+        """Run the grid's unfinished tests (this rank's share under torchrun) and merge (rank 0): returns the
+        summary written to detect.json (rank 0; {} elsewhere). `self.prefill` then holds this process's
+        prompt tokens computed and reused (prefix reuse), which depend on how the work was split."""
         out = prepare(out, self.model_name, self.cfg, resume=resume, overwrite=overwrite)
         rank, world = dist()
         done = done_keys(out, "tests-*.jsonl", "key")  # one set for every rank, so the split below agrees
@@ -87,7 +91,8 @@ class Detector:
             n_tok[0] += n
             bar.set_postfix_str(f"{n_tok[0] / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
 
-        items = [Group(p, [ORIGINAL], key=i) for i, (p, _) in enumerate(groups)]
+        # prompts that share a prefix (a haystack up to a needle) next to each other: the engine reuses its KV
+        items = [Group(groups[i][0], [ORIGINAL], key=i) for i in prefix_order([p for p, _ in groups])]
         with Engine(self.model, tok, **kw) as eng, shard.open("a") as f:
             for res in eng.generate(items, gen, progress=on_step):
                 prompt, tests = groups[res.key]
@@ -103,7 +108,12 @@ class Detector:
                                 "rouge": rouge, "counted": scoring.counted(rouge), "tokens": row.tokens,
                                 "scores": [[round(x, 6) for x in r] for r in sc.tolist()]})
                 bar.update(len(tests))
+            comp, reused = eng.stats["prompt_tokens"], eng.stats["reused_tokens"]
+        self.prefill = {"prompt_tokens": comp, "reused_tokens": reused}
         bar.close()
+        if progress and comp + reused:
+            print(f"prompt tokens: {comp:,} computed, {reused:,} ({reused / (comp + reused):.0%}) reused from "
+                  "the KV of prompts with the same prefix" + (" (this rank)" if dist()[1] > 1 else ""))
 
     def merge(self, out: Path) -> dict:
         """Combine every shard into the final files (grid order); returns the summary."""

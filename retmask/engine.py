@@ -9,6 +9,12 @@ head that is off over the prompt in any row of the group (all layers when every 
 prompt intact: the original policy, or scope `generated`). Decoding starts from the last prompt
 token, so every generated token has its step (and its per-head argmax when asked), and rows of all
 groups decode together in fixed slots; a finished row frees its slot for the next waiting group.
+
+*Prefix reuse*: a pool segment keeps its prompt's KV after its group finishes. A group whose rows all
+leave the prompt intact (its whole prompt shared) and whose prompt starts with tokens a segment holds
+at every layer (at least `reuse_prefix` of them) copies that KV instead of computing it, and prefills
+only the rest. NIAH tests of one haystack share everything before their needle; `prefix_order` puts
+such prompts next to each other.
 """
 
 from __future__ import annotations
@@ -88,6 +94,7 @@ class GroupResult:
     key: Any
     prompt_len: int
     rows: list[RowResult]
+    reused: int = 0  # prompt tokens whose KV was copied from a segment holding them (prefix reuse), not computed
 
 
 @dataclass(frozen=True)
@@ -131,13 +138,15 @@ class _Prefill:
         self.dest = {}  # batch size -> (N, C) destination index of each chunk position
         self.kv_lens = {}
 
-    def set_chunk(self, start: int, size: int, pads_g: torch.Tensor):
-        """Chunk covers padded indices [start, start + size); pads_g (G,) left padding per group."""
+    def set_chunk(self, start: int, size: int, pads_g: torch.Tensor, pre_g: torch.Tensor):
+        """Chunk covers padded indices [start, start + size) of the tokens to compute; pads_g (G,) left
+        padding per group, pre_g (G,) tokens before them whose KV is already staged (a reused prefix)."""
         idx = torch.arange(start, start + size, device=pads_g.device)
-        for n, pads in ((self.n_groups, pads_g), (self.rows, pads_g[self.row2group])):
-            p = idx[None, :] - pads[:, None]  # (N, C) cache position of each chunk token
-            self.dest[n] = torch.where(p >= 0, p, self.plen)
-            self.kv_lens[n] = (start + size - pads).clamp(min=0).to(torch.int32)
+        for n, pads, pre in ((self.n_groups, pads_g, pre_g),
+                             (self.rows, pads_g[self.row2group], pre_g[self.row2group])):
+            j = idx[None, :] - pads[:, None]  # (N, C) index of each chunk token among those computed
+            self.dest[n] = torch.where(j >= 0, pre[:, None] + j, self.plen)  # its cache position, or the trash slot
+            self.kv_lens[n] = (pre + start + size - pads).clamp(min=0).to(torch.int32)
 
     def attend(self, module, q, k, v, scaling, window):
         l = module.layer_idx
@@ -307,6 +316,12 @@ class Engine:
             launches, about a decode step's time on a GPU). With many slots and rows of mixed
             lengths a row ends nearly every step, so admitting at every free slot would pay that
             cost nearly every step; waiting for a few slots leaves them idle a few steps instead.
+        reuse_prefix: shortest prompt prefix (tokens) worth reusing: a group whose rows all leave the
+            prompt intact copies the KV of the longest prefix of its prompt that a pool segment holds
+            (kept after its own group finished) and prefills only the rest. 0 turns it off. Groups
+            admitted together that share a longer prefix with each other than with any segment are
+            prefilled in two passes, so the later ones reuse the earlier ones'. The copied KV is what
+            the same tokens at the same positions compute, so only float rounding can differ.
         decode: how each decode step runs. "eager": the attention context is rebuilt from the host
             state every step. "static": every step runs the same launches over fixed buffers (what
             a CUDA graph captures). "graph": the static step captured once as a CUDA graph per
@@ -318,7 +333,7 @@ class Engine:
                  max_len: int = 4096, chunk: int = 1024, sharing: bool = True, on_too_long: str = "error",
                  private_len: int | None = None, decode: str = "auto", policies: Sequence[Policy] | None = None,
                  max_slots: int | None = None, segments: int | None = None, prefill_tokens: int = 32768,
-                 admit_rows: int | None = None):
+                 admit_rows: int | None = None, reuse_prefix: int = 128):
         hf.attach(model)
         self.model, self.tokenizer = model, tokenizer
         self.d = hf.dims(model)
@@ -331,6 +346,8 @@ class Engine:
                              "max_len >= 2 and prefill_tokens >= 1")
         self.max_len, self.chunk, self.sharing, self.on_too_long = max_len, chunk, sharing, on_too_long
         self.prefill_tokens = prefill_tokens
+        if reuse_prefix < 0:
+            raise ValueError(f"reuse_prefix={reuse_prefix}: must be >= 0 (0 turns prefix reuse off)")
         self.private_len = max_len if private_len is None else private_len
         if decode not in DECODE_MODES:
             raise ValueError(f"decode={decode!r}: use one of {', '.join(DECODE_MODES)}")
@@ -350,6 +367,7 @@ class Engine:
         self.pool_layers = (min(p.prompt_depth(L) for p in policies) if policies else L) if sharing else 0
         self.private_cap = [self.private_len if l < self.pool_layers else max_len for l in range(L)]
         self.group_rows = len(policies) if policies else 1
+        self.reuse_prefix = reuse_prefix if self.pool_layers == L else 0  # reuse needs every layer pooled
         if segments is not None and segments < 1:
             raise ValueError(f"segments={segments}: must be >= 1 (or None: sized with the slots)")
         cheap = 2 * self.pool_layers * max_len <= sum(self.private_cap)  # a segment vs a row's private KV
@@ -390,7 +408,9 @@ class Engine:
             raise ValueError(f"admit_rows={admit_rows}: must be >= 1 (or None: max(rows per group, slots // 16))")
         self.admit_rows = min(slots, admit_rows or max(self.group_rows, slots // 16))
         # over the engine's life: decode steps, rows and slots over them, prefill passes
-        self.stats = {"steps": 0, "row_steps": 0, "slot_steps": 0, "prefills": 0}
+        # and prompt tokens computed / reused from a segment (prefix reuse)
+        self.stats = {"steps": 0, "row_steps": 0, "slot_steps": 0, "prefills": 0, "prompt_tokens": 0,
+                      "reused_tokens": 0}
         self.skipped = 0
         self._ctx = None
         self._hooks = [layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
@@ -444,6 +464,11 @@ class Engine:
         self.seg_layout = SegmentLayout(*(torch.zeros(d.n_layers, n, dtype=torch.int32, device=dev) for n in (s, g, g)))
         self._refresh_layout()
         self._slot_ids = torch.arange(s, device=dev)
+        # what each segment holds at every layer, for prefix reuse: its tokens, and their first
+        # `reuse_prefix` in one array (a quick filter); a segment holding fewer has seg_n 0
+        self._seg_ids: list[np.ndarray | None] = [None] * g
+        self._seg_head = np.zeros((g, self.reuse_prefix), dtype=np.int64)
+        self._seg_n = np.zeros(g, dtype=np.int64)
 
     def _make_hook(self, layer: int):
         def hook(module, args, kwargs):
@@ -559,7 +584,7 @@ class Engine:
                 st.release(slot)
                 if all(r is not None for r in results[gid]):
                     self._free_group(st, gid)
-                    yield GroupResult(g.key, len(g.prompt), results.pop(gid))
+                    yield GroupResult(g.key, len(g.prompt), results.pop(gid), st.reused.pop(gid))
 
     def _check(self, groups, cfg):
         for i, g in enumerate(groups):
@@ -599,8 +624,58 @@ class Engine:
         for g, rows in admitted:
             by_depth.setdefault(self._shared_depth(g), []).append((g, rows))
         for lsh, batch in by_depth.items():
-            for part in self._prefill_parts(batch):
-                self._prefill_batch(part, lsh, st, cfg)
+            for phase in (self._reuse_phases(batch) if lsh == self.d.n_layers else [batch]):
+                for part in self._prefill_parts(phase):
+                    self._prefill_batch(part, lsh, st, cfg)
+
+    def _held_prefix(self, a: np.ndarray, prefer=()) -> tuple[int, int]:
+        """Longest prefix of the tokens `a` whose KV a pool segment holds at every layer, as (tokens,
+        segment); (0, -1) under `reuse_prefix` tokens. Ties go to a segment in `prefer`."""
+        m = self.reuse_prefix
+        if not m or len(a) < m:
+            return 0, -1
+        best, seg = 0, -1
+        for s in np.flatnonzero((self._seg_n >= m) & (self._seg_head == a[:m]).all(1)).tolist():
+            n = common_prefix(a, self._seg_ids[s])
+            if n > best or (n == best and s in prefer and seg not in prefer):
+                best, seg = n, s
+        return best, seg
+
+    def _reuse_phases(self, batch):
+        """The groups of one admission in prefill order, for prefix reuse. In each cluster of groups
+        whose prompts share at least `reuse_prefix` tokens, the group whose prefixes in common with the
+        others add up the most (for NIAH tests of one haystack, the one whose needle comes last) is a
+        root; a group that shares more with its root than a segment holds waits for a second pass,
+        which reuses the root's KV."""
+        m, n = self.reuse_prefix, len(batch)
+        if not m or n < 2:
+            return [batch]
+        arrs = [_prefix_ids(g) for g, _ in batch]
+        order = prefix_order(arrs)  # a pair's common prefix is the least over the neighbours between them
+        adj = np.array([common_prefix(arrs[a], arrs[b]) for a, b in zip(order, order[1:])], dtype=np.int64)
+        later = set()
+        k = 0
+        while k < n:
+            e = k
+            while e < n - 1 and adj[e] >= m:
+                e += 1
+            if e > k:  # order[k..e] is a cluster
+                a, size = adj[k:e], e - k + 1
+                best, root = None, 0
+                for r in range(size):  # common prefix of member r with every other member
+                    c = np.zeros(size, dtype=np.int64)
+                    c[r + 1:] = np.minimum.accumulate(a[r:])
+                    c[:r] = np.minimum.accumulate(a[:r][::-1])[::-1]
+                    if best is None or c.sum() > best.sum():
+                        best, root = c, r
+                for i in range(size):
+                    gi = order[k + i]
+                    if i != root and best[i] > self._held_prefix(arrs[gi])[0]:
+                        later.add(gi)
+            k = e + 1
+        first = [b for gi, b in enumerate(batch) if gi not in later]
+        second = [b for gi, b in enumerate(batch) if gi in later]
+        return [p for p in (first, second) if p]
 
     def _prefill_parts(self, batch):
         """Split admitted (group, slots) pairs into prefill batches of at most `prefill_tokens` rows x
@@ -618,29 +693,55 @@ class Engine:
     @torch.no_grad()
     def _prefill_batch(self, batch, lsh: int, st: "_Slots", cfg: GenConfig):
         d, dev = self.d, self.device
-        plen = max(len(g.prompt) - 1 for g, _ in batch)  # the last prompt token is the first decode input
-        segs = [st.take_seg() for _ in batch]
+        L = d.n_layers
+        full = [_prefix_ids(g) for g, _ in batch]  # the last prompt token is the first decode input
+        plen = max(len(a) for a in full)
+        # prefix reuse (groups that share their whole prompt): the longest prefix a segment holds
+        held = [self._held_prefix(a, st.free_segs) if lsh == L else (0, -1) for a in full]
+        pre = [c for c, _ in held]
+        if len(batch) == 1 and held[0][1] in st.free_segs:  # its prefix's own segment is free: fill it in place
+            st.free_segs.remove(held[0][1])
+            segs = [held[0][1]]
+        else:
+            segs = [st.take_seg() for _ in batch]
         slots = [s for _, rows in batch for s in rows]
         row2group = torch.tensor([gi for gi, (g, rows) in enumerate(batch) for _ in rows], device=dev)
         keep = torch.stack([self._keep_row(p, prompt=True) for g, _ in batch for p in g.policies])  # (R, L, Hq)
-        if plen > 0:
+        todo = [len(a) - c for a, c in zip(full, pre)]  # tokens to compute per group
+        slen = max(todo)
+        self.stats["prompt_tokens"] += sum(todo)
+        self.stats["reused_tokens"] += sum(pre)
+        ctx = None
+        if slen > 0:
             self.stats["prefills"] += 1  # passes that run the model (a 1-token prompt runs none)
             ctx = _Prefill(self, len(batch), len(slots), lsh, plen, keep.to(dev), row2group,
                            pool_seg=segs[0] if len(batch) == 1 else None)
-            pads = torch.tensor([plen - (len(g.prompt) - 1) for g, _ in batch], device=dev)
-            ids = torch.zeros(len(batch), plen, dtype=torch.long, device=dev)
-            for gi, (g, _) in enumerate(batch):
-                n = len(g.prompt) - 1
-                if n:
-                    ids[gi, plen - n :] = torch.as_tensor(np.asarray(g.prompt[:-1], dtype=np.int64), device=dev)
-            pos = (torch.arange(plen, device=dev)[None, :] - pads[:, None]).clamp(min=0)
+        # the reused prefixes, into the staging or else into the group's own segment (unless already there)
+        stage = ctx is not None and not ctx.in_place
+        moves = [(gi, c, src) for gi, (c, src) in enumerate(held) if c and (stage or src != segs[gi])]
+        for l in range(L if moves else 0):
+            srcs = [(self.pk[l][src, :, :c], self.pv[l][src, :, :c]) for _, c, src in moves]
+            if not stage and len(moves) > 1:  # one group's destination may be another's source
+                srcs = [(k.clone(), v.clone()) for k, v in srcs]
+            for (gi, c, _), (k, v) in zip(moves, srcs):
+                dk, dv = (ctx.k[l][gi], ctx.v[l][gi]) if stage else (self.pk[l][segs[gi]], self.pv[l][segs[gi]])
+                dk[:, :c] = k
+                dv[:, :c] = v
+        if ctx is not None:
+            pads = torch.tensor([slen - n for n in todo], device=dev)
+            pre_t = torch.tensor(pre, device=dev)
+            ids = torch.zeros(len(batch), slen, dtype=torch.long, device=dev)
+            for gi, (a, c) in enumerate(zip(full, pre)):
+                if len(a) > c:
+                    ids[gi, slen - (len(a) - c):] = torch.as_tensor(a[c:], dtype=torch.long, device=dev)
+            pos = (pre_t[:, None] + torch.arange(slen, device=dev)[None, :] - pads[:, None]).clamp(min=0)
             self._ctx = ctx
             chunk = max(1, min(self.chunk, self.prefill_tokens // len(slots)))  # rows x chunk within the budget
             try:
                 with hf.active(ctx):
-                    for start in range(0, plen, chunk):
-                        size = min(chunk, plen - start)
-                        ctx.set_chunk(start, size, pads)
+                    for start in range(0, slen, chunk):
+                        size = min(chunk, slen - start)
+                        ctx.set_chunk(start, size, pads, pre_t)
                         self.model.model(input_ids=ids[:, start : start + size],
                                          position_ids=pos[:, start : start + size], use_cache=False)
             finally:
@@ -659,9 +760,11 @@ class Engine:
         for gi, (g, rows) in enumerate(batch):
             n = len(g.prompt) - 1
             self.pool_len[segs[gi]] = n
+            self._hold(segs[gi], full[gi] if lsh == L else None)
             gid = id(g)
             st.groups[gid] = g
             st.group_seg[gid] = segs[gi]
+            st.reused[gid] = pre[gi]
             for r, slot in enumerate(rows):
                 pol = g.policies[r]
                 seed = g.seeds[r] if g.seeds is not None else cfg.seed + self._row0[id(g)] + r
@@ -673,6 +776,16 @@ class Engine:
                 self.row_seg[:, slot] = torch.tensor([segs[gi] if l < lsh and n > 0 else -1
                                                       for l in range(d.n_layers)], dtype=torch.int32)
         self._refresh_layout()
+
+    def _hold(self, seg: int, ids: np.ndarray | None):
+        """Record what segment `seg` now holds at every layer (None: not every layer, so nothing to reuse)."""
+        m = self.reuse_prefix
+        if not m:
+            return
+        ok = ids is not None and len(ids) >= m
+        self._seg_ids[seg] = ids if ok else None
+        self._seg_n[seg] = len(ids) if ok else 0
+        self._seg_head[seg] = ids[:m] if ok else 0
 
     def _keep_row(self, p: Policy, prompt: bool) -> torch.Tensor:
         """(L, Hq) keep bitmap of a policy at a prompt position or a generated one."""
@@ -768,6 +881,44 @@ class Engine:
         return any(s in tail for s in stops)
 
 
+def _prefix_ids(g: Group) -> np.ndarray:
+    """The prompt tokens a group prefills (all but the last), as int64."""
+    return np.asarray(g.prompt[:-1], dtype=np.int64)
+
+
+def common_prefix(a, b) -> int:
+    """Length of the longest common prefix of two token arrays (compared in growing blocks, so prompts
+    that differ early cost little)."""
+    a, b = np.asarray(a), np.asarray(b)
+    k = min(len(a), len(b))
+    start, step = 0, 256
+    while start < k:
+        end = min(k, start + step)
+        diff = np.flatnonzero(a[start:end] != b[start:end])
+        if diff.size:
+            return start + int(diff[0])
+        start, step = end, step * 4
+    return k
+
+
+def prefix_order(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """Indices of `prompts` in lexicographic order of their tokens: a prompt's longest common prefix
+    with any other is then shared with a neighbour, so an engine fed in this order (one slot, or a few)
+    finds each prefix still held in a segment, and computes only what the prompts' prefix tree holds."""
+    import functools
+
+    arrs = [np.asarray(p) for p in prompts]
+
+    def cmp(i, j):
+        a, b = arrs[i], arrs[j]
+        n = common_prefix(a, b)
+        if n < len(a) and n < len(b):
+            return -1 if a[n] < b[n] else 1
+        return (len(a) > len(b)) - (len(a) < len(b))
+
+    return sorted(range(len(arrs)), key=functools.cmp_to_key(cmp))
+
+
 class _Slots:
     """Host-side state of the decode slots: per-slot numpy arrays, so a step's bookkeeping is a few
     vector operations whatever the slot count (a Python loop runs only over the rows that end)."""
@@ -792,7 +943,7 @@ class _Slots:
         self.keep_all_on: list[bool] | None = None  # per layer: every head of every slot on (eager steps)
         self.changed: set[int] = set()  # slots whose row of `keep` must be rewritten before the next step
         self.free_segs = list(range(n_segments))
-        self.groups, self.group_seg = {}, {}
+        self.groups, self.group_seg, self.reused = {}, {}, {}
         self.free_slots = list(range(n))
 
     @property

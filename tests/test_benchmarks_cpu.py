@@ -63,7 +63,7 @@ def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch, model_bench
     finally:
         sys.path.pop(0)
     results, *_ = model_benches
-    for name in ("engine", "detect"):
+    for name in ("engine", "detect", "detect_sweep"):
         (tmp_path / f"{name}.csv").write_bytes((results / f"{name}.csv").read_bytes())
     assert _run("bench_prefill.py", tmp_path / "prefill.csv").returncode == 0
     assert _run("bench_decode.py", tmp_path / "decode.csv").returncode == 0
@@ -78,6 +78,7 @@ def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch, model_bench
     assert "| batch | torch reference | retmask fused |" in text  # the sampler sweep
     assert "| pairs | engine (both policies, one pass) |" in text and "One pair on a long prompt" in text
     assert "| length | retmask | reference-style |" in text and "vs_floor" in text
+    assert "retmask, prefix reuse" in text and "computed_tokens" in text  # the depth sweep
     assert text.count("; commit ") == 4 and "bench_host.py" in text  # a footnote per GPU table; no host.csv here
 
 
@@ -91,9 +92,18 @@ def test_engine_benchmark_tiny(model_benches):
 
 
 def test_detect_benchmark_tiny(model_benches):
-    _, _, rows = model_benches
+    results, _, rows = model_benches
     assert {r["provider"] for r in rows} == {"retmask", "reference-style"}
     assert all(float(r["seconds"]) > 0 and float(r["floor_s"]) > 0 for r in rows)
+    sweep = {r["provider"]: r for r in csv.DictReader(open(results / "detect_sweep.csv"))}
+    off, on = sweep["retmask, no reuse"], sweep["retmask, prefix reuse"]
+    L, n = int(on["length"]), int(on["depths"])
+    assert int(off["computed_tokens"]) == n * (L - 1) and float(off["reused"]) == 0
+    # the needle at depths linspace(0, 100) of an (L - 48)-token haystack: every prompt but the deepest reuses
+    # the haystack before its needle (a few tokens more where the needle happens to start like the haystack)
+    cuts = sum(round(i / (n - 1) * (L - 48)) for i in range(n - 1))
+    assert cuts <= int(off["computed_tokens"]) - int(on["computed_tokens"]) <= cuts + n
+    assert float(on["floor_s"]) < float(off["floor_s"])
 
 
 def test_rows_reach_the_csv_as_they_are_made(tmp_path):

@@ -32,9 +32,11 @@ def test_engine_flags_reach_the_engine():
 
     p = argparse.ArgumentParser()
     cli._model_args(p)
-    args = p.parse_args(["--admit-rows", "6", "--slots", "12", "--prefill-tokens", "999", "--chunk", "64"])
+    args = p.parse_args(["--admit-rows", "6", "--slots", "12", "--prefill-tokens", "999", "--chunk", "64",
+                         "--reuse-prefix", "0"])
     assert cli._engine_kw(args) == {"chunk": 64, "decode": "auto", "prefill_tokens": 999, "slots": 12,
-                                    "admit_rows": 6}
+                                    "admit_rows": 6, "reuse_prefix": 0}
+    assert cli._engine_kw(p.parse_args([]))["reuse_prefix"] == 128
     assert "admit_rows" not in cli._engine_kw(p.parse_args([]))
 
 
@@ -88,7 +90,7 @@ def test_bad_input_is_refused_clearly_before_any_model_loads(tmp_path, capsys, m
     if not torch.cuda.is_available():
         _refused(capsys, ["detect", "--device", "cuda", *grid], "sees no CUDA GPU")
     for flag, v in (("--slots", "-1"), ("--slots", "0"), ("--chunk", "0"), ("--admit-rows", "0"),
-                    ("--kv-budget-gb", "0")):
+                    ("--kv-budget-gb", "0"), ("--reuse-prefix", "-1")):
         _refused(capsys, ["niah", flag, v, *grid], f"{flag} {v}: must be")
     _refused(capsys, ["detect", "--model", str(empty), *grid], "has no config.json")
     _refused(capsys, ["pairs", "--model", str(gpt2), "--heads", "0-1"], "model_type 'gpt2' is not supported")

@@ -2,12 +2,13 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache
 
 from retmask import hf
-from retmask.engine import ORIGINAL, Engine, GenConfig, Group, Policy
+from retmask.engine import ORIGINAL, Engine, GenConfig, Group, Policy, common_prefix, prefix_order
 from retmask.heads import HeadSet
 from retmask.sampling import Sampling
 from tiny_models import FAMILIES, tiny
@@ -94,15 +95,21 @@ def test_scope_generated_matches_its_definition(family):
         res = {r.key: r for r in eng.generate([Group(p, [pol, ORIGINAL], key=i) for i, p in enumerate(prompts(5, (12, 25)))],
                                               GenConfig(max_new_tokens=NEW))}
     for i, p in enumerate(prompts(5, (12, 25))):
-        cache = DynamicCache(config=ref.config)
-        with torch.no_grad():
-            out = ref(torch.tensor([p]), past_key_values=cache, use_cache=True)  # intact over the prompt
-            toks = [int(out.logits[0, -1].argmax())]
-            for _ in range(NEW - 1):  # zeroed copy over generated positions, same cache
-                out = zeroed(torch.tensor([[toks[-1]]]), past_key_values=cache, use_cache=True)
-                toks.append(int(out.logits[0, -1].argmax()))
-        assert res[i].rows[0].tokens == toks
+        assert res[i].rows[0].tokens == generated_scope_greedy(ref, zeroed, p)
         assert res[i].rows[1].tokens == hf_greedy(ref, p)
+
+
+def generated_scope_greedy(ref, zeroed, p, n=NEW):
+    """Greedy tokens of scope `generated` by its definition: the intact model over the prompt, then the
+    zeroed copy over the generated positions, in one cache."""
+    cache = DynamicCache(config=ref.config)
+    with torch.no_grad():
+        out = ref(torch.tensor([p]), past_key_values=cache, use_cache=True)
+        toks = [int(out.logits[0, -1].argmax())]
+        for _ in range(n - 1):
+            out = zeroed(torch.tensor([[toks[-1]]]), past_key_values=cache, use_cache=True)
+            toks.append(int(out.logits[0, -1].argmax()))
+    return toks
 
 
 def test_rows_do_not_depend_on_batch_mates(family):
@@ -620,3 +627,104 @@ def test_prefill_passes_stay_within_prefill_tokens(family):
         seen.clear()
     with pytest.raises(ValueError, match="prefill_tokens=0"):
         Engine(m, slots=2, max_len=48, prefill_tokens=0)
+
+
+def _prefix_tree_size(seqs) -> int:
+    """Tokens in the prefix tree of `seqs`: the least a prefill that computes each distinct prefix once does."""
+    return len({tuple(s[:k]) for s in seqs for k in range(1, len(s) + 1)})
+
+
+def _niah_like(seed=5):
+    """Prompts that share a haystack up to a needle placed at several depths, two identical ones and an
+    unrelated one (a prompt's first len - 1 tokens are prefilled)."""
+    g = torch.Generator().manual_seed(seed)
+    hay = torch.randint(3, 90, (44,), generator=g).tolist()
+    needle = [93, 94, 95]
+    ps = [hay[:c] + needle + hay[c:40] for c in (40, 30, 20, 10, 0, 35)] + [hay[:44], hay[:44]]
+    return ps + [torch.randint(3, 90, (25,), generator=g).tolist()]
+
+
+@pytest.mark.parametrize("slots", [1, 3, 9])
+def test_prefix_reuse_computes_each_prefix_once_and_changes_nothing(family, slots):
+    """Groups in prefix order reuse the KV of every prefix a segment holds: the prompt tokens computed are
+    exactly the prefix tree's (one slot, a few, all at once), and each row's tokens, argmax and logits
+    equal a run without reuse and a full forward of the plain model."""
+    _, m, ref, _ = family
+    ps = _niah_like()
+    order = prefix_order(ps)
+    assert order == sorted(range(len(ps)), key=lambda i: tuple(ps[i]))  # lexicographic
+    cfg = GenConfig(max_new_tokens=6, return_argmax=True, keep_logits=True)
+    out, stats = {}, {}
+    for reuse in (0, 8):
+        with Engine(m, slots=slots, max_len=56, chunk=7, reuse_prefix=reuse) as eng:
+            out[reuse] = {r.key: r for r in eng.generate([Group(ps[i], [ORIGINAL], key=i) for i in order], cfg)}
+            stats[reuse] = eng.stats
+    total = sum(len(p) - 1 for p in ps)
+    assert (stats[0]["prompt_tokens"], stats[0]["reused_tokens"]) == (total, 0)
+    assert stats[8]["prompt_tokens"] == _prefix_tree_size([p[:-1] for p in ps]) < 0.55 * total
+    assert stats[8]["prompt_tokens"] + stats[8]["reused_tokens"] == total
+    assert sum(out[8][i].reused for i in range(len(ps))) == stats[8]["reused_tokens"]
+    assert out[8][8].reused == 0  # the unrelated prompt
+    for i, p in enumerate(ps):
+        a, b = out[0][i].rows[0], out[8][i].rows[0]
+        assert a.tokens == b.tokens and torch.equal(a.argmax, b.argmax), i
+        with torch.no_grad():
+            full = ref(torch.tensor([p + b.tokens[:-1]])).logits[0, len(p) - 1:]
+        torch.testing.assert_close(b.logits, full.float(), atol=2e-4, rtol=1e-4)
+
+
+def test_prefix_reuse_skips_groups_that_change_the_prompt(family):
+    """A group with a head off over the prompt (scope all) neither reuses a prefix nor leaves one: mixed with
+    original and scope-`generated` groups on the same prompts, every row equals `generate` on its model."""
+    _, m, ref, zeroed = family
+    ps = _niah_like(seed=6)[:6]
+    pols = [[ORIGINAL], [ORIGINAL, Policy(HEADS)], [Policy(HEADS, "generated")]]
+    groups = [Group(p, pols[i % 3], key=i) for i, p in enumerate(ps)]
+    with Engine(m, slots=2, max_len=56, chunk=5, reuse_prefix=8) as eng:
+        res = {r.key: r for r in eng.generate(groups, GenConfig(max_new_tokens=NEW))}
+        assert eng.stats["reused_tokens"] > 0
+    for i, p in enumerate(ps):
+        rows = res[i].rows
+        if i % 3 == 2:
+            assert rows[0].tokens == generated_scope_greedy(ref, zeroed, p), i
+            continue
+        assert rows[0].tokens == hf_greedy(ref, p), i
+        if i % 3 == 1:
+            assert res[i].reused == 0 and rows[1].tokens == hf_greedy(zeroed, p), i
+    # one segment: an unrelated prompt fills it, an ablated group writes only its layer 0, and an original
+    # group on the ablated group's prompt must not take the segment's stale upper layers for that prompt
+    x, p = _niah_like(seed=7)[-1], ps[0]
+    seq = [Group(x, [ORIGINAL], key=0), Group(p, [Policy(HEADS)], key=1), Group(p, [ORIGINAL], key=2)]
+    with Engine(m, slots=1, max_len=56, chunk=5, reuse_prefix=8) as eng:
+        res = {r.key: r for r in eng.generate(seq, GenConfig(max_new_tokens=NEW))}
+    assert res[2].reused == 0 and res[2].rows[0].tokens == hf_greedy(ref, p)
+    assert res[1].rows[0].tokens == hf_greedy(zeroed, p)
+    with pytest.raises(ValueError, match="reuse_prefix=-1"):
+        Engine(m, slots=1, max_len=48, reuse_prefix=-1)
+
+
+def test_common_prefix_across_block_boundaries():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 50, 5000)
+    for n in (0, 1, 255, 256, 257, 1279, 1280, 1281, 4999, 5000):
+        b = a.copy()
+        if n < len(b):
+            b[n] += 1
+        assert common_prefix(a, b) == n
+        assert common_prefix(a[:n], a) == n and common_prefix(a, a[:n]) == n
+
+
+def test_prefix_reuse_with_triton_kernels(monkeypatch):
+    """The prefill kernel over a reused prefix (queries placed after it, padding in front of them) gives
+    the full forward's logits."""
+    monkeypatch.setenv("RETMASK_BACKEND", "triton")
+    m, ref = tiny("llama"), tiny("llama")  # the same weights; ref keeps transformers' eager attention
+    ps = _niah_like()[:6]
+    with Engine(m, slots=3, max_len=56, chunk=7, reuse_prefix=8) as eng:
+        res = {r.key: r for r in eng.generate([Group(ps[i], [ORIGINAL], key=i) for i in prefix_order(ps)],
+                                              GenConfig(max_new_tokens=3, keep_logits=True))}
+        assert eng.stats["prompt_tokens"] == _prefix_tree_size([p[:-1] for p in ps])
+    for i, p in enumerate(ps):
+        with torch.no_grad():
+            full = ref(torch.tensor([p + res[i].rows[0].tokens[:-1]])).logits[0, len(p) - 1:]
+        torch.testing.assert_close(res[i].rows[0].logits, full.float(), atol=2e-4, rtol=1e-4)
