@@ -4,7 +4,8 @@ the weights, with the KV cache shared wherever the sharing rule proves it identi
 A *group* is one prompt and its rows, one row per *policy* (heads off + mask scope). The prompt,
 minus its last token, is prefilled in chunks: layers below the group's *shared depth* `Lsh` run once
 per group and their KV is stored once in a pool segment; from layer `Lsh` on, the hidden states are
-expanded to one per row and each row keeps its own prompt KV. `Lsh` is the lowest layer holding a
+expanded to one per distinct prompt bitmap (rows that read the prompt alike, such as the original and
+scope-`generated` rows, compute it once) and each row keeps its own prompt KV. `Lsh` is the lowest layer holding a
 head that is off over the prompt in any row of the group (all layers when every row leaves the
 prompt intact: the original policy, or scope `generated`). Decoding starts from the last prompt
 token, so every generated token has its step (and its per-head argmax when asked), and rows of all
@@ -119,6 +120,7 @@ class _Prefill:
 
     def __init__(self, eng: "Engine", n_groups: int, rows: int, lsh: int, plen: int, keep: torch.Tensor,
                  row2group: torch.Tensor, pool_seg: int | None = None):
+        # rows: the streams computed from layer `lsh` on (a group's rows with the same prompt bitmap are one)
         d, dev = eng.d, eng.device
         self.eng, self.lsh, self.plen = eng, lsh, plen
         self.n_groups, self.rows, self.row2group = n_groups, rows, row2group
@@ -302,7 +304,8 @@ class Engine:
             max_new_tokens` saves the most. Detection and NIAH are the extreme case: every row leaves
             the prompt intact (the original policy, scope `generated`), so every layer is shared.
         chunk: prefill chunk length (tokens).
-        prefill_tokens: most tokens one prefill pass holds (rows x padded prompt length), which bounds
+        prefill_tokens: most tokens one prefill pass holds (rows x padded prompt length, where a group's
+            rows with the same prompt bitmap count once: they compute the prompt together), which bounds
             its staging KV and activations: the groups admitted together are prefilled in batches
             under it (similar lengths together, so little padding), and the chunk is cut so that
             rows x chunk stays under it. A group over it on its own is prefilled alone.
@@ -367,6 +370,10 @@ class Engine:
         self.pool_layers = (min(p.prompt_depth(L) for p in policies) if policies else L) if sharing else 0
         self.private_cap = [self.private_len if l < self.pool_layers else max_len for l in range(L)]
         self.group_rows = len(policies) if policies else 1
+        for p in policies or ():
+            if p.heads is not None:
+                p.heads.validate(L, self.d.n_heads)
+        self.group_streams = self._streams(policies) if policies else 1  # rows a group's prefill computes
         self.reuse_prefix = reuse_prefix if self.pool_layers == L else 0  # reuse needs every layer pooled
         if segments is not None and segments < 1:
             raise ValueError(f"segments={segments}: must be >= 1 (or None: sized with the slots)")
@@ -431,7 +438,7 @@ class Engine:
         of several groups holds at most `prefill_tokens` rows x tokens (every layer, bounded by the
         slots); a single group over that holds its rows' prompt at the layers it does not share."""
         many = min(self.prefill_tokens, slots * self.max_len) * self.d.n_layers
-        one = self.group_rows * self.max_len * (self.d.n_layers - self.pool_layers)
+        one = self.group_streams * self.max_len * (self.d.n_layers - self.pool_layers)
         return self._token_bytes() * max(many, one)
 
     def bytes_per_slot(self, with_pool: bool = True) -> int:
@@ -678,14 +685,15 @@ class Engine:
         return [p for p in (first, second) if p]
 
     def _prefill_parts(self, batch):
-        """Split admitted (group, slots) pairs into prefill batches of at most `prefill_tokens` rows x
-        padded length, shortest prompts first (a batch pads to its longest)."""
+        """Split admitted (group, slots) pairs into prefill batches of at most `prefill_tokens` streams
+        (`_streams`) x padded length, shortest prompts first (a batch pads to its longest)."""
         parts, cur, rows, longest = [], [], 0, 0
         for g, slots in sorted(batch, key=lambda gs: len(gs[0].prompt)):
-            r, n = rows + len(slots), max(longest, len(g.prompt) - 1)
+            k = self._streams(g.policies)
+            r, n = rows + k, max(longest, len(g.prompt) - 1)
             if cur and r * n > self.prefill_tokens:
                 parts.append(cur)
-                cur, r, n = [], len(slots), len(g.prompt) - 1
+                cur, r, n = [], k, len(g.prompt) - 1
             cur.append((g, slots))
             rows, longest = r, n
         return parts + [cur] if cur else parts
@@ -705,8 +713,20 @@ class Engine:
         else:
             segs = [st.take_seg() for _ in batch]
         slots = [s for _, rows in batch for s in rows]
-        row2group = torch.tensor([gi for gi, (g, rows) in enumerate(batch) for _ in rows], device=dev)
-        keep = torch.stack([self._keep_row(p, prompt=True) for g, _ in batch for p in g.policies])  # (R, L, Hq)
+        # rows of a group whose prompt bitmaps agree (the original and scope-`generated` rows, say) compute the
+        # prompt once, as one stream; each row then gets its stream's KV at the layers the group does not share
+        streams, row_stream, stream2group = [], [], []
+        for gi, (g, _) in enumerate(batch):
+            seen = {}
+            for p in g.policies:
+                k = self._keep_row(p, prompt=True)
+                key = k.numpy().tobytes()
+                if key not in seen:
+                    seen[key] = len(streams)
+                    streams.append(k)
+                    stream2group.append(gi)
+                row_stream.append(seen[key])
+        keep = torch.stack(streams)  # (N, L, Hq)
         todo = [len(a) - c for a, c in zip(full, pre)]  # tokens to compute per group
         slen = max(todo)
         self.stats["prompt_tokens"] += sum(todo)
@@ -714,8 +734,8 @@ class Engine:
         ctx = None
         if slen > 0:
             self.stats["prefills"] += 1  # passes that run the model (a 1-token prompt runs none)
-            ctx = _Prefill(self, len(batch), len(slots), lsh, plen, keep.to(dev), row2group,
-                           pool_seg=segs[0] if len(batch) == 1 else None)
+            ctx = _Prefill(self, len(batch), len(streams), lsh, plen, keep.to(dev),
+                           torch.tensor(stream2group, device=dev), pool_seg=segs[0] if len(batch) == 1 else None)
         # the reused prefixes, into the staging or else into the group's own segment (unless already there)
         stage = ctx is not None and not ctx.in_place
         moves = [(gi, c, src) for gi, (c, src) in enumerate(held) if c and (stage or src != segs[gi])]
@@ -736,7 +756,7 @@ class Engine:
                     ids[gi, slen - (len(a) - c):] = torch.as_tensor(a[c:], dtype=torch.long, device=dev)
             pos = (pre_t[:, None] + torch.arange(slen, device=dev)[None, :] - pads[:, None]).clamp(min=0)
             self._ctx = ctx
-            chunk = max(1, min(self.chunk, self.prefill_tokens // len(slots)))  # rows x chunk within the budget
+            chunk = max(1, min(self.chunk, self.prefill_tokens // len(streams)))  # streams x chunk within the budget
             try:
                 with hf.active(ctx):
                     for start in range(0, slen, chunk):
@@ -748,6 +768,7 @@ class Engine:
                 self._ctx = None
             seg_t = torch.tensor(segs, device=dev)
             slot_t = torch.tensor(slots, device=dev)
+            rs_t = torch.tensor(row_stream, device=dev)
             for l in range(d.n_layers):
                 if l < lsh:
                     if ctx.in_place:
@@ -755,8 +776,8 @@ class Engine:
                     self.pk[l][seg_t, :, :plen] = ctx.k[l][:, :, :plen]
                     self.pv[l][seg_t, :, :plen] = ctx.v[l][:, :, :plen]
                 else:
-                    self.k[l][slot_t, :, :plen] = ctx.k[l][:, :, :plen]
-                    self.v[l][slot_t, :, :plen] = ctx.v[l][:, :, :plen]
+                    self.k[l][slot_t, :, :plen] = ctx.k[l][rs_t, :, :plen]
+                    self.v[l][slot_t, :, :plen] = ctx.v[l][rs_t, :, :plen]
         for gi, (g, rows) in enumerate(batch):
             n = len(g.prompt) - 1
             self.pool_len[segs[gi]] = n
@@ -776,6 +797,10 @@ class Engine:
                 self.row_seg[:, slot] = torch.tensor([segs[gi] if l < lsh and n > 0 else -1
                                                       for l in range(d.n_layers)], dtype=torch.int32)
         self._refresh_layout()
+
+    def _streams(self, policies) -> int:
+        """Distinct prompt bitmaps among `policies`: the rows a group's prefill computes above its shared depth."""
+        return len({self._keep_row(p, prompt=True).numpy().tobytes() for p in policies})
 
     def _hold(self, seg: int, ids: np.ndarray | None):
         """Record what segment `seg` now holds at every layer (None: not every layer, so nothing to reuse)."""

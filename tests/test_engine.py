@@ -728,3 +728,29 @@ def test_prefix_reuse_with_triton_kernels(monkeypatch):
         with torch.no_grad():
             full = ref(torch.tensor([p + res[i].rows[0].tokens[:-1]])).logits[0, len(p) - 1:]
         torch.testing.assert_close(res[i].rows[0].logits, full.float(), atol=2e-4, rtol=1e-4)
+
+
+def test_rows_that_read_the_prompt_alike_compute_it_once(family):
+    """In a group of the original, two scope-`generated` rows and a scope-`all` row, the three rows that read
+    the prompt intact are one prefill stream above the shared depth: the prefill runs 2 rows, not 4, and
+    every row still equals its definition."""
+    _, m, ref, zeroed = family
+    ps = prompts(seed=8, lens=(19, 11))
+    pols = [ORIGINAL, Policy(HEADS, "generated"), Policy(HEADS), Policy(HEADS, "generated", name="again")]
+    seen = []
+
+    def watch(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).shape[:2])
+
+    with Engine(m, slots=4, max_len=40, chunk=64) as eng:
+        hook = m.model.layers[-1].register_forward_pre_hook(watch, with_kwargs=True)  # after the engine's
+        try:
+            res = {r.key: r for r in eng.generate([Group(p, pols, key=i) for i, p in enumerate(ps)],
+                                                  GenConfig(max_new_tokens=NEW))}
+        finally:
+            hook.remove()
+    assert [s for s in seen if s[1] > 1] == [torch.Size([2, 18]), torch.Size([2, 10])]  # the two prefills
+    for i, p in enumerate(ps):
+        rows = res[i].rows
+        assert rows[0].tokens == hf_greedy(ref, p) and rows[2].tokens == hf_greedy(zeroed, p)
+        assert rows[1].tokens == rows[3].tokens == generated_scope_greedy(ref, zeroed, p)
