@@ -401,7 +401,9 @@ def _pairs(args) -> int:
               (f", {s['tokens_per_s']} tok/s this run" if s["tokens_per_s"] else "") +
               (f", decode slots {100 * s['slot_utilization']:.0f} % busy" if s.get("slot_utilization") else "") +
               (f", {s['prefill_passes']} prefill passes in {s['decode_steps']} decode steps (summed over "
-               "ranks)" if s.get("decode_steps") else ""))
+               "ranks)" if s.get("decode_steps") else "") +
+              (f", {s['prompt_tokens_reused']} prompt tokens reused from shared prefixes"
+               if s.get("prompt_tokens_reused") else ""))
         print(f"wrote {out}/{s['shards'][0]} ... and {out}/summary.json")
     return 0
 

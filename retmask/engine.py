@@ -929,19 +929,10 @@ def common_prefix(a, b) -> int:
 def prefix_order(prompts: Sequence[Sequence[int]]) -> list[int]:
     """Indices of `prompts` in lexicographic order of their tokens: a prompt's longest common prefix
     with any other is then shared with a neighbour, so an engine fed in this order (one slot, or a few)
-    finds each prefix still held in a segment, and computes only what the prompts' prefix tree holds."""
-    import functools
-
-    arrs = [np.asarray(p) for p in prompts]
-
-    def cmp(i, j):
-        a, b = arrs[i], arrs[j]
-        n = common_prefix(a, b)
-        if n < len(a) and n < len(b):
-            return -1 if a[n] < b[n] else 1
-        return (len(a) > len(b)) - (len(a) < len(b))
-
-    return sorted(range(len(arrs)), key=functools.cmp_to_key(cmp))
+    finds each prefix still held in a segment, and computes only what the prompts' prefix tree holds.
+    (Big-endian bytes of the ids compare as the id sequences do, a prefix first, in C.)"""
+    keys = [np.asarray(p, dtype=">u4").tobytes() for p in prompts]
+    return sorted(range(len(keys)), key=keys.__getitem__)
 
 
 class _Slots:

@@ -28,7 +28,7 @@ from typing import Sequence
 
 from . import models
 from .runs import all_sum, append_record, barrier, dist, done_keys, finished, iter_jsonl_at, prepare_out, read_at
-from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, RowResult, default_size
+from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, RowResult, default_size, prefix_order
 from .heads import HeadSet
 from .sampling import Sampling
 
@@ -165,14 +165,16 @@ class PairJob:
                 if self.reject is not None else {})
         path = work / f"rank-{rank:05d}.jsonl"
         t0 = time.perf_counter()
-        self._counts = {"row_steps": 0, "slot_steps": 0, "steps": 0, "prefills": 0}  # the engines' stats
+        self._counts = {"row_steps": 0, "slot_steps": 0, "steps": 0, "prefills": 0,  # the engines' stats
+                        "prompt_tokens": 0, "reused_tokens": 0}
         n_tok = self._generate(items, mine, path, progress and rank == 0, half) if mine else 0
         barrier()
         # this run's counts over all ranks
         c = self._counts
-        n_tok, used, run, steps, prefills = all_sum([n_tok, c["row_steps"], c["slot_steps"], c["steps"], c["prefills"]])
+        n_tok, used, run, steps, prefills, computed, reused = all_sum(
+            [n_tok, c["row_steps"], c["slot_steps"], c["steps"], c["prefills"], c["prompt_tokens"], c["reused_tokens"]])
         engine = {"slot_utilization": round(used / run, 3) if run else None, "decode_steps": steps,
-                  "prefill_passes": prefills}
+                  "prefill_passes": prefills, "prompt_tokens_computed": computed, "prompt_tokens_reused": reused}
         summary = self.merge(out, items, n_tok, time.perf_counter() - t0, engine) if rank == 0 else {}
         barrier()
         return summary
@@ -212,6 +214,8 @@ class PairJob:
         buckets = length_buckets(groups, self.length_buckets)
         for edge, part in buckets:
             with self._engine(model, [g.prompt for g in part], policies) as eng:
+                if eng.reuse_prefix:  # every row reads the prompt intact: prompts sharing a prefix side by side
+                    part = [part[j] for j in prefix_order([g.prompt for g in part])]
                 self.engines.append({"pass": desc, "prompts_up_to": edge, "groups": len(part), "slots": eng.slots,
                                      "max_len": eng.max_len})
                 if progress and len(buckets) > 1:
@@ -281,7 +285,8 @@ class PairJob:
     # ---- merge -------------------------------------------------------------------------------
     def merge(self, out: Path, items, n_tok: int, seconds: float, engine: dict | None = None) -> dict:
         """Write the shards and summary.json from every rank's work file; `engine`: this run's engine
-        counts (slot_utilization, decode_steps, prefill_passes), summed over the ranks."""
+        counts (slot_utilization, decode_steps, prefill_passes, prompt tokens computed and reused), summed over
+        the ranks."""
         # One record in memory at a time: an index of where each id's record lies (the last one, should an
         # id appear twice), then the kept records read back in id order.
         files = sorted((out / "work").glob("rank-*.jsonl"))

@@ -503,3 +503,25 @@ def test_tokenize_procs(monkeypatch):
     assert train.tokenize_procs(294_000) == 4
     monkeypatch.setattr(train.os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
     assert train.tokenize_procs(294_000) is None
+
+
+def test_scope_generated_pairs_reuse_a_shared_preamble(tmp_path):
+    """Instructions that open with the same long text, under scope `generated` (every row reads the prompt
+    intact): the engine copies the preamble's KV instead of recomputing it, and the pairs are the ones
+    computed without reuse."""
+    model, tok = toy.load()
+    texts = [json.loads(line)["messages"][0]["content"] for line in open(DATA)][:6]
+    preamble = texts[0].split("</book>")[0] + "</book>"  # one haystack, ahead of each instruction's question
+    data = tmp_path / "shared.jsonl"
+    data.write_text("".join(json.dumps({"prompt": preamble + t.split("</book>")[-1]}) + "\n" for t in texts))
+    runs = {}
+    for reuse in (0, 128):
+        out = tmp_path / f"reuse{reuse}"
+        job = PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(max_new_tokens=8, scope="generated"),
+                      model_name="toy", slots=4, reuse_prefix=reuse)
+        runs[reuse] = job.run(load_instructions(str(data)), out, progress=False), _gz(out)
+    (off, pairs_off), (on, pairs_on) = runs[0], runs[128]
+    assert pairs_on == pairs_off and on["pairs"] >= 4
+    assert off["prompt_tokens_reused"] == 0
+    assert on["prompt_tokens_reused"] >= 5 * 128  # every prompt but the first reuses the preamble
+    assert on["prompt_tokens_computed"] + on["prompt_tokens_reused"] == off["prompt_tokens_computed"]
