@@ -69,8 +69,9 @@ def _peak_gb(device) -> float:
 def run_engine(model, groups, cfg, slots, max_len, device, decode="auto"):
     """Seconds, decode steps, tokens and peak GB of one engine run, and the decode mode it ran in.
     The cache is sized for the groups' policies, as `retmask pairs` sizes it."""
+    # reuse_prefix=0: the warm-up runs the timed run's first prompt, whose KV a timed group would otherwise copy
     with Engine(model, slots=slots, max_len=max_len, chunk=4096, decode=decode, policies=groups[0].policies,
-                private_len=cfg.max_new_tokens) as eng:
+                private_len=cfg.max_new_tokens, reuse_prefix=0) as eng:
         # warm-up (Triton compiles incl. the sampler's, allocator, graph), with the timed run's sampling
         list(eng.generate(groups[:1], GenConfig(max_new_tokens=4, sampling=cfg.sampling)))
         _sync(device)

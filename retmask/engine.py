@@ -374,7 +374,8 @@ class Engine:
             if p.heads is not None:
                 p.heads.validate(L, self.d.n_heads)
         self.group_streams = self._streams(policies) if policies else 1  # rows a group's prefill computes
-        self.reuse_prefix = reuse_prefix if self.pool_layers == L else 0  # reuse needs every layer pooled
+        # reuse needs every layer pooled; no prefix is longer than max_len
+        self.reuse_prefix = min(reuse_prefix, max_len) if self.pool_layers == L else 0
         if segments is not None and segments < 1:
             raise ValueError(f"segments={segments}: must be >= 1 (or None: sized with the slots)")
         cheap = 2 * self.pool_layers * max_len <= sum(self.private_cap)  # a segment vs a row's private KV
@@ -712,6 +713,8 @@ class Engine:
             segs = [held[0][1]]
         else:
             segs = [st.take_seg() for _ in batch]
+        for s in segs:  # their old content is about to be overwritten: held by nothing until this pass succeeds
+            self._hold(s, None)
         slots = [s for _, rows in batch for s in rows]
         # rows of a group whose prompt bitmaps agree (the original and scope-`generated` rows, say) compute the
         # prompt once, as one stream; each row then gets its stream's KV at the layers the group does not share
@@ -907,8 +910,9 @@ class Engine:
 
 
 def _prefix_ids(g: Group) -> np.ndarray:
-    """The prompt tokens a group prefills (all but the last), as int64."""
-    return np.asarray(g.prompt[:-1], dtype=np.int64)
+    """The prompt tokens a group prefills (all but the last), as an int64 copy (a segment keeps it: the
+    caller may refill its own buffer)."""
+    return np.array(g.prompt[:-1], dtype=np.int64)
 
 
 def common_prefix(a, b) -> int:

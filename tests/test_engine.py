@@ -754,3 +754,40 @@ def test_rows_that_read_the_prompt_alike_compute_it_once(family):
         rows = res[i].rows
         assert rows[0].tokens == hf_greedy(ref, p) and rows[2].tokens == hf_greedy(zeroed, p)
         assert rows[1].tokens == rows[3].tokens == generated_scope_greedy(ref, zeroed, p)
+
+
+def test_prefix_reuse_survives_a_refilled_buffer_and_a_failed_prefill():
+    """A segment holds a copy of its prompt's tokens (a caller may refill its own buffer), and a prefill that
+    fails part-way leaves its segments holding nothing: a later call never copies KV it does not have."""
+    m, ref = tiny("llama"), tiny("llama")
+    g = torch.Generator().manual_seed(0)
+    buf = np.array(torch.randint(3, 90, (20,), generator=g).tolist(), dtype=np.int64)
+    other = torch.randint(3, 90, (20,), generator=g).tolist()
+    cfg = GenConfig(max_new_tokens=3, keep_logits=True)
+
+    def exact(res, p):
+        with torch.no_grad():
+            full = ref(torch.tensor([list(p) + res.rows[0].tokens[:-1]])).logits[0, len(p) - 1:]
+        torch.testing.assert_close(res.rows[0].logits, full.float(), atol=2e-4, rtol=1e-4)
+
+    with Engine(m, slots=1, max_len=32, chunk=64, reuse_prefix=4) as eng:
+        list(eng.generate([Group(buf, [ORIGINAL])], cfg))
+        buf[10:] = torch.randint(3, 90, (10,), generator=g).numpy()  # the same first 10 tokens, a new rest
+        (res,) = eng.generate([Group(buf.tolist(), [ORIGINAL])], cfg)
+        assert res.reused == 10
+        exact(res, buf)
+
+        def boom(module, args, kwargs):
+            raise RuntimeError("out of memory")
+
+        hook = m.model.layers[2].register_forward_pre_hook(boom, with_kwargs=True)
+        try:
+            with pytest.raises(RuntimeError, match="out of memory"):
+                list(eng.generate([Group(other, [ORIGINAL])], cfg))  # overwrites the segment, then fails
+        finally:
+            hook.remove()
+        (res,) = eng.generate([Group(buf.tolist(), [ORIGINAL])], cfg)
+        assert res.reused == 0
+        exact(res, buf)
+    with Engine(m, slots=2, max_len=32, reuse_prefix=10**9) as big:  # capped at max_len
+        assert big.reuse_prefix == 32
