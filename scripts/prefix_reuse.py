@@ -1,0 +1,103 @@
+"""What prefix reuse saves in detection: prefill FLOPs by count, and (with --time) seconds on this machine.
+
+Counts, for the Llama-3.1-8B shape, the prefill FLOPs of NIAH prompts with and without prefix reuse, fed
+to one slot in `prefix_order` (each prompt reuses what it shares with the one before): one grid column
+(10 depths) at several lengths, one needle's whole `128k` grid (20 lengths x 10 depths), and that grid
+split over torchrun ranks as `retmask detect` splits it (every world-th prompt). Random tokens stand in for
+the haystack, so the shared prefixes are exactly the haystack before each needle.
+
+    python scripts/prefix_reuse.py                 # FLOP counts (no model)
+    python scripts/prefix_reuse.py --time 4096     # also time one column on a small random Llama here
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from bench_detect import depth_prompts, prefill_flops, run_sweep  # noqa: E402
+from bench_engine import LLAMA_8B, build  # noqa: E402
+
+from retmask.engine import common_prefix, prefix_order  # noqa: E402
+
+SMALL = dict(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2, head_dim=64, max_position_embeddings=16384)
+
+
+def reused(prompts) -> list[int]:
+    """Prefix tokens each prompt copies when fed to one slot in prefix order."""
+    order = prefix_order(prompts)
+    pre = [0] * len(prompts)
+    for a, b in zip(order, order[1:]):
+        pre[b] = min(common_prefix(prompts[a], prompts[b]), len(prompts[b]) - 1)
+    return pre
+
+
+def flops(c, prompts, pre=None) -> float:
+    return sum(prefill_flops(c, len(p), s) for p, s in zip(prompts, pre or [0] * len(prompts)))
+
+
+def grid(vocab: int, seed: int = 0) -> list[np.ndarray]:
+    """One needle's `128k` grid: 20 lengths x 10 depths over one haystack (a shorter context is a cut of it)."""
+    g = torch.Generator().manual_seed(seed)
+    hay = torch.randint(10, vocab, (128000,), generator=g).numpy()
+    needle, question = (torch.randint(10, vocab, (n,), generator=g).numpy() for n in (16, 32))
+    out = []
+    for L in np.round(np.linspace(4000, 128000, 20)).astype(int):
+        h = hay[: L - 48]
+        for d in np.linspace(0, 100, 10):
+            cut = int(round(d / 100 * len(h)))
+            out.append(np.concatenate([h[:cut], needle, h[cut:], question]))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--time", type=int, metavar="L", help="also time one L-token column on a small Llama (CPU)")
+    args = ap.parse_args(argv)
+    from transformers import LlamaConfig
+
+    c = LlamaConfig(**LLAMA_8B)
+    g = torch.Generator().manual_seed(0)
+    print("| prompts (8B shape, one slot, prefix order) | tokens reused | prefill FLOPs | fewer |")
+    print("|---|---|---|---|")
+    for L in (4096, 32768, 131072):
+        ps = depth_prompts(c.vocab_size, L, 10, g)
+        pre = reused(ps)
+        f0, f1 = flops(c, ps), flops(c, ps, pre)
+        print(f"| one column, {L // 1024}K, 10 depths | {sum(pre) / (10 * (L - 1)):.0%} | "
+              f"{f0 / 1e15:.1f} -> {f1 / 1e15:.1f} PFLOP | {f0 / f1:.2f}x |")
+    ps = grid(c.vocab_size)
+    pre = reused(ps)
+    f0, f1 = flops(c, ps), flops(c, ps, pre)
+    print(f"| one needle's 128k grid (200 prompts) | {sum(pre) / sum(len(p) - 1 for p in ps):.0%} | "
+          f"{f0 / 1e15:.0f} -> {f1 / 1e15:.0f} PFLOP | {f0 / f1:.2f}x |")
+    for world in (2, 8):
+        shares = [ps[r::world] for r in range(world)]
+        f1 = sum(flops(c, s, reused(s)) for s in shares)
+        print(f"| the same over {world} ranks (every world-th prompt) | | {f0 / 1e15:.0f} -> {f1 / 1e15:.0f} PFLOP "
+              f"| {f0 / f1:.2f}x |")
+    if args.time:
+        L = args.time
+        model = build(SMALL, torch.device("cpu"), torch.float32)
+        ps = depth_prompts(SMALL["vocab_size"], L, 10, torch.Generator().manual_seed(0))
+        print(f"\nOne {L}-token column (10 depths) on a small Llama ({SMALL['num_hidden_layers']} layers, hidden "
+              f"{SMALL['hidden_size']}), CPU, {torch.get_num_threads()} threads: seconds per test")
+        t0 = time.perf_counter()
+        for r in (0, 128, 0, 128):
+            sec, pre = run_sweep(model, ps, torch.device("cpu"), 1024, r)
+            print(f"  reuse_prefix={r:<4d} {sec:.2f} s  (reused {sum(pre) / (10 * (L - 1)):.0%}, prefill "
+                  f"{flops(model.config, ps, pre) / 10 / 1e9:.0f} GFLOP per test)", flush=True)
+        print(f"  ({time.perf_counter() - t0:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
