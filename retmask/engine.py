@@ -20,6 +20,7 @@ such prompts next to each other.
 
 from __future__ import annotations
 
+import bisect
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -472,11 +473,11 @@ class Engine:
         self.seg_layout = SegmentLayout(*(torch.zeros(d.n_layers, n, dtype=torch.int32, device=dev) for n in (s, g, g)))
         self._refresh_layout()
         self._slot_ids = torch.arange(s, device=dev)
-        # what each segment holds at every layer, for prefix reuse: its tokens, and their first
-        # `reuse_prefix` in one array (a quick filter); a segment holding fewer has seg_n 0
+        # what each segment holds at every layer, for prefix reuse: its tokens, and an index of the held
+        # prompts in lexicographic order ((key, segment) pairs; see `_held_prefix`)
         self._seg_ids: list[np.ndarray | None] = [None] * g
-        self._seg_head = np.zeros((g, self.reuse_prefix), dtype=np.int64)
-        self._seg_n = np.zeros(g, dtype=np.int64)
+        self._seg_key: list[bytes | None] = [None] * g
+        self._index: list[tuple[bytes, int]] = []
 
     def _make_hook(self, layer: int):
         def hook(module, args, kwargs):
@@ -638,16 +639,29 @@ class Engine:
 
     def _held_prefix(self, a: np.ndarray, prefer=()) -> tuple[int, int]:
         """Longest prefix of the tokens `a` whose KV a pool segment holds at every layer, as (tokens,
-        segment); (0, -1) under `reuse_prefix` tokens. Ties go to a segment in `prefer`."""
+        segment); (0, -1) under `reuse_prefix` tokens. A tie goes to a segment in `prefer` (free ones, which
+        can be filled in place) among the 16 nearest on each side in the index."""
         m = self.reuse_prefix
-        if not m or len(a) < m:
+        if not m or len(a) < m or not self._index:
             return 0, -1
+        # Among strings in lexicographic order, the longest common prefix with `a` is with a neighbour of
+        # where `a` would go; from there, walk outwards a few segments that share as much (for a tie in
+        # `prefer`).
+        i = bisect.bisect_left(self._index, (_key(a), -1))
         best, seg = 0, -1
-        for s in np.flatnonzero((self._seg_n >= m) & (self._seg_head == a[:m]).all(1)).tolist():
-            n = common_prefix(a, self._seg_ids[s])
-            if n > best or (n == best and s in prefer and seg not in prefer):
-                best, seg = n, s
-        return best, seg
+        for rng in (range(i - 1, max(i - 17, 0) - 1, -1), range(i, min(i + 16, len(self._index)))):
+            top = None
+            for j in rng:
+                s = self._index[j][1]
+                n = common_prefix(a, self._seg_ids[s])
+                if n < best or (top is not None and n < top):
+                    break
+                top = n if top is None else top
+                if n > best or (s in prefer and seg not in prefer):
+                    best, seg = n, s
+                elif seg in prefer:
+                    break
+        return (best, seg) if best >= m else (0, -1)
 
     def _reuse_phases(self, batch):
         """The groups of one admission in prefill order, for prefix reuse. In each cluster of groups
@@ -810,10 +824,13 @@ class Engine:
         m = self.reuse_prefix
         if not m:
             return
+        if self._seg_key[seg] is not None:
+            self._index.remove((self._seg_key[seg], seg))
         ok = ids is not None and len(ids) >= m
         self._seg_ids[seg] = ids if ok else None
-        self._seg_n[seg] = len(ids) if ok else 0
-        self._seg_head[seg] = ids[:m] if ok else 0
+        self._seg_key[seg] = _key(ids) if ok else None
+        if ok:
+            bisect.insort(self._index, (self._seg_key[seg], seg))
 
     def _keep_row(self, p: Policy, prompt: bool) -> torch.Tensor:
         """(L, Hq) keep bitmap of a policy at a prompt position or a generated one."""
@@ -909,6 +926,11 @@ class Engine:
         return any(s in tail for s in stops)
 
 
+def _key(ids) -> bytes:
+    """Big-endian bytes of token ids: they compare as the id sequences do (a prefix first), in C."""
+    return np.asarray(ids, dtype=">u4").tobytes()
+
+
 def _prefix_ids(g: Group) -> np.ndarray:
     """The prompt tokens a group prefills (all but the last), as an int64 copy (a segment keeps it: the
     caller may refill its own buffer)."""
@@ -933,9 +955,8 @@ def common_prefix(a, b) -> int:
 def prefix_order(prompts: Sequence[Sequence[int]]) -> list[int]:
     """Indices of `prompts` in lexicographic order of their tokens: a prompt's longest common prefix
     with any other is then shared with a neighbour, so an engine fed in this order (one slot, or a few)
-    finds each prefix still held in a segment, and computes only what the prompts' prefix tree holds.
-    (Big-endian bytes of the ids compare as the id sequences do, a prefix first, in C.)"""
-    keys = [np.asarray(p, dtype=">u4").tobytes() for p in prompts]
+    finds each prefix still held in a segment, and computes only what the prompts' prefix tree holds."""
+    keys = [_key(p) for p in prompts]
     return sorted(range(len(keys)), key=keys.__getitem__)
 
 

@@ -791,3 +791,30 @@ def test_prefix_reuse_survives_a_refilled_buffer_and_a_failed_prefill():
         exact(res, buf)
     with Engine(m, slots=2, max_len=32, reuse_prefix=10**9) as big:  # capped at max_len
         assert big.reuse_prefix == 32
+
+
+def test_held_prefix_lookup_equals_a_scan_of_every_segment():
+    """The lexicographic index finds the longest prefix any segment holds (as a scan of all would), a tie
+    goes to a preferred (free) segment when one is near, and a segment whose content is replaced is forgotten."""
+    eng = Engine(tiny("llama"), slots=1, segments=40, max_len=80, reuse_prefix=5)
+    rng = np.random.default_rng(1)
+    hay, needle = rng.integers(3, 9, 70), rng.integers(90, 96, 4)  # few distinct ids: many ties
+    prompt = lambda c, n=70: np.concatenate([hay[:c], needle, hay[c:n]])  # noqa: E731
+    for s in range(40):
+        eng._hold(s, prompt(int(rng.integers(0, 70)), int(rng.integers(30, 71))))
+    eng._hold(7, prompt(60))
+    eng._hold(8, prompt(60))
+    eng._hold(7, None)  # replaced by a prompt with a head off: holds nothing now
+    for c in list(range(0, 70, 3)) + [60]:
+        a = prompt(c)
+        scan = max((common_prefix(a, eng._seg_ids[s]), s) for s in range(40) if eng._seg_ids[s] is not None)
+        n, seg = eng._held_prefix(a)
+        assert n == (scan[0] if scan[0] >= 5 else 0)
+        assert seg == -1 or common_prefix(a, eng._seg_ids[seg]) == n
+        ties = [s for s in range(40) if eng._seg_ids[s] is not None and common_prefix(a, eng._seg_ids[s]) == n]
+        if n and len(ties) > 1:  # a tie goes to a preferred segment among the nearest in the index
+            near = eng._held_prefix(a)[1]
+            assert eng._held_prefix(a, prefer=[t for t in ties if t != near])[1] in ties
+            assert eng._held_prefix(a, prefer=[t for t in ties if t != near])[1] != near
+    assert eng._held_prefix(prompt(60))[1] != 7
+    eng.close()
