@@ -8,6 +8,7 @@ the haystack, so the shared prefixes are exactly the haystack before each needle
 
     python scripts/prefix_reuse.py                 # FLOP counts (no model)
     python scripts/prefix_reuse.py --time 4096     # also time one column on a small random Llama here
+    python scripts/prefix_reuse.py --lookup        # also the host time of a prefix lookup, 512 segments
 """
 
 from __future__ import annotations
@@ -58,9 +59,37 @@ def grid(vocab: int, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
+def lookup(segments: int = 512, L: int = 4096, n: int = 64) -> None:
+    """Host time of `Engine._held_prefix` with `segments` segments holding L-token prompts of one haystack
+    (needles at random depths: every segment shares a prefix with every query), against a scan of all."""
+    from retmask.engine import Engine
+
+    eng = Engine(build(dict(LLAMA_8B, vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=32), torch.device("cpu"),
+                       torch.float32), slots=1, segments=segments, max_len=L + 64)
+    rng = np.random.default_rng(0)
+    hay, needle = rng.integers(10, 128000, L), rng.integers(10, 128000, 16)
+    prompt = lambda c: np.concatenate([hay[:c], needle, hay[c:L - 16]])  # noqa: E731
+    for s in range(segments):
+        eng._hold(s, prompt(int(rng.integers(0, L - 16))))
+    qs = [prompt(int(c)) for c in rng.integers(0, L - 16, n)]
+    t = time.perf_counter()
+    for a in qs:
+        eng._held_prefix(a)
+    t_index = (time.perf_counter() - t) / n
+    t = time.perf_counter()
+    for a in qs:
+        max(common_prefix(a, eng._seg_ids[s]) for s in range(segments))
+    t_scan = (time.perf_counter() - t) / n
+    print(f"\nprefix lookup among {segments} segments of {L} tokens: {t_index * 1e3:.2f} ms (index), "
+          f"{t_scan * 1e3:.2f} ms (scan of every segment)")
+    eng.close()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--time", type=int, metavar="L", help="also time one L-token column on a small Llama (CPU)")
+    ap.add_argument("--lookup", action="store_true", help="also time the engine's prefix lookup (host)")
     args = ap.parse_args(argv)
     from transformers import LlamaConfig
 
@@ -84,6 +113,8 @@ def main(argv=None) -> int:
         f1 = sum(flops(c, s, reused(s)) for s in shares)
         print(f"| the same over {world} ranks (every world-th prompt) | | {f0 / 1e15:.0f} -> {f1 / 1e15:.0f} PFLOP "
               f"| {f0 / f1:.2f}x |")
+    if args.lookup:
+        lookup()
     if args.time:
         L = args.time
         model = build(SMALL, torch.device("cpu"), torch.float32)

@@ -156,8 +156,9 @@ def test_host_benchmark_tiny(tmp_path):
 def test_prefix_reuse_counts():
     """scripts/prefix_reuse.py (the README's FLOP counts): a 10-depth column reuses, for each needle below
     depth 100, the haystack before it: sum of i/9 for i < 9 = 4 of 10 prompts' worth, 40 %."""
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "prefix_reuse.py")], capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "prefix_reuse.py"), "--lookup"], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert p.returncode == 0, p.stderr[-2000:]
     cols = [line for line in p.stdout.splitlines() if line.startswith("| one column")]
     assert len(cols) == 3 and all("| 40% |" in line for line in cols), p.stdout
+    assert "prefix lookup among 512 segments" in p.stdout
