@@ -649,7 +649,7 @@ class Engine:
         # `prefer`).
         i = bisect.bisect_left(self._index, (_key(a), -1))
         best, seg = 0, -1
-        for rng in (range(i - 1, max(i - 17, 0) - 1, -1), range(i, min(i + 16, len(self._index)))):
+        for rng in (range(i - 1, max(i - 17, -1), -1), range(i, min(i + 16, len(self._index)))):
             top = None
             for j in rng:
                 s = self._index[j][1]
@@ -785,7 +785,9 @@ class Engine:
                 self._ctx = None
             seg_t = torch.tensor(segs, device=dev)
             slot_t = torch.tensor(slots, device=dev)
-            rs_t = torch.tensor(row_stream, device=dev)
+            # each stream's KV to the slots of its rows (broadcast: no rows x prompt temporary)
+            by_stream = [(s, slot_t[torch.tensor([r == s for r in row_stream], device=dev)])
+                         for s in range(len(streams))]
             for l in range(d.n_layers):
                 if l < lsh:
                     if ctx.in_place:
@@ -793,8 +795,13 @@ class Engine:
                     self.pk[l][seg_t, :, :plen] = ctx.k[l][:, :, :plen]
                     self.pv[l][seg_t, :, :plen] = ctx.v[l][:, :, :plen]
                 else:
-                    self.k[l][slot_t, :, :plen] = ctx.k[l][rs_t, :, :plen]
-                    self.v[l][slot_t, :, :plen] = ctx.v[l][rs_t, :, :plen]
+                    if len(streams) == len(slots):  # one row per stream, in order
+                        self.k[l][slot_t, :, :plen] = ctx.k[l][:, :, :plen]
+                        self.v[l][slot_t, :, :plen] = ctx.v[l][:, :, :plen]
+                        continue
+                    for si, st_slots in by_stream:
+                        self.k[l][st_slots, :, :plen] = ctx.k[l][si: si + 1, :, :plen]
+                        self.v[l][st_slots, :, :plen] = ctx.v[l][si: si + 1, :, :plen]
         for gi, (g, rows) in enumerate(batch):
             n = len(g.prompt) - 1
             self.pool_len[segs[gi]] = n

@@ -32,12 +32,14 @@ SMALL = dict(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidde
              num_key_value_heads=2, head_dim=64, max_position_embeddings=16384)
 
 
-def reused(prompts) -> list[int]:
-    """Prefix tokens each prompt copies when fed to one slot in prefix order."""
+def reused(prompts, at_least: int = 128) -> list[int]:
+    """Prefix tokens each prompt copies when fed to one slot in prefix order (the slot holds the previous
+    prompt but its last token; reuse_prefix = `at_least`)."""
     order = prefix_order(prompts)
     pre = [0] * len(prompts)
     for a, b in zip(order, order[1:]):
-        pre[b] = min(common_prefix(prompts[a], prompts[b]), len(prompts[b]) - 1)
+        c = min(common_prefix(prompts[a], prompts[b]), len(prompts[a]) - 1, len(prompts[b]) - 1)
+        pre[b] = c if c >= at_least else 0
     return pre
 
 
