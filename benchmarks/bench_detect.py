@@ -31,6 +31,7 @@ import torch
 
 import benchlib
 from bench_engine import LLAMA_8B, TINY, _peak_gb, _peak_reset, _sync, build
+from retmask.detect import prefill_flops
 from retmask.engine import ORIGINAL, Engine, GenConfig, Group, prefix_order
 from retmask.scoring import retrieval_scores
 
@@ -42,16 +43,6 @@ def matmul_tflops(device, dtype, n: int) -> float:
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = benchlib.median_ms(lambda: a @ b)
     return 2 * n**3 / (ms * 1e-3) / 1e12
-
-
-def prefill_flops(c, L: int, start: int = 0) -> float:
-    """Forward FLOPs of prefilling tokens [start, L) after a cached prefix of `start`: 2 x params-in-matmuls
-    per token + causal attention (QK and PV) over every earlier token."""
-    d, hd = c.hidden_size, c.head_dim
-    per_layer = d * c.num_attention_heads * hd * 2 + d * c.num_key_value_heads * hd * 2 + 3 * d * c.intermediate_size
-    linear = 2 * (L - start) * c.num_hidden_layers * per_layer
-    attn = 2 * 2 * c.num_hidden_layers * c.num_attention_heads * hd * (L * L - start * start) / 2
-    return linear + attn
 
 
 def depth_prompts(vocab: int, L: int, n_depths: int, g: torch.Generator) -> list[list[int]]:

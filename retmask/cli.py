@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default runs/detect/MODEL)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
+    p.add_argument("--plan", action="store_true", help="print what the grid's prefill costs (tokens, FLOPs, with "
+                   "and without prefix reuse) from its prompts and the model's config, and stop (no weights load)")
+    p.add_argument("--tflops", type=float, help="with --plan: a sustained bf16 rate (TFLOP/s) to turn FLOPs into hours")
     p = sub.add_parser("niah", help="the causal check: NIAH recall of the original and ablated policies")
     _model_args(p)
     _grid_args(p, steps=32)
@@ -264,6 +267,8 @@ def _detect(args) -> int:
         base.update(PRESETS[args.preset])
     cfg = DetectConfig(**_grid_kw(args, base))
     cfg.check()
+    if args.plan:
+        return _detect_plan(args, cfg)
     engine_kw = _check_model_args(args)
     out = Path(args.out or f"runs/detect/{models.display_name(args.model)}")
     device = _dist_init(args.device) or args.device
@@ -283,6 +288,36 @@ def _detect(args) -> int:
                   "when the answer's ROUGE-1 recall of the needle is above 50: check the needles, the lengths and "
                   "the model's answers in tests.jsonl)")
             print(f"wrote {out}/detect.json, tests.jsonl, heads.png, niah.png")
+    return 0
+
+
+def _detect_plan(args, cfg) -> int:
+    """`retmask detect --plan`: the grid's prompts and prefill cost, without loading weights."""
+    from tabulate import tabulate
+
+    from . import models
+    from .detect import plan
+
+    if args.tflops is not None and not args.tflops > 0:
+        raise ValueError(f"--tflops {args.tflops:g}: must be > 0")
+    if args.reuse_prefix < 0:
+        raise ValueError(f"--reuse-prefix {args.reuse_prefix}: must be >= 0 (0 turns prefix reuse off)")
+    config, tok = models.config(args.model), models.tokenizer(args.model)
+    needles, hays, tests = cfg.load()
+    prompts = [p for p, _ in cfg.unique_prompts(tok, needles, hays, tests, progress=not args.no_progress)]
+    r = plan(prompts, config, args.reuse_prefix)
+    def flops(f):
+        unit = next((u for u in ((1e15, "PFLOP"), (1e12, "TFLOP")) if f >= u[0]), (1e9, "GFLOP"))
+        at = f" ({f / (args.tflops * 1e12) / 3600:.2f} h at {args.tflops:g} TFLOP/s)" if args.tflops else ""
+        return f"{f / unit[0]:,.1f} {unit[1]}{at}"
+
+    rows = [("tests / distinct prompts", f"{len(tests)} / {r['prompts']}"),
+            ("prompt tokens (longest)", f"{r['prompt_tokens']:,} ({max(len(p) for p in prompts):,})"),
+            ("reused by prefix (one slot)", f"{r['reused_tokens']:,} ({r['reused_tokens'] / r['prompt_tokens']:.0%})"),
+            ("prefill, no reuse", flops(r["flops"])),
+            ("prefill, prefix reuse", flops(r["flops_reused"]))]
+    print(tabulate(rows, headers=[f"plan: {args.model}", ""], tablefmt="github", disable_numparse=True))
+    print(f"each test then decodes {cfg.steps} steps; under torchrun a rank runs every world-th prompt (less reuse)")
     return 0
 
 

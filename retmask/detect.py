@@ -25,7 +25,7 @@ import torch
 
 from . import niah, scoring
 from .runs import append_record, barrier, dist, done_keys, prepare_out, read_jsonl
-from .engine import ORIGINAL, Engine, GenConfig, Group, default_size, prefix_order
+from .engine import ORIGINAL, Engine, GenConfig, Group, common_prefix, default_size, prefix_order
 from .heads import head_name, score_stats
 
 PRESETS = niah.GRID_PRESETS
@@ -42,6 +42,33 @@ def prepare(out: str | Path, model_name: str, cfg: DetectConfig, *, resume: bool
     out = Path(out)
     prepare_out(out, {"model": model_name, **asdict(cfg)}, resume=resume, overwrite=overwrite, names=NAMES)
     return out
+
+
+def prefill_flops(config, n: int, start: int = 0) -> float:
+    """Forward FLOPs of prefilling tokens [start, n) after a cached prefix of `start` tokens: 2 x the
+    parameters in matmuls per token, plus causal attention (QK and PV) over every earlier token."""
+    c = config
+    d, hq, hkv = c.hidden_size, c.num_attention_heads, c.num_key_value_heads
+    hd = getattr(c, "head_dim", None) or d // hq
+    per_layer = d * hq * hd * 2 + d * hkv * hd * 2 + 3 * d * c.intermediate_size
+    linear = 2 * (n - start) * c.num_hidden_layers * per_layer
+    attn = 2 * 2 * c.num_hidden_layers * hq * hd * (n * n - start * start) / 2
+    return linear + attn
+
+
+def plan(prompts, config, reuse_prefix: int = 128) -> dict:
+    """What a grid's prefill costs, read from its prompts and the model's config alone: prompt tokens
+    and FLOPs, with prefix reuse (one slot, prompts in `prefix_order`: each reuses what it shares with
+    the one before, from `reuse_prefix` tokens) and without."""
+    order = prefix_order(prompts)
+    pre = [0] * len(prompts)
+    for a, b in zip(order, order[1:]):
+        c = min(common_prefix(prompts[a], prompts[b]), len(prompts[a]) - 1, len(prompts[b]) - 1)
+        pre[b] = c if reuse_prefix and c >= reuse_prefix else 0
+    ns = [len(p) - 1 for p in prompts]  # the last prompt token is the first decode step's input
+    return {"prompts": len(prompts), "prompt_tokens": sum(ns), "reused_tokens": sum(pre),
+            "flops": sum(prefill_flops(config, n) for n in ns),
+            "flops_reused": sum(prefill_flops(config, n, c) for n, c in zip(ns, pre))}
 
 
 class Detector:

@@ -53,6 +53,18 @@ def check_device(device: str | None) -> None:
                              f"cuda:{torch.cuda.device_count() - 1})")
 
 
+def tokenizer(name: str):
+    """The model's tokenizer alone (no weights), with `config`'s checks first."""
+    from transformers import AutoTokenizer
+
+    from . import toy
+
+    config(name)
+    if name == toy.NAME or Path(name).resolve() == toy.ASSET_DIR.resolve():
+        return AutoTokenizer.from_pretrained(toy.ASSET_DIR)
+    return _hub(name, "tokenizer", AutoTokenizer.from_pretrained)
+
+
 @lru_cache(maxsize=32)  # read once per process: the commands check a model's heads and policies against it
 def config(name: str, *, arch: bool = True):
     """The model's config (the text config of a multimodal one; shared, do not change it), with a clear

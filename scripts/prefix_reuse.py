@@ -26,25 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_detect import depth_prompts, prefill_flops, run_sweep  # noqa: E402
 from bench_engine import LLAMA_8B, build  # noqa: E402
 
-from retmask.engine import common_prefix, prefix_order  # noqa: E402
+from retmask.detect import plan  # noqa: E402
+from retmask.engine import common_prefix  # noqa: E402
 
 SMALL = dict(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=2, head_dim=64, max_position_embeddings=16384)
-
-
-def reused(prompts, at_least: int = 128) -> list[int]:
-    """Prefix tokens each prompt copies when fed to one slot in prefix order (the slot holds the previous
-    prompt but its last token; reuse_prefix = `at_least`)."""
-    order = prefix_order(prompts)
-    pre = [0] * len(prompts)
-    for a, b in zip(order, order[1:]):
-        c = min(common_prefix(prompts[a], prompts[b]), len(prompts[a]) - 1, len(prompts[b]) - 1)
-        pre[b] = c if c >= at_least else 0
-    return pre
-
-
-def flops(c, prompts, pre=None) -> float:
-    return sum(prefill_flops(c, len(p), s) for p, s in zip(prompts, pre or [0] * len(prompts)))
 
 
 def grid(vocab: int, seed: int = 0) -> list[np.ndarray]:
@@ -100,19 +86,16 @@ def main(argv=None) -> int:
     print("| prompts (8B shape, one slot, prefix order) | tokens reused | prefill FLOPs | fewer |")
     print("|---|---|---|---|")
     for L in (4096, 32768, 131072):
-        ps = depth_prompts(c.vocab_size, L, 10, g)
-        pre = reused(ps)
-        f0, f1 = flops(c, ps), flops(c, ps, pre)
-        print(f"| one column, {L // 1024}K, 10 depths | {sum(pre) / (10 * (L - 1)):.0%} | "
-              f"{f0 / 1e15:.1f} -> {f1 / 1e15:.1f} PFLOP | {f0 / f1:.2f}x |")
+        r = plan(depth_prompts(c.vocab_size, L, 10, g), c)
+        print(f"| one column, {L // 1024}K, 10 depths | {r['reused_tokens'] / r['prompt_tokens']:.0%} | "
+              f"{r['flops'] / 1e15:.1f} -> {r['flops_reused'] / 1e15:.1f} PFLOP | {r['flops'] / r['flops_reused']:.2f}x |")
     ps = grid(c.vocab_size)
-    pre = reused(ps)
-    f0, f1 = flops(c, ps), flops(c, ps, pre)
-    print(f"| one needle's 128k grid (200 prompts) | {sum(pre) / sum(len(p) - 1 for p in ps):.0%} | "
-          f"{f0 / 1e15:.0f} -> {f1 / 1e15:.0f} PFLOP | {f0 / f1:.2f}x |")
+    r = plan(ps, c)
+    f0 = r["flops"]
+    print(f"| one needle's 128k grid (200 prompts) | {r['reused_tokens'] / r['prompt_tokens']:.0%} | "
+          f"{f0 / 1e15:.0f} -> {r['flops_reused'] / 1e15:.0f} PFLOP | {f0 / r['flops_reused']:.2f}x |")
     for world in (2, 8):
-        shares = [ps[r::world] for r in range(world)]
-        f1 = sum(flops(c, s, reused(s)) for s in shares)
+        f1 = sum(plan(ps[k::world], c)["flops_reused"] for k in range(world))
         print(f"| the same over {world} ranks (every world-th prompt) | | {f0 / 1e15:.0f} -> {f1 / 1e15:.0f} PFLOP "
               f"| {f0 / f1:.2f}x |")
     if args.lookup:
@@ -126,8 +109,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         for r in (0, 128, 0, 128):
             sec, pre = run_sweep(model, ps, torch.device("cpu"), 1024, r)
+            fl = sum(prefill_flops(model.config, len(p), s) for p, s in zip(ps, pre))
             print(f"  reuse_prefix={r:<4d} {sec:.2f} s  (reused {sum(pre) / (10 * (L - 1)):.0%}, prefill "
-                  f"{flops(model.config, ps, pre) / 10 / 1e9:.0f} GFLOP per test)", flush=True)
+                  f"{fl / 10 / 1e9:.0f} GFLOP per test)", flush=True)
         print(f"  ({time.perf_counter() - t0:.0f} s in all)")
     return 0
 

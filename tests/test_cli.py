@@ -96,6 +96,8 @@ def test_bad_input_is_refused_clearly_before_any_model_loads(tmp_path, capsys, m
     _refused(capsys, ["pairs", "--model", str(gpt2), "--heads", "0-1"], "model_type 'gpt2' is not supported")
     _refused(capsys, ["train", "--model", str(empty), "--pairs", str(tmp_path)], "no pairs-*.jsonl.gz")
     _refused(capsys, ["detect", "--lengths", "1", "--max", "200"], "--lengths 1")
+    _refused(capsys, ["detect", "--plan", "--tflops", "0"], "--tflops 0: must be > 0")
+    _refused(capsys, ["detect", "--plan", "--model", str(empty)], "has no config.json")
     # generation and training numbers
     _refused(capsys, ["pairs", "--heads", "0-1", "--max-new-tokens", "0"], "max_new_tokens=0: must be >= 1")
     _refused(capsys, ["pairs", "--heads", "0-1", "--max-prompt-tokens", "-1"], "max_prompt_tokens=-1")

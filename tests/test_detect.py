@@ -350,3 +350,27 @@ def test_niah_resume_reads_an_older_single_log(toy_model, tmp_path, monkeypatch)
     again = causal.run_niah(model, tok, grid, pols, progress=False, slots=2, out=tmp_path, model_name="toy",
                             resume=True)
     assert ran == [] and again["tests"] == whole["tests"]
+
+
+def test_plan_counts_what_one_slot_reuses(toy_model, tmp_path, capsys):
+    """`detect.plan` reads the prefill cost from the prompts alone: the tokens it says one slot reuses are
+    the ones the engine reuses when detection runs on one slot, and `retmask detect --plan` prints them
+    without loading weights."""
+    from retmask.cli import main
+    from retmask.detect import plan, prefill_flops
+
+    model, tok = toy_model
+    cfg = DetectConfig(**SMALL)
+    det = Detector(model, tok, cfg, model_name="toy", slots=1)
+    det.run(tmp_path / "one", progress=False)
+    prompts = [p for p, _ in cfg.unique_prompts(tok, *cfg.load())]
+    r = plan(prompts, model.config)
+    assert r["reused_tokens"] == det.prefill["reused_tokens"] > 0
+    assert r["prompt_tokens"] - r["reused_tokens"] == det.prefill["prompt_tokens"]
+    assert r["flops"] == sum(prefill_flops(model.config, len(p) - 1) for p in prompts) > r["flops_reused"]
+    assert plan(prompts, model.config, reuse_prefix=0)["reused_tokens"] == 0
+    grid = ["--min", "160", "--max", "480", "--lengths", "2", "--depths", "3", "--needles", "2", "--buffer", "32",
+            "--steps", "10", "--no-progress"]
+    assert main(["detect", "--plan", *grid, "--tflops", "100"]) == 0
+    out = capsys.readouterr().out
+    assert f"{r['reused_tokens']:,} (" in out and "12 / 12" in out and "TFLOP/s" in out
