@@ -11,11 +11,12 @@ prompt intact: the original policy, or scope `generated`). Decoding starts from 
 token, so every generated token has its step (and its per-head argmax when asked), and rows of all
 groups decode together in fixed slots; a finished row frees its slot for the next waiting group.
 
-*Prefix reuse*: a pool segment keeps its prompt's KV after its group finishes. A group whose rows all
-leave the prompt intact (its whole prompt shared) and whose prompt starts with tokens a segment holds
-at every layer (at least `reuse_prefix` of them) copies that KV instead of computing it, and prefills
-only the rest. NIAH tests of one haystack share everything before their needle; `prefix_order` puts
-such prompts next to each other.
+*Prefix reuse*: a pool segment keeps its prompt's KV after its group finishes, and so does a slot (its
+row's own prompt KV, from its group's shared depth on). A group whose prompt starts with tokens held
+for every layer it computes (at least `reuse_prefix` of them: below `Lsh` in a segment, from `Lsh` on
+in a slot per prefill stream, one that held a row with the stream's prompt bitmap) copies that KV
+instead of computing it, and prefills only the rest. NIAH tests of one haystack share everything
+before their needle; `prefix_order` puts such prompts next to each other.
 """
 
 from __future__ import annotations
@@ -320,12 +321,14 @@ class Engine:
             launches, about a decode step's time on a GPU). With many slots and rows of mixed
             lengths a row ends nearly every step, so admitting at every free slot would pay that
             cost nearly every step; waiting for a few slots leaves them idle a few steps instead.
-        reuse_prefix: shortest prompt prefix (tokens) worth reusing: a group whose rows all leave the
-            prompt intact copies the KV of the longest prefix of its prompt that a pool segment holds
-            (kept after its own group finished) and prefills only the rest. 0 turns it off. Groups
-            admitted together that share a longer prefix with each other than with any segment are
-            prefilled in two passes, so the later ones reuse the earlier ones'. The copied KV is what
-            the same tokens at the same positions compute, so only float rounding can differ.
+        reuse_prefix: shortest prompt prefix (tokens) worth reusing: a group copies the KV of the
+            longest prefix of its prompt held for every layer it computes (pool segments and slots keep
+            their prompt's KV after their group finished; a slot's serves rows with the same prompt
+            bitmap) and prefills only the rest. 0 turns it off (so does sharing=False). Groups whose
+            rows all read the prompt intact, admitted together, that share a longer prefix with each
+            other than with any segment are prefilled in two passes, so the later ones reuse the
+            earlier ones'. The copied KV is what the same tokens at the same positions compute, so
+            only float rounding can differ.
         decode: how each decode step runs. "eager": the attention context is rebuilt from the host
             state every step. "static": every step runs the same launches over fixed buffers (what
             a CUDA graph captures). "graph": the static step captured once as a CUDA graph per
@@ -375,8 +378,7 @@ class Engine:
             if p.heads is not None:
                 p.heads.validate(L, self.d.n_heads)
         self.group_streams = self._streams(policies) if policies else 1  # rows a group's prefill computes
-        # reuse needs every layer pooled; no prefix is longer than max_len
-        self.reuse_prefix = min(reuse_prefix, max_len) if self.pool_layers == L else 0
+        self.reuse_prefix = min(reuse_prefix, max_len) if sharing else 0  # no prefix is longer than max_len
         if segments is not None and segments < 1:
             raise ValueError(f"segments={segments}: must be >= 1 (or None: sized with the slots)")
         cheap = 2 * self.pool_layers * max_len <= sum(self.private_cap)  # a segment vs a row's private KV
@@ -473,11 +475,10 @@ class Engine:
         self.seg_layout = SegmentLayout(*(torch.zeros(d.n_layers, n, dtype=torch.int32, device=dev) for n in (s, g, g)))
         self._refresh_layout()
         self._slot_ids = torch.arange(s, device=dev)
-        # what each segment holds at every layer, for prefix reuse: its tokens, and an index of the held
-        # prompts in lexicographic order ((key, segment) pairs; see `_held_prefix`)
-        self._seg_ids: list[np.ndarray | None] = [None] * g
-        self._seg_key: list[bytes | None] = [None] * g
-        self._index: list[tuple[bytes, int]] = []
+        # for prefix reuse: the prompt whose KV each segment holds (below its depth) and each slot holds
+        # (its private prompt KV, from its group's depth on, under its prompt bitmap)
+        self._segs = _Held(g, self.reuse_prefix)
+        self._slots_held = _Held(s, self.reuse_prefix)
 
     def _make_hook(self, layer: int):
         def hook(module, args, kwargs):
@@ -637,31 +638,16 @@ class Engine:
                 for part in self._prefill_parts(phase):
                     self._prefill_batch(part, lsh, st, cfg)
 
-    def _held_prefix(self, a: np.ndarray, prefer=()) -> tuple[int, int]:
-        """Longest prefix of the tokens `a` whose KV a pool segment holds at every layer, as (tokens,
-        segment); (0, -1) under `reuse_prefix` tokens. A tie goes to a segment in `prefer` (free ones, which
-        can be filled in place) among the 16 nearest on each side in the index."""
-        m = self.reuse_prefix
-        if not m or len(a) < m or not self._index:
-            return 0, -1
-        # Among strings in lexicographic order, the longest common prefix with `a` is with a neighbour of
-        # where `a` would go; from there, walk outwards a few segments that share as much (for a tie in
-        # `prefer`).
-        i = bisect.bisect_left(self._index, (_key(a), -1))
-        best, seg = 0, -1
-        for rng in (range(i - 1, max(i - 17, -1), -1), range(i, min(i + 16, len(self._index)))):
-            top = None
-            for j in rng:
-                s = self._index[j][1]
-                n = common_prefix(a, self._seg_ids[s])
-                if n < best or (top is not None and n < top):
-                    break
-                top = n if top is None else top
-                if n > best or (s in prefer and seg not in prefer):
-                    best, seg = n, s
-                elif seg in prefer:
-                    break
-        return (best, seg) if best >= m else (0, -1)
+    def _held_prefix(self, a: np.ndarray, prefer=(), depth: int | None = None) -> tuple[int, int]:
+        """Longest prefix of the tokens `a` whose KV a pool segment holds at every layer below `depth`
+        (default: every layer), as (tokens, segment); (0, -1) under `reuse_prefix` tokens. A tie goes to
+        a segment in `prefer` (free ones, which can be filled in place) among the nearest in the index."""
+        depth = self.d.n_layers if depth is None else depth
+        return self._segs.lookup(a, [t for t in self._segs.index if t >= depth], prefer)
+
+    @property
+    def _seg_ids(self) -> list:
+        return self._segs.ids
 
     def _reuse_phases(self, batch):
         """The groups of one admission in prefill order, for prefix reuse. In each cluster of groups
@@ -719,20 +705,10 @@ class Engine:
         L = d.n_layers
         full = [_prefix_ids(g) for g, _ in batch]  # the last prompt token is the first decode input
         plen = max(len(a) for a in full)
-        # prefix reuse (groups that share their whole prompt): the longest prefix a segment holds
-        held = [self._held_prefix(a, st.free_segs) if lsh == L else (0, -1) for a in full]
-        pre = [c for c, _ in held]
-        if len(batch) == 1 and held[0][1] in st.free_segs:  # its prefix's own segment is free: fill it in place
-            st.free_segs.remove(held[0][1])
-            segs = [held[0][1]]
-        else:
-            segs = [st.take_seg() for _ in batch]
-        for s in segs:  # their old content is about to be overwritten: held by nothing until this pass succeeds
-            self._hold(s, None)
         slots = [s for _, rows in batch for s in rows]
         # rows of a group whose prompt bitmaps agree (the original and scope-`generated` rows, say) compute the
         # prompt once, as one stream; each row then gets its stream's KV at the layers the group does not share
-        streams, row_stream, stream2group = [], [], []
+        streams, stream_key, row_stream, stream2group = [], [], [], []
         for gi, (g, _) in enumerate(batch):
             seen = {}
             for p in g.policies:
@@ -741,9 +717,33 @@ class Engine:
                 if key not in seen:
                     seen[key] = len(streams)
                     streams.append(k)
+                    stream_key.append(key)
                     stream2group.append(gi)
                 row_stream.append(seen[key])
         keep = torch.stack(streams)  # (N, L, Hq)
+        # prefix reuse: the longest prefix whose KV is held for every layer the group computes: below lsh in a
+        # pool segment, from lsh on (a group with a head off over the prompt) in a slot per stream that held a
+        # row with the stream's bitmap (in a group that shared no deeper)
+        held, from_slot = [], {}  # (tokens, segment) per group; stream -> slot
+        for gi, a in enumerate(full):
+            c, src = self._held_prefix(a, st.free_segs, depth=lsh) if lsh else (len(a), -1)
+            if lsh < L:
+                c = min(c, len(a) - 1)  # a row's stream computes at least one token (its KV reaches the slots)
+                for si in (i for i in range(len(streams)) if stream2group[i] == gi):
+                    tags = [t for t in self._slots_held.index if t[0] == stream_key[si] and t[1] <= lsh]
+                    cs, slot = self._slots_held.lookup(a, tags) if c >= self.reuse_prefix > 0 else (0, -1)
+                    c, from_slot[si] = min(c, cs), slot
+            held.append((c, src) if self.reuse_prefix and c >= self.reuse_prefix else (0, -1))
+        pre = [c for c, _ in held]
+        if len(batch) == 1 and held[0][1] in st.free_segs:  # its prefix's own segment is free: fill it in place
+            st.free_segs.remove(held[0][1])
+            segs = [held[0][1]]
+        else:
+            segs = [st.take_seg() for _ in batch]
+        for s in segs:  # their old content is about to be overwritten: held by nothing until this pass succeeds
+            self._hold(s, None)
+        for s in slots:
+            self._slots_held.hold(s, None)
         todo = [len(a) - c for a, c in zip(full, pre)]  # tokens to compute per group
         slen = max(todo)
         self.stats["prompt_tokens"] += sum(todo)
@@ -755,8 +755,8 @@ class Engine:
                            torch.tensor(stream2group, device=dev), pool_seg=segs[0] if len(batch) == 1 else None)
         # the reused prefixes, into the staging or else into the group's own segment (unless already there)
         stage = ctx is not None and not ctx.in_place
-        moves = [(gi, c, src) for gi, (c, src) in enumerate(held) if c and (stage or src != segs[gi])]
-        for l in range(L if moves else 0):
+        moves = [(gi, c, src) for gi, (c, src) in enumerate(held) if c and src >= 0 and (stage or src != segs[gi])]
+        for l in range(lsh if moves else 0):
             srcs = [(self.pk[l][src, :, :c], self.pv[l][src, :, :c]) for _, c, src in moves]
             if not stage and len(moves) > 1:  # one group's destination may be another's source
                 srcs = [(k.clone(), v.clone()) for k, v in srcs]
@@ -764,6 +764,11 @@ class Engine:
                 dk, dv = (ctx.k[l][gi], ctx.v[l][gi]) if stage else (self.pk[l][segs[gi]], self.pv[l][segs[gi]])
                 dk[:, :c] = k
                 dv[:, :c] = v
+        for si, slot in from_slot.items():  # each stream's prefix from its slot, into the staging (after lsh)
+            c = pre[stream2group[si]]
+            for l in range(lsh, L if c else lsh):
+                ctx.k[l][si, :, :c] = self.k[l][slot, :, :c]
+                ctx.v[l][si, :, :c] = self.v[l][slot, :, :c]
         if ctx is not None:
             pads = torch.tensor([slen - n for n in todo], device=dev)
             pre_t = torch.tensor(pre, device=dev)
@@ -805,12 +810,15 @@ class Engine:
         for gi, (g, rows) in enumerate(batch):
             n = len(g.prompt) - 1
             self.pool_len[segs[gi]] = n
-            self._hold(segs[gi], full[gi] if lsh == L else None)
+            self._hold(segs[gi], full[gi] if lsh else None, depth=lsh)
             gid = id(g)
             st.groups[gid] = g
             st.group_seg[gid] = segs[gi]
             st.reused[gid] = pre[gi]
+            r0 = sum(len(rs) for _, rs in batch[:gi])
             for r, slot in enumerate(rows):
+                if lsh < L:  # the row's own prompt KV from lsh on: reusable by a later row with its bitmap
+                    self._slots_held.hold(slot, full[gi], (stream_key[row_stream[r0 + r]], lsh))
                 pol = g.policies[r]
                 seed = g.seeds[r] if g.seeds is not None else cfg.seed + self._row0[id(g)] + r
                 st.start(slot, gid, r, pol, seed, g.prompt[-1], n)
@@ -826,18 +834,10 @@ class Engine:
         """Distinct prompt bitmaps among `policies`: the rows a group's prefill computes above its shared depth."""
         return len({self._keep_row(p, prompt=True).numpy().tobytes() for p in policies})
 
-    def _hold(self, seg: int, ids: np.ndarray | None):
-        """Record what segment `seg` now holds at every layer (None: not every layer, so nothing to reuse)."""
-        m = self.reuse_prefix
-        if not m:
-            return
-        if self._seg_key[seg] is not None:
-            self._index.remove((self._seg_key[seg], seg))
-        ok = ids is not None and len(ids) >= m
-        self._seg_ids[seg] = ids if ok else None
-        self._seg_key[seg] = _key(ids) if ok else None
-        if ok:
-            bisect.insort(self._index, (self._seg_key[seg], seg))
+    def _hold(self, seg: int, ids: np.ndarray | None, depth: int | None = None):
+        """Record what segment `seg` now holds: the KV of `ids` at every layer below `depth` (default: every
+        layer; None ids: nothing to reuse)."""
+        self._segs.hold(seg, ids, self.d.n_layers if depth is None else depth)
 
     def _keep_row(self, p: Policy, prompt: bool) -> torch.Tensor:
         """(L, Hq) keep bitmap of a policy at a prompt position or a generated one."""
@@ -931,6 +931,53 @@ class Engine:
         """Whether the text of a row's last tokens (16 are given) contains a stop string."""
         tail = self.tokenizer.decode(tail_tokens, skip_special_tokens=False)
         return any(s in tail for s in stops)
+
+
+class _Held:
+    """Prompts whose KV numbered holders (pool segments, or slots) keep, each under a tag (what it holds:
+    a segment's depth, a slot's prompt bitmap and depth), in lexicographic order of their tokens per tag:
+    the longest common prefix of a new prompt with any of them is with a neighbour of its place."""
+
+    def __init__(self, n: int, at_least: int):
+        self.at_least = at_least
+        self.ids: list[np.ndarray | None] = [None] * n
+        self.key: list[bytes | None] = [None] * n
+        self.tag: list[Any] = [None] * n
+        self.index: dict[Any, list[tuple[bytes, int]]] = {}
+
+    def hold(self, i: int, ids: np.ndarray | None, tag: Any = None) -> None:
+        """Holder `i` now keeps the KV of `ids` (None: nothing reusable)."""
+        if not self.at_least:
+            return
+        if self.key[i] is not None:
+            self.index[self.tag[i]].remove((self.key[i], i))
+        ok = ids is not None and len(ids) >= self.at_least
+        self.ids[i], self.key[i], self.tag[i] = (ids, _key(ids), tag) if ok else (None, None, None)
+        if ok:
+            bisect.insort(self.index.setdefault(tag, []), (self.key[i], i))
+
+    def lookup(self, a: np.ndarray, tags, prefer=()) -> tuple[int, int]:
+        """Longest prefix of `a` held under one of `tags`, as (tokens, holder); (0, -1) under `at_least`.
+        A tie goes to a holder in `prefer` among the 16 nearest on each side."""
+        if not self.at_least or len(a) < self.at_least:
+            return 0, -1
+        k, best, who = _key(a), 0, -1
+        for t in tags:
+            idx = self.index.get(t, ())
+            i = bisect.bisect_left(idx, (k, -1))
+            for rng in (range(i - 1, max(i - 17, -1), -1), range(i, min(i + 16, len(idx)))):
+                top = None
+                for j in rng:
+                    h = idx[j][1]
+                    n = common_prefix(a, self.ids[h])
+                    if n < best or (top is not None and n < top):
+                        break
+                    top = n if top is None else top
+                    if n > best or (h in prefer and who not in prefer):
+                        best, who = n, h
+                    elif who in prefer:
+                        break
+        return (best, who) if best >= self.at_least else (0, -1)
 
 
 def _key(ids) -> bytes:

@@ -214,7 +214,7 @@ class PairJob:
         buckets = length_buckets(groups, self.length_buckets)
         for edge, part in buckets:
             with self._engine(model, [g.prompt for g in part], policies) as eng:
-                if eng.reuse_prefix:  # every row reads the prompt intact: prompts sharing a prefix side by side
+                if eng.reuse_prefix:  # prompts sharing a prefix side by side: its KV is reused
                     part = [part[j] for j in prefix_order([g.prompt for g in part])]
                 self.engines.append({"pass": desc, "prompts_up_to": edge, "groups": len(part), "slots": eng.slots,
                                      "max_len": eng.max_len})

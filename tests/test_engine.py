@@ -673,9 +673,10 @@ def test_prefix_reuse_computes_each_prefix_once_and_changes_nothing(family, slot
         torch.testing.assert_close(b.logits, full.float(), atol=2e-4, rtol=1e-4)
 
 
-def test_prefix_reuse_skips_groups_that_change_the_prompt(family):
-    """A group with a head off over the prompt (scope all) neither reuses a prefix nor leaves one: mixed with
-    original and scope-`generated` groups on the same prompts, every row equals `generate` on its model."""
+def test_prefix_reuse_never_takes_kv_another_bitmap_computed(family):
+    """Groups with a head off over the prompt (scope all) mixed with original and scope-`generated` groups on
+    prompts that share prefixes: every row equals `generate` on its model, and a segment filled by a group
+    that pooled only its lowest layers never stands in for an intact prompt's upper layers."""
     _, m, ref, zeroed = family
     ps = _niah_like(seed=6)[:6]
     pols = [[ORIGINAL], [ORIGINAL, Policy(HEADS)], [Policy(HEADS, "generated")]]
@@ -690,7 +691,7 @@ def test_prefix_reuse_skips_groups_that_change_the_prompt(family):
             continue
         assert rows[0].tokens == hf_greedy(ref, p), i
         if i % 3 == 1:
-            assert res[i].reused == 0 and rows[1].tokens == hf_greedy(zeroed, p), i
+            assert rows[1].tokens == hf_greedy(zeroed, p), i
     # one segment: an unrelated prompt fills it, an ablated group writes only its layer 0, and an original
     # group on the ablated group's prompt must not take the segment's stale upper layers for that prompt
     x, p = _niah_like(seed=7)[-1], ps[0]
@@ -818,3 +819,32 @@ def test_held_prefix_lookup_equals_a_scan_of_every_segment():
             assert eng._held_prefix(a, prefer=[t for t in ties if t != near])[1] != near
     assert eng._held_prefix(prompt(60))[1] != 7
     eng.close()
+
+
+@pytest.mark.parametrize("slots", [4, 8, 12])
+def test_prefix_reuse_for_groups_with_heads_off_over_the_prompt(family, slots):
+    """NIAH's causal check: groups of the original, a scope-`all` ablation, a scope-`generated` one and a
+    scope-`all` set from layer 0 (nothing pooled) reuse each stream's prefix from a slot that held a row
+    with its bitmap. Every row equals its definition and a run without reuse; with one group at a time the
+    tokens computed are the prefix tree's, plus one for the prompt held whole (each stream computes at least
+    its last prompt token)."""
+    _, m, ref, zeroed = family
+    ps = _niah_like()
+    pols = [ORIGINAL, Policy(HEADS), Policy(HEADS, "generated"), Policy(HeadSet.from_list("0-1,3-3"), name="low")]
+    order = prefix_order(ps)
+    out, stats = {}, {}
+    for reuse in (0, 8):
+        with Engine(m, slots=slots, max_len=56, chunk=7, reuse_prefix=reuse, policies=pols) as eng:
+            out[reuse] = {r.key: r for r in eng.generate([Group(ps[i], pols, key=i) for i in order],
+                                                        GenConfig(max_new_tokens=6, keep_logits=True))}
+            stats[reuse] = eng.stats
+    assert stats[8]["reused_tokens"] > 0.3 * stats[0]["prompt_tokens"]
+    if slots == 4:
+        assert stats[8]["prompt_tokens"] == _prefix_tree_size([p[:-1] for p in ps]) + 1
+    for i, p in enumerate(ps):
+        for a, b in zip(out[0][i].rows, out[8][i].rows):
+            assert a.tokens == b.tokens, (i, a.policy)
+            torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+        rows = out[8][i].rows
+        assert rows[0].tokens == hf_greedy(ref, p, 6) and rows[1].tokens == hf_greedy(zeroed, p, 6)
+        assert rows[2].tokens == generated_scope_greedy(ref, zeroed, p, 6)
