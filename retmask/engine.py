@@ -97,7 +97,7 @@ class GroupResult:
     key: Any
     prompt_len: int
     rows: list[RowResult]
-    reused: int = 0  # prompt tokens whose KV was copied from a segment holding them (prefix reuse), not computed
+    reused: int = 0  # prompt tokens whose KV was copied from a segment or slot holding them (prefix reuse)
 
 
 @dataclass(frozen=True)
@@ -191,8 +191,11 @@ class _Decode:
     def attend(self, module, q, k, v, scaling, window):
         e, l = self.eng, module.layer_idx
         ar = e._slot_ids
-        e.k[l][ar, :, e.kv_len[l].long()] = k[:, :, 0]  # the new token's K/V at each row's private end
-        e.v[l][ar, :, e.kv_len[l].long()] = v[:, :, 0]
+        # the new token's K/V at each row's private end; an idle slot's in its spare last column, so the
+        # prompt KV a finished row leaves (prefix reuse) stays whole
+        at = torch.where(e._idle, e.private_cap[l], e.kv_len[l]).long()
+        e.k[l][ar, :, at] = k[:, :, 0]
+        e.v[l][ar, :, at] = v[:, :, 0]
         keep = self.keep[:, l] if self.static or not self.layer_all_on[l] else None
         shared = {}
         if l < e.pool_layers and (self.static or e.layer_shared[l]):
@@ -450,7 +453,7 @@ class Engine:
         pool segments, as sized by default."""
         share = 1 if self._seg_per_slot else 1 / self.group_rows  # segments per slot
         pool = self.bytes_per_segment() * share if with_pool else 0
-        return int(self._token_bytes() * sum(self.private_cap) + pool)
+        return int(self._token_bytes() * sum(c + 1 for c in self.private_cap) + pool)  # + 1: the spare column
 
     @property
     def slot_utilization(self) -> float | None:
@@ -463,8 +466,9 @@ class Engine:
     def _alloc(self):
         d, s, g, dev = self.d, self.slots, self.n_segments, self.device
         kv = lambda n, length: torch.zeros(n, d.n_kv_heads, length, d.head_dim, dtype=self.dtype, device=dev)  # noqa: E731
-        self.k = [kv(s, self.private_cap[l]) for l in range(d.n_layers)]
-        self.v = [kv(s, self.private_cap[l]) for l in range(d.n_layers)]
+        self.k = [kv(s, self.private_cap[l] + 1) for l in range(d.n_layers)]  # + 1: idle slots write there
+        self.v = [kv(s, self.private_cap[l] + 1) for l in range(d.n_layers)]
+        self._idle = torch.ones(s, dtype=torch.bool, device=dev)  # slots without a row
         pool = [self.max_len if l < self.pool_layers else 0 for l in range(d.n_layers)]  # no pool: 0 keys
         self.pk = [kv(g, pool[l]) for l in range(d.n_layers)]
         self.pv = [kv(g, pool[l]) for l in range(d.n_layers)]
@@ -542,6 +546,7 @@ class Engine:
         finally:  # also when the caller stops early: no stale row may stay in the cache or a segment
             self._busy = False
             self.kv_len.zero_()
+            self._idle.fill_(True)
             self.row_seg.fill_(-1)
             self._refresh_layout()
 
@@ -826,6 +831,7 @@ class Engine:
                 st.keep_gen[slot] = self._keep_row(pol, prompt=False)
                 self.kv_len[:, slot] = torch.tensor([0 if l < lsh else n for l in range(d.n_layers)],
                                                     dtype=torch.int32)
+                self._idle[slot] = False
                 self.row_seg[:, slot] = torch.tensor([segs[gi] if l < lsh and n > 0 else -1
                                                       for l in range(d.n_layers)], dtype=torch.int32)
         self._refresh_layout()
@@ -922,6 +928,7 @@ class Engine:
                 done.append((slot, res))
         for slot, _ in done:
             self.kv_len[:, slot] = 0
+            self._idle[slot] = True
             self.row_seg[:, slot] = -1
         if done:
             self._refresh_layout()

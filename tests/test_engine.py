@@ -436,7 +436,8 @@ def test_policies_hint_sizes_the_cache_and_keeps_tokens_exact(family):
     ps = prompts()
     with Engine(m, slots=4, max_len=48, chunk=7, policies=pair, private_len=NEW, segments=2) as eng:
         assert eng.pool_layers == HEADS.lowest_layer == 1 and eng.n_segments == 2
-        assert [t.shape[2] for t in eng.pk] == [48, 0, 0, 0] and [t.shape[2] for t in eng.k] == [NEW, 48, 48, 48]
+        # private caches: each capacity plus the spare column idle slots write to
+        assert [t.shape[2] for t in eng.pk] == [48, 0, 0, 0] and [t.shape[2] for t in eng.k] == [NEW + 1, 49, 49, 49]
         res = {r.key: r for r in eng.generate([Group(p, pair, key=i) for i, p in enumerate(ps)] +
                                               [Group(ps[0], [ORIGINAL], key="alone")], GenConfig(max_new_tokens=NEW))}
         # single-row groups: the 2 pool segments, not the 4 slots, bound how many run at once
@@ -510,11 +511,11 @@ def test_segments_default_and_budget():
     pair = [ORIGINAL, Policy(HEADS)]
     with Engine(m, slots=4, max_len=48, policies=pair, private_len=NEW) as eng:  # 1 pooled layer of 4: cheap
         assert eng.n_segments == 4
-        assert eng.bytes_per_slot() == eng._token_bytes() * (NEW + 3 * 48 + 48)
+        assert eng.bytes_per_slot() == eng._token_bytes() * (NEW + 1 + 3 * 49 + 48)  # + 1 per layer: the spare
     gen_pair = [ORIGINAL, Policy(HEADS, "generated")]  # every layer pooled, 9 private tokens: dear
     with Engine(m, slots=4, max_len=48, policies=gen_pair, private_len=NEW) as eng:
         assert eng.pool_layers == 4 and eng.n_segments == 2
-        assert eng.bytes_per_slot() == eng._token_bytes() * (4 * NEW + 4 * 48 / 2)
+        assert eng.bytes_per_slot() == eng._token_bytes() * (4 * (NEW + 1) + 4 * 48 / 2)
         seg, row = eng.bytes_per_segment(), eng.bytes_per_slot(with_pool=False)
     with Engine(m, kv_budget_gb=(3 * seg + 5.5 * row) / 1e9, max_len=48, policies=gen_pair, private_len=NEW,
                 segments=3, prefill_tokens=1) as eng:  # staging: 1 token x 4 layers, within the half row
@@ -848,3 +849,27 @@ def test_prefix_reuse_for_groups_with_heads_off_over_the_prompt(family, slots):
         rows = out[8][i].rows
         assert rows[0].tokens == hf_greedy(ref, p, 6) and rows[1].tokens == hf_greedy(zeroed, p, 6)
         assert rows[2].tokens == generated_scope_greedy(ref, zeroed, p, 6)
+
+
+def test_a_finished_rows_prompt_kv_survives_idle_decode_steps(family):
+    """A finished row's slot idles while other rows decode: its writes go to a spare column, so the prompt
+    KV it holds stays whole, and a later group with its bitmap reuses it exactly."""
+    _, m, ref, zeroed = family
+    ps = _niah_like()
+    x, y = prompts(seed=11, lens=(20, 20))
+    cfg = GenConfig(max_new_tokens=12, keep_logits=True)
+    with Engine(m, slots=3, max_len=56, chunk=7, reuse_prefix=8) as eng:
+        res = {r.key: r for r in eng.generate([Group(x, [ORIGINAL], key="x"), Group(ps[0], [Policy(HEADS)], key="a")],
+                                              cfg)}
+        slot = 1  # a's row (slots are taken in order)
+        held = [(eng.k[l][slot, :, :40].clone(), eng.v[l][slot, :, :40].clone()) for l in range(1, 4)]
+        list(eng.generate([Group(y, [ORIGINAL])], cfg))  # slot 1 idles for 12 decode steps
+        for l, (k, v) in zip(range(1, 4), held):
+            assert torch.equal(eng.k[l][slot, :, :40], k) and torch.equal(eng.v[l][slot, :, :40], v), l
+        (c,) = eng.generate([Group(ps[1], [Policy(HEADS)] * 3)], cfg)
+    assert c.reused == 30  # the haystack before c's needle, from a's slot
+    for row in c.rows:
+        with torch.no_grad():
+            full = zeroed(torch.tensor([ps[1] + row.tokens[:-1]])).logits[0, len(ps[1]) - 1:]
+        torch.testing.assert_close(row.logits, full.float(), atol=2e-4, rtol=1e-4)
+        assert row.tokens == hf_greedy(zeroed, ps[1], 12)
