@@ -95,7 +95,7 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
         if "slots" not in kw and "kv_budget_gb" not in kw:
             kw.update(default_size(model, len(items) * len(policies), max(4, 2 * len(policies))))
         cfg = GenConfig(max_new_tokens=g.steps, eos_ids=models.eos_ids(model, tok))
-        # prompts sharing a prefix next to each other (reused when every row reads the prompt intact)
+        # prompts sharing a prefix (the haystack up to the needle) next to each other: the engine reuses its KV
         groups = [Group(items[i][0], policies, key=i) for i in prefix_order([p for p, _ in items])]
         with Engine(model, tok, **kw) as eng, (log.open("a") if log else contextlib.nullcontext()) as f:
             for res in eng.generate(groups, cfg):

@@ -151,7 +151,7 @@ def _model_args(p):
                    "passes between decode steps, so fewer, larger admissions cost less")
     p.add_argument("--reuse-prefix", type=int, default=128,
                    help="shortest prompt prefix (tokens) whose KV is copied from an earlier prompt instead of "
-                   "computed, for prompts that every row reads intact (detection); 0 = off")
+                   "computed (NIAH prompts share their haystack up to the needle); 0 = off")
     p.add_argument("--decode", choices=["auto", "eager", "static", "graph"], default="auto",
                    help="decode step: auto = a CUDA graph on CUDA, eager elsewhere")
     p.add_argument("--no-progress", action="store_true")
@@ -300,8 +300,7 @@ def _detect_plan(args, cfg) -> int:
 
     if args.tflops is not None and not args.tflops > 0:
         raise ValueError(f"--tflops {args.tflops:g}: must be > 0")
-    if args.reuse_prefix < 0:
-        raise ValueError(f"--reuse-prefix {args.reuse_prefix}: must be >= 0 (0 turns prefix reuse off)")
+    _engine_kw(args)  # the engine flags, --reuse-prefix among them
     config, tok = models.config(args.model), models.tokenizer(args.model)
     needles, hays, tests = cfg.load()
     prompts = [p for p, _ in cfg.unique_prompts(tok, needles, hays, tests, progress=not args.no_progress)]

@@ -63,6 +63,12 @@ class Policy:
             return self.name
         return "original" if self.heads is None else f"off{len(self.heads)}-{self.scope}"
 
+    @property
+    def prompt_heads(self) -> tuple | None:
+        """The heads this policy switches off over the prompt (None: it reads the prompt intact); rows with
+        equal values compute the same prompt KV."""
+        return None if self.heads is None or self.scope == "generated" else tuple(sorted(self.heads))
+
     def prompt_depth(self, n_layers: int) -> int:
         """Layers whose prompt KV this policy leaves identical to the original's."""
         if self.heads is None or self.scope == "generated":
@@ -650,10 +656,6 @@ class Engine:
         depth = self.d.n_layers if depth is None else depth
         return self._segs.lookup(a, [t for t in self._segs.index if t >= depth], prefer)
 
-    @property
-    def _seg_ids(self) -> list:
-        return self._segs.ids
-
     def _reuse_phases(self, batch):
         """The groups of one admission in prefill order, for prefix reuse. In each cluster of groups
         whose prompts share at least `reuse_prefix` tokens, the group whose prefixes in common with the
@@ -717,14 +719,12 @@ class Engine:
         for gi, (g, _) in enumerate(batch):
             seen = {}
             for p in g.policies:
-                k = self._keep_row(p, prompt=True)
-                key = k.numpy().tobytes()
-                if key not in seen:
-                    seen[key] = len(streams)
-                    streams.append(k)
-                    stream_key.append(key)
+                if p.prompt_heads not in seen:
+                    seen[p.prompt_heads] = len(streams)
+                    streams.append(self._keep_row(p, prompt=True))
+                    stream_key.append(p.prompt_heads)
                     stream2group.append(gi)
-                row_stream.append(seen[key])
+                row_stream.append(seen[p.prompt_heads])
         keep = torch.stack(streams)  # (N, L, Hq)
         # prefix reuse: the longest prefix whose KV is held for every layer the group computes: below lsh in a
         # pool segment, from lsh on (a group with a head off over the prompt) in a slot per stream that held a
@@ -771,9 +771,10 @@ class Engine:
                 dv[:, :c] = v
         for si, slot in from_slot.items():  # each stream's prefix from its slot, into the staging (after lsh)
             c = pre[stream2group[si]]
-            for l in range(lsh, L if c else lsh):
-                ctx.k[l][si, :, :c] = self.k[l][slot, :, :c]
-                ctx.v[l][si, :, :c] = self.v[l][slot, :, :c]
+            if c:
+                for l in range(lsh, L):
+                    ctx.k[l][si, :, :c] = self.k[l][slot, :, :c]
+                    ctx.v[l][si, :, :c] = self.v[l][slot, :, :c]
         if ctx is not None:
             pads = torch.tensor([slen - n for n in todo], device=dev)
             pre_t = torch.tensor(pre, device=dev)
@@ -796,8 +797,8 @@ class Engine:
             seg_t = torch.tensor(segs, device=dev)
             slot_t = torch.tensor(slots, device=dev)
             # each stream's KV to the slots of its rows (broadcast: no rows x prompt temporary)
-            by_stream = [(s, slot_t[torch.tensor([r == s for r in row_stream], device=dev)])
-                         for s in range(len(streams))]
+            by_stream = [] if len(streams) == len(slots) else [
+                (s, slot_t[torch.tensor([r == s for r in row_stream], device=dev)]) for s in range(len(streams))]
             for l in range(d.n_layers):
                 if l < lsh:
                     if ctx.in_place:
@@ -805,7 +806,7 @@ class Engine:
                     self.pk[l][seg_t, :, :plen] = ctx.k[l][:, :, :plen]
                     self.pv[l][seg_t, :, :plen] = ctx.v[l][:, :, :plen]
                 else:
-                    if len(streams) == len(slots):  # one row per stream, in order
+                    if not by_stream:  # one row per stream, in order
                         self.k[l][slot_t, :, :plen] = ctx.k[l][:, :, :plen]
                         self.v[l][slot_t, :, :plen] = ctx.v[l][:, :, :plen]
                         continue
@@ -820,11 +821,10 @@ class Engine:
             st.groups[gid] = g
             st.group_seg[gid] = segs[gi]
             st.reused[gid] = pre[gi]
-            r0 = sum(len(rs) for _, rs in batch[:gi])
             for r, slot in enumerate(rows):
-                if lsh < L:  # the row's own prompt KV from lsh on: reusable by a later row with its bitmap
-                    self._slots_held.hold(slot, full[gi], (stream_key[row_stream[r0 + r]], lsh))
                 pol = g.policies[r]
+                if lsh < L:  # the row's own prompt KV from lsh on: reusable by a later row with its bitmap
+                    self._slots_held.hold(slot, full[gi], (pol.prompt_heads, lsh))
                 seed = g.seeds[r] if g.seeds is not None else cfg.seed + self._row0[id(g)] + r
                 st.start(slot, gid, r, pol, seed, g.prompt[-1], n)
                 st.keep_prompt[slot] = self._keep_row(pol, prompt=True)
@@ -836,9 +836,10 @@ class Engine:
                                                       for l in range(d.n_layers)], dtype=torch.int32)
         self._refresh_layout()
 
-    def _streams(self, policies) -> int:
+    @staticmethod
+    def _streams(policies) -> int:
         """Distinct prompt bitmaps among `policies`: the rows a group's prefill computes above its shared depth."""
-        return len({self._keep_row(p, prompt=True).numpy().tobytes() for p in policies})
+        return len({p.prompt_heads for p in policies})
 
     def _hold(self, seg: int, ids: np.ndarray | None, depth: int | None = None):
         """Record what segment `seg` now holds: the KV of `ids` at every layer below `depth` (default: every

@@ -27,10 +27,9 @@ def load(name: str, *, dtype: str | None = None, device: str | None = None):
     torch_dtype = dt[dtype] or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if name == toy.NAME or Path(name).resolve() == toy.ASSET_DIR.resolve():
         return toy.load(dtype=torch_dtype, device=device)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    config(name)
-    tok = _hub(name, "tokenizer", AutoTokenizer.from_pretrained)
+    tok = tokenizer(name)
     model = _hub(name, "weights", AutoModelForCausalLM.from_pretrained, dtype=torch_dtype, attn_implementation="eager")
     return model.to(device).eval(), tok
 

@@ -809,11 +809,11 @@ def test_held_prefix_lookup_equals_a_scan_of_every_segment():
     eng._hold(7, None)  # replaced by a prompt with a head off: holds nothing now
     for c in list(range(0, 70, 3)) + [60]:
         a = prompt(c)
-        scan = max((common_prefix(a, eng._seg_ids[s]), s) for s in range(40) if eng._seg_ids[s] is not None)
+        scan = max((common_prefix(a, eng._segs.ids[s]), s) for s in range(40) if eng._segs.ids[s] is not None)
         n, seg = eng._held_prefix(a)
         assert n == (scan[0] if scan[0] >= 5 else 0)
-        assert seg == -1 or common_prefix(a, eng._seg_ids[seg]) == n
-        ties = [s for s in range(40) if eng._seg_ids[s] is not None and common_prefix(a, eng._seg_ids[s]) == n]
+        assert seg == -1 or common_prefix(a, eng._segs.ids[seg]) == n
+        ties = [s for s in range(40) if eng._segs.ids[s] is not None and common_prefix(a, eng._segs.ids[s]) == n]
         if n and len(ties) > 1:  # a tie goes to a preferred segment among the nearest in the index
             near = eng._held_prefix(a)[1]
             assert eng._held_prefix(a, prefer=[t for t in ties if t != near])[1] in ties
