@@ -67,7 +67,7 @@ def lookup(segments: int = 512, L: int = 4096, n: int = 64) -> None:
     t_index = (time.perf_counter() - t) / n
     t = time.perf_counter()
     for a in qs:
-        max(common_prefix(a, eng._seg_ids[s]) for s in range(segments))
+        max(common_prefix(a, eng._segs.ids[s]) for s in range(segments))
     t_scan = (time.perf_counter() - t) / n
     print(f"\nprefix lookup among {segments} segments of {L} tokens: {t_index * 1e3:.2f} ms (index), "
           f"{t_scan * 1e3:.2f} ms (scan of every segment)")
