@@ -41,6 +41,30 @@ def make_policies(selected: HeadSet | None, scores: dict | None, controls=("rand
     return out
 
 
+def memory_plan(config, policies: list[Policy], max_len: int, steps: int, dtype=None, **engine_kw) -> dict:
+    """The KV cache a NIAH run of `policies` needs, from the model's config alone (the engine's own sizing,
+    over a model on the meta device): for one group at `max_len` (longest prompt + steps), and the slots
+    and groups at once that `engine_kw` (kv_budget_gb or slots) give. Bytes; `per_row_bytes` is what the
+    group would need if each row kept its own prompt KV."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.bfloat16
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    kw = {k: v for k, v in engine_kw.items() if k in ("slots", "kv_budget_gb", "prefill_tokens", "chunk")}
+    if "kv_budget_gb" not in kw:
+        kw.setdefault("slots", len(policies))
+    eng = Engine(model, policies=policies, private_len=steps, max_len=max_len, **kw)
+    rows = len(policies)
+    group = rows * eng.bytes_per_slot(with_pool=False) + eng.group_segs * eng.bytes_per_segment()
+    L = eng.d.n_layers
+    return {"rows": rows, "streams": eng.group_streams, "layers": L, "pooled_layers": eng.pool_layers,
+            "segments_per_group": eng.group_segs, "group_bytes": group,
+            "per_row_bytes": eng._token_bytes() * rows * L * (max_len + 1), "staging_bytes": eng.staging_bytes(eng.slots),
+            "slots": eng.slots, "groups_at_once": min(eng.slots // rows, eng.n_segments // eng.group_segs)}
+
+
 def run_config(model_name: str, grid_cfg: GridConfig, policies: list[Policy]) -> dict:
     """What a NIAH result depends on (a resumed run must match it)."""
     return {"model": model_name, "grid": dict(grid_cfg.__dict__),

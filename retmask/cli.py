@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--controls", help="controls of the same size, comma-separated ('' for none; default "
                    "random,non-retrieval, or random alone for --heads without --scores)")
     p.add_argument("--scopes", default="all,generated", help="mask scopes of each ablation")
+    p.add_argument("--plan", action="store_true", help="print the KV cache one group of the policies needs at the "
+                   "grid's longest prompt, and the groups --kv-budget-gb holds at once, from the model's config and "
+                   "tokenizer, and stop (no weights load)")
     p.add_argument("--out", help="output folder (default runs/niah/MODEL)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
@@ -320,6 +323,36 @@ def _detect_plan(args, cfg) -> int:
     return 0
 
 
+def _niah_plan(args, grid, policies, engine_kw) -> int:
+    """`retmask niah --plan`: the cache a group of the policies needs at the grid's longest prompt, and what
+    a budget holds, by the engine's own sizing over the model's config (no weights load)."""
+    import torch
+    from tabulate import tabulate
+
+    from . import causal, models
+
+    config, tok = models.config(args.model), models.tokenizer(args.model)
+    needles, hays, tests = grid.load()
+    longest = max(len(p) for p, _ in grid.unique_prompts(tok, needles, hays, tests, progress=not args.no_progress))
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(args.dtype, torch.bfloat16)
+    r = causal.memory_plan(config, policies, longest + grid.steps, grid.steps, dtype=dtype, **engine_kw)
+    gb = lambda b: f"{b / 1e9:,.1f} GB" if b >= 1e9 else f"{b / 1e6:,.2f} MB"  # noqa: E731
+    rows = [("policies (rows) / prefill streams", f"{r['rows']} / {r['streams']}"),
+            ("longest prompt + steps", f"{longest:,} + {grid.steps}"),
+            ("pooled layers / segments per group", f"{r['pooled_layers']} of {r['layers']} / {r['segments_per_group']}"),
+            ("KV cache per group", gb(r["group_bytes"])),
+            ("same, each row its own prompt KV", gb(r["per_row_bytes"])),
+            ("staging of one prefill pass", gb(r["staging_bytes"]))]
+    if "kv_budget_gb" in engine_kw:
+        rows.append((f"with --kv-budget-gb {engine_kw['kv_budget_gb']:g}",
+                     f"{r['slots']} slots, {r['groups_at_once']} group(s) at once"))
+    print(tabulate(rows, headers=[f"niah plan: {args.model} ({str(dtype).removeprefix('torch.')})", ""],
+                   tablefmt="github", disable_numparse=True))
+    if "kv_budget_gb" not in engine_kw:
+        print("give --kv-budget-gb to see how many groups a budget holds at once")
+    return 0
+
+
 def _niah(args) -> int:
     from pathlib import Path
 
@@ -353,6 +386,8 @@ def _niah(args) -> int:
     policies = causal.make_policies(selected, scores, controls=controls, scopes=scopes)
     for p in policies:
         models.check_heads(args.model, p.heads)
+    if args.plan:
+        return _niah_plan(args, grid, policies, engine_kw)
     out = Path(args.out or f"runs/niah/{models.display_name(args.model)}")
     device = _dist_init(args.device) or args.device  # under torchrun: every rank takes a share of the prompts
     # refuse an existing run (or an unwritable folder) before loading the model

@@ -4,19 +4,22 @@ the weights, with the KV cache shared wherever the sharing rule proves it identi
 A *group* is one prompt and its rows, one row per *policy* (heads off + mask scope). The prompt,
 minus its last token, is prefilled in chunks: layers below the group's *shared depth* `Lsh` run once
 per group and their KV is stored once in a pool segment; from layer `Lsh` on, the hidden states are
-expanded to one per distinct prompt bitmap (rows that read the prompt alike, such as the original and
-scope-`generated` rows, compute it once) and each row keeps its own prompt KV. `Lsh` is the lowest layer holding a
-head that is off over the prompt in any row of the group (all layers when every row leaves the
-prompt intact: the original policy, or scope `generated`). Decoding starts from the last prompt
-token, so every generated token has its step (and its per-head argmax when asked), and rows of all
-groups decode together in fixed slots; a finished row frees its slot for the next waiting group.
+expanded to one per *prefill stream*, a distinct prompt bitmap (rows that read the prompt alike, such
+as the original and scope-`generated` rows, compute it once). `Lsh` is the lowest layer holding a head
+that is off over the prompt in any row of the group (all layers when every row leaves the prompt
+intact: the original policy, or scope `generated`). The engine *pools* the first `pool_layers`
+layers: there the prompt's KV lives in the group's segments (from `Lsh` on, one segment per stream)
+and each row keeps only its new tokens; above them each row keeps its stream's prompt KV privately.
+Decoding starts from the last prompt token, so every generated token has its step (and its per-head
+argmax when asked), and rows of all groups decode together in fixed slots; a finished row frees its
+slot for the next waiting group.
 
 *Prefix reuse*: a pool segment keeps its prompt's KV after its group finishes, and so does a slot (its
-row's own prompt KV, from its group's shared depth on). A group whose prompt starts with tokens held
-for every layer it computes (at least `reuse_prefix` of them: below `Lsh` in a segment, from `Lsh` on
-in a slot per prefill stream, one that held a row with the stream's prompt bitmap) copies that KV
-instead of computing it, and prefills only the rest. NIAH tests of one haystack share everything
-before their needle; `prefix_order` puts such prompts next to each other.
+row's own prompt KV above the pooled layers). A group whose prompt starts with tokens held for every
+layer it computes (at least `reuse_prefix` of them: below `Lsh` the intact model's KV, in a segment;
+from `Lsh` on each stream's, in a segment and a slot that held KV computed with the same heads off)
+copies that KV instead of computing it, and prefills only the rest. NIAH tests of one haystack share
+everything before their needle; `prefix_order` puts such prompts next to each other.
 """
 
 from __future__ import annotations
@@ -127,7 +130,7 @@ class _Prefill:
     owns_masks = True
 
     def __init__(self, eng: "Engine", n_groups: int, rows: int, lsh: int, plen: int, keep: torch.Tensor,
-                 row2group: torch.Tensor, pool_seg: int | None = None):
+                 row2group: torch.Tensor, segs: list[int] | None = None):
         # rows: the streams computed from layer `lsh` on (a group's rows with the same prompt bitmap are one)
         d, dev = eng.d, eng.device
         self.eng, self.lsh, self.plen = eng, lsh, plen
@@ -135,13 +138,15 @@ class _Prefill:
         self.keep = keep  # (R, L, Hq)
         self.layer_all_on = keep.all(-1).all(0).tolist()  # (L,)
         shape = lambda n: (n, d.n_kv_heads, plen + 1, d.head_dim)  # noqa: E731  (+1: a trash slot for pads)
-        # One group: its shared layers are prefilled straight into its pool segment (no staging copy).
-        self.in_place = pool_seg is not None and plen + 1 <= eng.max_len
+        # One group (`segs`, a run of consecutive segments): the layers its pool holds are prefilled straight
+        # into its segments, below lsh into the first, from lsh on one per stream (no staging copy).
+        self.in_place = segs is not None and plen + 1 <= eng.max_len
         self.k, self.v = [], []
         for l in range(d.n_layers):
-            if l < lsh and self.in_place:
-                self.k.append(eng.pk[l][pool_seg: pool_seg + 1, :, : plen + 1])  # (1, Hkv, plen+1, D) view
-                self.v.append(eng.pv[l][pool_seg: pool_seg + 1, :, : plen + 1])
+            if self.in_place and l < eng.pool_layers:
+                n = 1 if l < lsh else rows
+                self.k.append(eng.pk[l][segs[0]: segs[0] + n, :, : plen + 1])  # (n, Hkv, plen+1, D) view
+                self.v.append(eng.pv[l][segs[0]: segs[0] + n, :, : plen + 1])
             else:
                 self.k.append(torch.zeros(shape(n_groups if l < lsh else rows), dtype=eng.dtype, device=dev))
                 self.v.append(torch.zeros_like(self.k[-1]))
@@ -293,27 +298,32 @@ class Engine:
     Args:
         model: a loaded causal LM; it is switched to retmask attention (`hf.attach`).
         tokenizer: needed only for stop strings.
+            A model on the meta device (built from its config alone) gets no cache: such an engine
+            only answers sizing questions (`slots`, `n_segments`, `bytes_per_slot`, `staging_bytes`).
         slots: rows decoded together. Or give `kv_budget_gb` and the engine sizes it (at most
             `max_slots`, when given): the cache plus the K/V one prefill pass stages
             (`staging_bytes`) fit the budget. `default_size` picks one of them for a job.
         max_len: per-row context capacity (prompt + new tokens).
         policies: the policies of the groups this engine will run (a sizing hint; other groups still
-            run when they fit). The prompt layers such a group shares (below its shared depth) get a
-            pool, stored once per group; the layers above get no pool and full-length private KV (see
-            `segments` for how many). For a RetMask pair whose heads start at layer 2 of 32, the
-            cache per row is then about half of what it is without the hint. Default: every layer
-            has a pool, one segment per slot.
-        segments: pool segments (groups that can hold prompt KV at once). A group keeps its segment
-            until its last row finishes, so with one segment per group of slots the early-finished
+            run when they fit). The engine pools either the prompt layers such a group shares (below
+            its shared depth; one segment per group) or every layer (one segment per prefill stream),
+            whichever costs less per group at max_len; unpooled layers get full-length private KV. For
+            a RetMask pair whose heads start at layer 2 of 32, the cache per row is then about half of
+            what it is without the hint; for NIAH's 7 policies (4 streams) with private_len = its
+            decode steps, the prompt is stored 4 times instead of 7. Default: every layer has a pool,
+            one segment per slot.
+        segments: pool segments. A group takes a run of consecutive free ones (one per prefill stream
+            when it shares fewer layers than the pool holds, else one) and keeps them until its last
+            row finishes, so with one segment per group of slots the early-finished
             rows of a group leave their slots idle until then (for rows of independent lengths, about
             a third of the slot-steps). Default: one per slot when a segment costs at most half a
             row's private KV (a pair whose heads start low: a few pooled layers), so the slots freed
             by rows of different groups take the next group at once, without waiting for their
-            partners; else one per `len(policies)` slots.
+            partners; else one per prefill stream of the hint's group, per `len(policies)` slots.
         private_len: private KV capacity at the layers that have a pool (default max_len). A row
-            keeps only its new tokens there when its group shares the layer, so `private_len =
-            max_new_tokens` saves the most. Detection and NIAH are the extreme case: every row leaves
-            the prompt intact (the original policy, scope `generated`), so every layer is shared.
+            keeps only its new tokens there, so `private_len = max_new_tokens` saves the most.
+            Detection is the extreme case: every row leaves the prompt intact, so every layer is
+            shared and the prompt's KV is stored once.
         chunk: prefill chunk length (tokens).
         prefill_tokens: most tokens one prefill pass holds (rows x padded prompt length, where a group's
             rows with the same prompt bitmap count once: they compute the prompt together), which bounds
@@ -332,8 +342,8 @@ class Engine:
             cost nearly every step; waiting for a few slots leaves them idle a few steps instead.
         reuse_prefix: shortest prompt prefix (tokens) worth reusing: a group copies the KV of the
             longest prefix of its prompt held for every layer it computes (pool segments and slots keep
-            their prompt's KV after their group finished; a slot's serves rows with the same prompt
-            bitmap) and prefills only the rest. 0 turns it off (so does sharing=False). Groups whose
+            their prompt's KV after their group finished, and serve streams whose bitmaps agree with
+            theirs below each layer) and prefills only the rest. 0 turns it off (so does sharing=False). Groups whose
             rows all read the prompt intact, admitted together, that share a longer prefix with each
             other than with any segment are prefilled in two passes, so the later ones reuse the
             earlier ones'. The copied KV is what the same tokens at the same positions compute, so
@@ -379,19 +389,22 @@ class Engine:
         L = self.d.n_layers
         if policies is not None and not policies:
             raise ValueError("policies: give at least one (the rows of a typical group), or None")
-        # layers with a pool (shareable prompt KV) and the private capacity of each layer
-        self.pool_layers = (min(p.prompt_depth(L) for p in policies) if policies else L) if sharing else 0
-        self.private_cap = [self.private_len if l < self.pool_layers else max_len for l in range(L)]
-        self.group_rows = len(policies) if policies else 1
         for p in policies or ():
             if p.heads is not None:
                 p.heads.validate(L, self.d.n_heads)
+        self.group_rows = len(policies) if policies else 1
         self.group_streams = self._streams(policies) if policies else 1  # rows a group's prefill computes
+        # layers with a pool (prompt KV in segments; a row keeps only its new tokens there) and the private
+        # capacity of each layer: the hint's shared depth, or every layer when storing each stream's prompt
+        # KV once (one segment per stream) costs less than a full private prompt per row
+        self.pool_layers = self._pool_depth(policies, L, self.private_len, max_len) if sharing else 0
+        self.private_cap = [self.private_len if l < self.pool_layers else max_len for l in range(L)]
+        self.group_segs = self._segs_needed(policies) if policies else 1  # segments a group of the hint takes
         self.reuse_prefix = min(reuse_prefix, max_len) if sharing else 0  # no prefix is longer than max_len
         if segments is not None and segments < 1:
             raise ValueError(f"segments={segments}: must be >= 1 (or None: sized with the slots)")
         cheap = 2 * self.pool_layers * max_len <= sum(self.private_cap)  # a segment vs a row's private KV
-        self._seg_per_slot = cheap or self.group_rows == 1  # else one per group of slots
+        self._seg_per_slot = cheap or self.group_rows == 1  # else group_segs per group of slots
         if slots is not None and slots < 1:
             raise ValueError(f"slots={slots}: must be >= 1")
         if kv_budget_gb is not None and not kv_budget_gb > 0:
@@ -423,7 +436,8 @@ class Engine:
                                  (f", besides {segments} pool segments" if segments else "")
                                  + "; raise the budget or lower max_len")
         self.slots = slots
-        self.n_segments = segments or (slots if self._seg_per_slot else max(1, slots // self.group_rows))
+        self.n_segments = segments or (slots if self._seg_per_slot else
+                                       max(1, slots // self.group_rows) * self.group_segs)
         if admit_rows is not None and admit_rows < 1:
             raise ValueError(f"admit_rows={admit_rows}: must be >= 1 (or None: max(rows per group, slots // 16))")
         self.admit_rows = min(slots, admit_rows or max(self.group_rows, slots // 16))
@@ -435,7 +449,30 @@ class Engine:
         self._ctx = None
         self._hooks = [layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
                        for i, layer in enumerate(model.model.layers)]
+        if self.device.type == "meta":  # a model without weights: the engine sizes its cache and holds none
+            self._closed = True
+            return
         self._alloc()
+
+    @staticmethod
+    def _pool_depth(policies, n_layers: int, private_len: int, max_len: int) -> int:
+        """Layers with a pool. Without a hint: every layer. With one: the layers its groups share (below
+        their shared depth: one copy per group, the rows' prompt KV above kept privately), or every layer
+        (one segment per prefill stream: rows that read the prompt alike, such as NIAH's original and
+        scope-`generated` rows, store it once), whichever costs less per group at max_len."""
+        if not policies:
+            return n_layers
+        depth = min(p.prompt_depth(n_layers) for p in policies)
+        rows, streams = len(policies), Engine._streams(policies)
+        per_row = depth * private_len + (n_layers - depth) * max_len
+        by_stream = streams * n_layers * max_len + rows * n_layers * private_len
+        return n_layers if by_stream < depth * max_len + rows * per_row else depth
+
+    def _segs_needed(self, policies) -> int:
+        """Pool segments a group of `policies` takes: one per prefill stream when it shares fewer layers
+        than the pool holds (each stream's prompt KV from the shared depth on), else one."""
+        depth = min(min(p.prompt_depth(self.d.n_layers) for p in policies), self.pool_layers)
+        return self._streams(policies) if depth < self.pool_layers else 1
 
     def _token_bytes(self) -> int:
         """K/V bytes of one token at one layer."""
@@ -457,7 +494,7 @@ class Engine:
     def bytes_per_slot(self, with_pool: bool = True) -> int:
         """K/V bytes per row: its private cache at every layer plus (`with_pool`) its share of the
         pool segments, as sized by default."""
-        share = 1 if self._seg_per_slot else 1 / self.group_rows  # segments per slot
+        share = 1 if self._seg_per_slot else self.group_segs / self.group_rows  # segments per slot
         pool = self.bytes_per_segment() * share if with_pool else 0
         return int(self._token_bytes() * sum(c + 1 for c in self.private_cap) + pool)  # + 1: the spare column
 
@@ -540,6 +577,9 @@ class Engine:
 
         `progress(n_tokens)` is called after each step with the tokens it produced."""
         if self._closed:
+            if self.device.type == "meta":
+                raise RuntimeError("Engine.generate: the model is on the meta device (no weights): such an engine "
+                                   "only sizes its cache (slots, bytes_per_slot, ...); load the model to generate")
             raise RuntimeError("Engine.generate: this engine is closed (its KV cache is freed); make a new one")
         if self._busy:
             raise RuntimeError("Engine.generate: an earlier generate() on this engine is still running (its "
@@ -574,19 +614,27 @@ class Engine:
             # Admit when enough rows can be taken to make the prefill pass worth its fixed cost (or the
             # queue's rows all fit, or nothing decodes). A group needs its rows' slots and one pool
             # segment (taken when it is prefilled), so free segments bound the rows as well as slots.
-            room = min(len(st.free_slots), len(st.free_segs) * len(queue[0].policies)) if queue else 0
+            room = (min(len(st.free_slots), len(st.free_segs) // self._segs_needed(queue[0].policies)
+                        * len(queue[0].policies)) if queue else 0)
             ready = not st.active_count or room >= min(self.admit_rows, queued_rows)
-            while ready and queue and len(queue[0].policies) <= st.free_count() and len(st.free_segs) > len(admitted):
-                g = queue.popleft()
+            while ready and queue:
+                g = queue[0]
                 if self._too_long(g, cfg):
+                    queue.popleft()
                     self.skipped += 1
                     continue
+                if len(g.policies) > len(st.free_slots):
+                    break
+                segs = self._take_segments(g, st)  # a run of free segments, or None: wait for one
+                if segs is None:
+                    break
+                queue.popleft()
                 queued_rows -= len(g.policies)
-                admitted.append((g, st.take(len(g.policies))))
+                admitted.append((g, st.take(len(g.policies)), segs))
             if admitted:
                 with on_device(self.device):
                     self._prefill(admitted, st, cfg)
-                for g, rows in admitted:
+                for g, rows, _ in admitted:
                     results[id(g)] = [None] * len(rows)
             if not st.active_count:
                 continue
@@ -615,6 +663,10 @@ class Engine:
                 raise ValueError(f"group {i} (key {g.key!r}): no policies (rows)")
             if len(g.policies) > self.slots:
                 raise ValueError(f"group {i}: {len(g.policies)} rows but the engine has {self.slots} slots")
+            if self._segs_needed(g.policies) > self.n_segments:
+                raise ValueError(f"group {i}: its {self._streams(g.policies)} prompt bitmaps need "
+                                 f"{self._segs_needed(g.policies)} pool segments but the engine has {self.n_segments}; "
+                                 "give policies= matching the groups, or more segments")
             if g.seeds is not None and len(g.seeds) != len(g.policies):
                 raise ValueError(f"group {i}: {len(g.seeds)} seeds for {len(g.policies)} rows")
             for p in g.policies:
@@ -622,10 +674,9 @@ class Engine:
                     p.heads.validate(self.d.n_layers, self.d.n_heads)
             if self.on_too_long == "error" and self._too_long(g, cfg):
                 raise ValueError(f"group {i} (key {g.key!r}): prompt of {len(g.prompt)} tokens + max_new_tokens="
-                                 f"{cfg.max_new_tokens} does not fit max_len={self.max_len} (private_len="
-                                 f"{self.private_len} at the {self.pool_layers} layers with a pool; this group "
-                                 f"shares {self._shared_depth(g)}); raise them, give policies= matching the "
-                                 "groups, or use on_too_long='skip'")
+                                 f"{cfg.max_new_tokens} does not fit max_len={self.max_len} (or max_new_tokens "
+                                 f"private_len={self.private_len} at the {self.pool_layers} layers with a pool); "
+                                 "raise them, or use on_too_long='skip'")
         if cfg.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: Engine(model, tokenizer, ...)")
 
@@ -634,27 +685,50 @@ class Engine:
         return min(min(p.prompt_depth(self.d.n_layers) for p in g.policies), self.pool_layers)
 
     def _too_long(self, g, cfg) -> bool:
+        # the prompt's KV lives in pool segments below pool_layers (a row keeps its new tokens there) and
+        # privately above
         plen = len(g.prompt) - 1
-        if plen + cfg.max_new_tokens > self.max_len:
-            return True
-        lsh = self._shared_depth(g)  # below it a row keeps only its new tokens privately
-        return any(cfg.max_new_tokens + (plen if l >= lsh else 0) > cap for l, cap in enumerate(self.private_cap))
+        return plen + cfg.max_new_tokens > self.max_len or (self.pool_layers > 0 and
+                                                             cfg.max_new_tokens > self.private_len)
+
+    def _take_segments(self, g: Group, st: "_Slots") -> list[int] | None:
+        """Reserve the pool segments of a group: a run of consecutive free ones (its prefill writes its
+        streams' KV there in place), preferring a run whose first segment holds the longest prefix of its
+        prompt for its first stream, so the pass fills it without copying. None: no run is free yet."""
+        k = self._segs_needed(g.policies)
+        starts = st.run_starts(k)
+        if not starts:
+            return None
+        s0 = starts[0]
+        if self.reuse_prefix:
+            lsh, P = self._shared_depth(g), self.pool_layers
+            first = g.policies[0].prompt_heads or ()
+            _, h = self._segs.lookup(_prefix_ids(g), self._seg_tags(0, P, first if lsh < P else ()), starts)
+            s0 = h if h in starts else s0
+        return st.take_run(s0, k)
 
     def _prefill(self, admitted, st: "_Slots", cfg: GenConfig):
         by_depth: dict[int, list] = {}
-        for g, rows in admitted:
-            by_depth.setdefault(self._shared_depth(g), []).append((g, rows))
+        for item in admitted:
+            by_depth.setdefault(self._shared_depth(item[0]), []).append(item)
         for lsh, batch in by_depth.items():
             for phase in (self._reuse_phases(batch) if lsh == self.d.n_layers else [batch]):
                 for part in self._prefill_parts(phase):
                     self._prefill_batch(part, lsh, st, cfg)
 
     def _held_prefix(self, a: np.ndarray, prefer=(), depth: int | None = None) -> tuple[int, int]:
-        """Longest prefix of the tokens `a` whose KV a pool segment holds at every layer below `depth`
-        (default: every layer), as (tokens, segment); (0, -1) under `reuse_prefix` tokens. A tie goes to
-        a segment in `prefer` (free ones, which can be filled in place) among the nearest in the index."""
+        """Longest prefix of the tokens `a` whose KV, as the intact model computes it, a pool segment holds
+        at every layer below `depth` (default: every layer), as (tokens, segment); (0, -1) under
+        `reuse_prefix` tokens. A tie goes to a segment in `prefer` among the nearest in the index."""
         depth = self.d.n_layers if depth is None else depth
-        return self._segs.lookup(a, [t for t in self._segs.index if t >= depth], prefer)
+        return self._segs.lookup(a, self._seg_tags(0, depth, ()), prefer)
+
+    def _seg_tags(self, lo: int, hi: int, heads: tuple) -> list:
+        """Index tags of the segments holding layers [lo, hi) as computed with `heads` off over the prompt.
+        A segment's tag is (first layer it holds, heads): it holds that layer up to the pool's depth. The KV
+        at a layer depends only on the heads off below it, so the bitmaps must agree below `hi`."""
+        want = _below(heads, hi)
+        return [t for t in self._segs.index if t[0] <= lo and _below(t[1], hi) == want]
 
     def _reuse_phases(self, batch):
         """The groups of one admission in prefill order, for prefix reuse. In each cluster of groups
@@ -665,7 +739,7 @@ class Engine:
         m, n = self.reuse_prefix, len(batch)
         if not m or n < 2:
             return [batch]
-        arrs = [_prefix_ids(g) for g, _ in batch]
+        arrs = [_prefix_ids(item[0]) for item in batch]
         order = prefix_order(arrs)  # a pair's common prefix is the least over the neighbours between them
         adj = np.array([common_prefix(arrs[a], arrs[b]) for a, b in zip(order, order[1:])], dtype=np.int64)
         later = set()
@@ -696,57 +770,61 @@ class Engine:
         """Split admitted (group, slots) pairs into prefill batches of at most `prefill_tokens` streams
         (`_streams`) x padded length, shortest prompts first (a batch pads to its longest)."""
         parts, cur, rows, longest = [], [], 0, 0
-        for g, slots in sorted(batch, key=lambda gs: len(gs[0].prompt)):
+        for item in sorted(batch, key=lambda gs: len(gs[0].prompt)):
+            g = item[0]
             k = self._streams(g.policies)
             r, n = rows + k, max(longest, len(g.prompt) - 1)
             if cur and r * n > self.prefill_tokens:
                 parts.append(cur)
                 cur, r, n = [], k, len(g.prompt) - 1
-            cur.append((g, slots))
+            cur.append(item)
             rows, longest = r, n
         return parts + [cur] if cur else parts
 
     @torch.no_grad()
     def _prefill_batch(self, batch, lsh: int, st: "_Slots", cfg: GenConfig):
         d, dev = self.d, self.device
-        L = d.n_layers
-        full = [_prefix_ids(g) for g, _ in batch]  # the last prompt token is the first decode input
+        L, P, m = d.n_layers, self.pool_layers, self.reuse_prefix
+        full = [_prefix_ids(g) for g, _, _ in batch]  # the last prompt token is the first decode input
         plen = max(len(a) for a in full)
-        slots = [s for _, rows in batch for s in rows]
+        slots = [s for _, rows, _ in batch for s in rows]
         # rows of a group whose prompt bitmaps agree (the original and scope-`generated` rows, say) compute the
-        # prompt once, as one stream; each row then gets its stream's KV at the layers the group does not share
-        streams, stream_key, row_stream, stream2group = [], [], [], []
-        for gi, (g, _) in enumerate(batch):
+        # prompt once, as one stream; from lsh on, each stream's KV goes to its own pool segment (below the
+        # pool's depth; the group's first segment for its first stream) and to its rows' slots (above it)
+        streams, stream_key, row_stream, stream2group, stream_seg = [], [], [], [], []
+        for gi, (g, _, segs) in enumerate(batch):
             seen = {}
             for p in g.policies:
-                if p.prompt_heads not in seen:
-                    seen[p.prompt_heads] = len(streams)
+                hk = p.prompt_heads or ()
+                if hk not in seen:
+                    seen[hk] = len(streams)
+                    stream_seg.append(segs[len(seen) - 1] if lsh < P else segs[0])
                     streams.append(self._keep_row(p, prompt=True))
-                    stream_key.append(p.prompt_heads)
+                    stream_key.append(hk)
                     stream2group.append(gi)
-                row_stream.append(seen[p.prompt_heads])
+                row_stream.append(seen[hk])
         keep = torch.stack(streams)  # (N, L, Hq)
-        # prefix reuse: the longest prefix whose KV is held for every layer the group computes: below lsh in a
-        # pool segment, from lsh on (a group with a head off over the prompt) in a slot per stream that held a
-        # row with the stream's bitmap (in a group that shared no deeper)
-        held, from_slot = [], {}  # (tokens, segment) per group; stream -> slot
+        # prefix reuse: the longest prefix whose KV is held for every layer the group computes: below lsh as the
+        # intact model computes it, in a segment; from lsh on under each stream's bitmap, in a segment (below
+        # the pool's depth) and in a slot (above it)
+        pre, base_src, seg_src, slot_src = [], [], {}, {}
         for gi, a in enumerate(full):
-            c, src = self._held_prefix(a, st.free_segs, depth=lsh) if lsh else (len(a), -1)
+            own = batch[gi][2]
+            c, src = self._segs.lookup(a, self._seg_tags(0, lsh, ()), own[:1]) if m and lsh else (len(a), -1)
             if lsh < L:
                 c = min(c, len(a) - 1)  # a row's stream computes at least one token (its KV reaches the slots)
-                for si in (i for i in range(len(streams)) if stream2group[i] == gi):
-                    tags = [t for t in self._slots_held.index if t[0] == stream_key[si] and t[1] <= lsh]
-                    cs, slot = self._slots_held.lookup(a, tags) if c >= self.reuse_prefix > 0 else (0, -1)
-                    c, from_slot[si] = min(c, cs), slot
-            held.append((c, src) if self.reuse_prefix and c >= self.reuse_prefix else (0, -1))
-        pre = [c for c, _ in held]
-        if len(batch) == 1 and held[0][1] in st.free_segs:  # its prefix's own segment is free: fill it in place
-            st.free_segs.remove(held[0][1])
-            segs = [held[0][1]]
-        else:
-            segs = [st.take_seg() for _ in batch]
-        for s in segs:  # their old content is about to be overwritten: held by nothing until this pass succeeds
-            self._hold(s, None)
+            for si in (i for i in range(len(streams)) if stream2group[i] == gi):
+                if lsh < P and c >= m > 0:
+                    cs, seg_src[si] = self._segs.lookup(a, self._seg_tags(lsh, P, stream_key[si]), (stream_seg[si],))
+                    c = min(c, cs)
+                if P < L and c >= m > 0:
+                    cs, slot_src[si] = self._slots_held.lookup(a, [stream_key[si]])
+                    c = min(c, cs)
+            pre.append(c if m and c >= m else 0)
+            base_src.append(src)
+        for _, _, segs in batch:  # their old content is about to be overwritten: held by nothing until this pass succeeds
+            for s in segs:
+                self._segs.hold(s, None)
         for s in slots:
             self._slots_held.hold(s, None)
         todo = [len(a) - c for a, c in zip(full, pre)]  # tokens to compute per group
@@ -757,24 +835,25 @@ class Engine:
         if slen > 0:
             self.stats["prefills"] += 1  # passes that run the model (a 1-token prompt runs none)
             ctx = _Prefill(self, len(batch), len(streams), lsh, plen, keep.to(dev),
-                           torch.tensor(stream2group, device=dev), pool_seg=segs[0] if len(batch) == 1 else None)
-        # the reused prefixes, into the staging or else into the group's own segment (unless already there)
+                           torch.tensor(stream2group, device=dev), segs=batch[0][2] if len(batch) == 1 else None)
+        # the reused prefixes, into the staging or else into the group's own segments (unless already there)
         stage = ctx is not None and not ctx.in_place
-        moves = [(gi, c, src) for gi, (c, src) in enumerate(held) if c and src >= 0 and (stage or src != segs[gi])]
-        for l in range(lsh if moves else 0):
-            srcs = [(self.pk[l][src, :, :c], self.pv[l][src, :, :c]) for _, c, src in moves]
-            if not stage and len(moves) > 1:  # one group's destination may be another's source
+        base_moves = [(gi, pre[gi], s, batch[gi][2][0]) for gi, s in enumerate(base_src) if pre[gi] and s >= 0]
+        seg_moves = [(si, pre[stream2group[si]], s, stream_seg[si]) for si, s in seg_src.items() if pre[stream2group[si]]]
+        for l in range(P):
+            moves = [mv for mv in (base_moves if l < lsh else seg_moves) if stage or mv[2] != mv[3]]
+            srcs = [(self.pk[l][src, :, :c], self.pv[l][src, :, :c]) for _, c, src, _ in moves]
+            if not stage and len(moves) > 1:  # one move's destination may be another's source
                 srcs = [(k.clone(), v.clone()) for k, v in srcs]
-            for (gi, c, _), (k, v) in zip(moves, srcs):
-                dk, dv = (ctx.k[l][gi], ctx.v[l][gi]) if stage else (self.pk[l][segs[gi]], self.pv[l][segs[gi]])
+            for (i, c, _, dst), (k, v) in zip(moves, srcs):
+                dk, dv = (ctx.k[l][i], ctx.v[l][i]) if stage else (self.pk[l][dst], self.pv[l][dst])
                 dk[:, :c] = k
                 dv[:, :c] = v
-        for si, slot in from_slot.items():  # each stream's prefix from its slot, into the staging (after lsh)
+        for si, slot in slot_src.items():  # each stream's prefix from its slot, into the staging (above the pool)
             c = pre[stream2group[si]]
-            if c:
-                for l in range(lsh, L):
-                    ctx.k[l][si, :, :c] = self.k[l][slot, :, :c]
-                    ctx.v[l][si, :, :c] = self.v[l][slot, :, :c]
+            for l in range(P, L) if c else ():
+                ctx.k[l][si, :, :c] = self.k[l][slot, :, :c]
+                ctx.v[l][si, :, :c] = self.v[l][slot, :, :c]
         if ctx is not None:
             pads = torch.tensor([slen - n for n in todo], device=dev)
             pre_t = torch.tensor(pre, device=dev)
@@ -794,57 +873,57 @@ class Engine:
                                          position_ids=pos[:, start : start + size], use_cache=False)
             finally:
                 self._ctx = None
-            seg_t = torch.tensor(segs, device=dev)
+            base_t = torch.tensor([segs[0] for _, _, segs in batch], device=dev)
+            seg_t = torch.tensor(stream_seg, device=dev)
             slot_t = torch.tensor(slots, device=dev)
             # each stream's KV to the slots of its rows (broadcast: no rows x prompt temporary)
             by_stream = [] if len(streams) == len(slots) else [
                 (s, slot_t[torch.tensor([r == s for r in row_stream], device=dev)]) for s in range(len(streams))]
-            for l in range(d.n_layers):
-                if l < lsh:
-                    if ctx.in_place:
-                        continue
-                    self.pk[l][seg_t, :, :plen] = ctx.k[l][:, :, :plen]
-                    self.pv[l][seg_t, :, :plen] = ctx.v[l][:, :, :plen]
+            for l in range(L):
+                if l < P:
+                    if not ctx.in_place:
+                        dst = base_t if l < lsh else seg_t
+                        self.pk[l][dst, :, :plen] = ctx.k[l][:, :, :plen]
+                        self.pv[l][dst, :, :plen] = ctx.v[l][:, :, :plen]
+                elif not by_stream:  # one row per stream, in order
+                    self.k[l][slot_t, :, :plen] = ctx.k[l][:, :, :plen]
+                    self.v[l][slot_t, :, :plen] = ctx.v[l][:, :, :plen]
                 else:
-                    if not by_stream:  # one row per stream, in order
-                        self.k[l][slot_t, :, :plen] = ctx.k[l][:, :, :plen]
-                        self.v[l][slot_t, :, :plen] = ctx.v[l][:, :, :plen]
-                        continue
                     for si, st_slots in by_stream:
                         self.k[l][st_slots, :, :plen] = ctx.k[l][si: si + 1, :, :plen]
                         self.v[l][st_slots, :, :plen] = ctx.v[l][si: si + 1, :, :plen]
-        for gi, (g, rows) in enumerate(batch):
+        r0 = 0  # the group's first row among row_stream
+        for gi, (g, rows, segs) in enumerate(batch):
             n = len(g.prompt) - 1
-            self.pool_len[segs[gi]] = n
-            self._hold(segs[gi], full[gi] if lsh else None, depth=lsh)
+            gstreams = [si for si in range(len(streams)) if stream2group[si] == gi]
+            for j, s in enumerate(segs):
+                self.pool_len[s] = n
+                # the first segment holds layers [0, P) (its first stream's, the group's below lsh); the others
+                # their stream's from lsh on
+                self._segs.hold(s, full[gi] if P else None, (0 if j == 0 else lsh, stream_key[gstreams[j]]))
             gid = id(g)
             st.groups[gid] = g
-            st.group_seg[gid] = segs[gi]
+            st.group_seg[gid] = list(segs)
             st.reused[gid] = pre[gi]
             for r, slot in enumerate(rows):
-                pol = g.policies[r]
-                if lsh < L:  # the row's own prompt KV from lsh on: reusable by a later row with its bitmap
-                    self._slots_held.hold(slot, full[gi], (pol.prompt_heads, lsh))
+                pol, si = g.policies[r], row_stream[r0 + r]
+                if P < L:  # the row's own prompt KV above the pool: reusable by a later row with its bitmap
+                    self._slots_held.hold(slot, full[gi], stream_key[si])
                 seed = g.seeds[r] if g.seeds is not None else cfg.seed + self._row0[id(g)] + r
                 st.start(slot, gid, r, pol, seed, g.prompt[-1], n)
                 st.keep_prompt[slot] = self._keep_row(pol, prompt=True)
                 st.keep_gen[slot] = self._keep_row(pol, prompt=False)
-                self.kv_len[:, slot] = torch.tensor([0 if l < lsh else n for l in range(d.n_layers)],
-                                                    dtype=torch.int32)
+                self.kv_len[:, slot] = torch.tensor([0 if l < P else n for l in range(L)], dtype=torch.int32)
                 self._idle[slot] = False
-                self.row_seg[:, slot] = torch.tensor([segs[gi] if l < lsh and n > 0 else -1
-                                                      for l in range(d.n_layers)], dtype=torch.int32)
+                self.row_seg[:, slot] = torch.tensor([(segs[0] if l < lsh else stream_seg[si]) if l < P and n > 0
+                                                      else -1 for l in range(L)], dtype=torch.int32)
+            r0 += len(rows)
         self._refresh_layout()
 
     @staticmethod
     def _streams(policies) -> int:
         """Distinct prompt bitmaps among `policies`: the rows a group's prefill computes above its shared depth."""
         return len({p.prompt_heads for p in policies})
-
-    def _hold(self, seg: int, ids: np.ndarray | None, depth: int | None = None):
-        """Record what segment `seg` now holds: the KV of `ids` at every layer below `depth` (default: every
-        layer; None ids: nothing to reuse)."""
-        self._segs.hold(seg, ids, self.d.n_layers if depth is None else depth)
 
     def _keep_row(self, p: Policy, prompt: bool) -> torch.Tensor:
         """(L, Hq) keep bitmap of a policy at a prompt position or a generated one."""
@@ -863,8 +942,7 @@ class Engine:
         self.layer_shared = (self.row_seg >= 0).any(1).tolist()
 
     def _free_group(self, st: "_Slots", gid: int):
-        seg = st.group_seg.pop(gid)
-        st.free_segs.append(seg)
+        st.free_segs = sorted(st.free_segs + st.group_seg.pop(gid))
         st.groups.pop(gid)
 
     @torch.no_grad()
@@ -988,6 +1066,11 @@ class _Held:
         return (best, who) if best >= self.at_least else (0, -1)
 
 
+def _below(heads: tuple, layer: int) -> tuple:
+    """The (layer, head) pairs of `heads` below `layer`: what decides the KV of layers up to `layer`."""
+    return tuple(x for x in heads if x[0] < layer)
+
+
 def _key(ids) -> bytes:
     """Big-endian bytes of token ids: they compare as the id sequences do (a prefix first), in C."""
     return np.asarray(ids, dtype=">u4").tobytes()
@@ -1053,15 +1136,19 @@ class _Slots:
     def active_count(self) -> int:
         return int(self.active.sum())
 
-    def free_count(self) -> int:
-        return len(self.free_slots) if self.free_segs else 0
-
     def take(self, k: int) -> list[int]:
         out, self.free_slots = self.free_slots[:k], self.free_slots[k:]
         return out
 
-    def take_seg(self) -> int:
-        return self.free_segs.pop(0)
+    def run_starts(self, k: int) -> list[int]:
+        """Free segments that begin a run of `k` consecutive free ones."""
+        free = set(self.free_segs)
+        return [s for s in self.free_segs if all(s + i in free for i in range(1, k))]
+
+    def take_run(self, s0: int, k: int) -> list[int]:
+        run = list(range(s0, s0 + k))
+        self.free_segs = [s for s in self.free_segs if not s0 <= s < s0 + k]
+        return run
 
     def start(self, slot, gid, row, policy, seed, first_in, pos):
         self.active[slot], self.group[slot], self.row[slot], self.policy[slot] = True, gid, row, policy

@@ -374,3 +374,38 @@ def test_plan_counts_what_one_slot_reuses(toy_model, tmp_path, capsys):
     assert main(["detect", "--plan", *grid, "--tflops", "100"]) == 0
     out = capsys.readouterr().out
     assert f"{r['reused_tokens']:,} (" in out and "12 / 12" in out and "TFLOP/s" in out
+
+
+def test_niah_plan_sizes_the_cache_as_the_engine_does(toy_model, capsys, monkeypatch):
+    """`retmask niah --plan` reads the config and tokenizer only. The KV a group needs is one copy of the
+    prompt per prefill stream plus each row's new tokens (counted here from the config), and the slots a
+    budget holds, and the bytes, are those of an engine over the loaded model."""
+    import re
+
+    from retmask import models
+    from retmask.cli import main
+    from retmask.engine import Engine
+
+    model, _ = toy_model
+    c = model.config
+    L, hkv, d = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
+    grid = ["--min", "160", "--max", "320", "--lengths", "2", "--depths", "2", "--needles", "1", "--steps", "6"]
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("--plan loaded the model"))
+    assert main(["niah", "--heads", "1-0,2-1", "--controls", "random", *grid, "--no-progress", "--dtype", "fp32",
+                 "--kv-budget-gb", "0.02", "--plan"]) == 0
+    text = capsys.readouterr().out
+    longest = int(re.search(r"longest prompt \+ steps\s*\|\s*([\d,]+) \+ 6", text).group(1).replace(",", ""))
+    slots, at_once = map(int, re.search(r"(\d+) slots, (\d+) group\(s\) at once", text).groups())
+    pols = causal.make_policies(HeadSet.from_list("1-0,2-1"), {(l, h): 0.0 for l in range(L)
+                                                                for h in range(c.num_attention_heads)},
+                                controls=("random",))
+    rows, streams = len(pols), len({p.prompt_heads for p in pols})
+    assert (rows, streams) == (5, 3)
+    tb = 2 * hkv * d * 4  # K and V, fp32, per token and layer
+    assert f"| {tb * L * (rows * 7 + streams * (longest + 6)) / 1e6:,.2f} MB" in text  # + 1: the spare column
+    assert f"| {tb * rows * L * (longest + 7) / 1e6:,.2f} MB" in text
+    with Engine(model, kv_budget_gb=0.02, policies=pols, private_len=6, max_len=longest + 6) as eng:
+        assert eng.slots == slots and eng.n_segments == streams * (slots // rows) and at_once == slots // rows > 1
+        assert sum(t.nbytes for t in eng.k + eng.v) == slots * tb * L * 7
+        assert sum(t.nbytes for t in eng.pk + eng.pv) == eng.n_segments * tb * L * (longest + 6)
+        assert sum(t.nbytes for t in eng.k + eng.v + eng.pk + eng.pv) + eng.staging_bytes(slots) <= 0.02e9

@@ -2,6 +2,8 @@
 
 import copy
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -288,8 +290,9 @@ def test_policies_context_for_plain_transformers(family):
 
 def test_short_private_cache_for_rows_that_share_the_prompt(family):
     """private_len = new tokens: original and scope-`generated` rows keep their prompt KV in the pool only;
-    tokens and argmax equal a full-size private cache; a scope-`all` row that needs private prompt KV is refused."""
-    _, m, ref, _ = family
+    tokens and argmax equal a full-size private cache. A scope-`all` row, whose prompt KV differs from
+    its shared depth on, gets a pool segment of its own there (the group takes two) and stays exact."""
+    _, m, ref, zeroed = family
     ps = prompts(seed=3)
     pols = [ORIGINAL, Policy(HEADS, "generated")]
     cfg = GenConfig(max_new_tokens=NEW, return_argmax=True)
@@ -302,7 +305,15 @@ def test_short_private_cache_for_rows_that_share_the_prompt(family):
             assert a.tokens == b.tokens and torch.equal(a.argmax, b.argmax)
     assert out[NEW][0].rows[0].tokens == hf_greedy(ref, ps[0])
     with Engine(m, slots=4, max_len=48, private_len=NEW) as eng:
-        with pytest.raises(ValueError, match="private_len"):
+        assert eng.pool_layers == 4 and eng.n_segments == 4
+        res = list(eng.generate([Group(p, [ORIGINAL, Policy(HEADS)], key=i) for i, p in enumerate(ps)],
+                                GenConfig(max_new_tokens=NEW)))
+        for r in res:
+            assert r.rows[0].tokens == hf_greedy(ref, ps[r.key]) and r.rows[1].tokens == hf_greedy(zeroed, ps[r.key])
+        with pytest.raises(ValueError, match="private_len=9"):
+            list(eng.generate([Group(ps[0], [ORIGINAL])], GenConfig(max_new_tokens=NEW + 1)))
+    with Engine(m, slots=4, max_len=48, private_len=NEW, segments=1) as eng:
+        with pytest.raises(ValueError, match="need 2 pool segments but the engine has 1"):
             list(eng.generate([Group(ps[0], [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=NEW)))
     with pytest.raises(ValueError, match="private_len=0"):
         Engine(m, slots=1, max_len=48, private_len=0)
@@ -430,7 +441,7 @@ def test_cuda_sampling_matches_cpu_and_stays_on_the_device():
 def test_policies_hint_sizes_the_cache_and_keeps_tokens_exact(family):
     """With policies=[original, ablated] the engine pools only the prompt layers the pair shares (below
     layer 1 here), keeps full private KV above and new tokens only below: same tokens as `generate`,
-    fewer bytes per row; a group that would share less than the pool allows and does not fit is refused."""
+    fewer bytes per row; a group that shares less than the pool holds takes a segment per stream."""
     _, m, ref, zeroed = family
     pair = [ORIGINAL, Policy(HEADS)]
     ps = prompts()
@@ -444,8 +455,11 @@ def test_policies_hint_sizes_the_cache_and_keeps_tokens_exact(family):
         singles = {r.key: r for r in eng.generate([Group(p, [ORIGINAL], key=i) for i, p in enumerate(ps)],
                                                   GenConfig(max_new_tokens=NEW))}
         assert all(singles[i].rows[0].tokens == hf_greedy(ref, p) for i, p in enumerate(ps))
-        with pytest.raises(ValueError, match=r"private_len=9 at the 1 layers with a pool; this group shares 0"):
-            list(eng.generate([Group(ps[0], [Policy(HeadSet.from_list("0-1"))])], GenConfig(max_new_tokens=NEW)))
+        # a group sharing less than the pool holds (a head off in layer 0) keeps its pooled layers in a
+        # segment of its own
+        low = HeadSet.from_list("0-1")
+        (r,) = eng.generate([Group(ps[4], [ORIGINAL, Policy(low)])], GenConfig(max_new_tokens=NEW))
+        assert r.rows[0].tokens == hf_greedy(ref, ps[4]) and r.rows[1].tokens == hf_greedy(hf.zeroed_copy(ref, low), ps[4])
         hinted = eng.bytes_per_slot()
     for i, p in enumerate(ps):
         assert res[i].rows[0].tokens == hf_greedy(ref, p) and res[i].rows[1].tokens == hf_greedy(zeroed, p)
@@ -730,6 +744,21 @@ def test_prefix_reuse_with_triton_kernels(monkeypatch):
         with torch.no_grad():
             full = ref(torch.tensor([p + res[i].rows[0].tokens[:-1]])).logits[0, len(p) - 1:]
         torch.testing.assert_close(res[i].rows[0].logits, full.float(), atol=2e-4, rtol=1e-4)
+    # each stream's prompt KV in a pool segment (private_len = new tokens), two groups per pass: the decode
+    # kernel reads a segment per stream at every layer above the shared depth
+    zeroed = hf.zeroed_copy(ref, HEADS)
+    pols = [ORIGINAL, Policy(HEADS), Policy(HEADS, "generated")]
+    with Engine(m, slots=6, max_len=56, chunk=7, reuse_prefix=8, policies=pols, private_len=3) as eng:
+        assert eng.pool_layers == 4 and eng.n_segments == 4
+        res = {r.key: r for r in eng.generate([Group(ps[i], pols, key=i) for i in prefix_order(ps)],
+                                              GenConfig(max_new_tokens=3, keep_logits=True))}
+        assert eng.stats["reused_tokens"] > 0
+    for i, p in enumerate(ps):
+        for row, model in zip(res[i].rows[:2], (ref, zeroed)):
+            with torch.no_grad():
+                full = model(torch.tensor([p + row.tokens[:-1]])).logits[0, len(p) - 1:]
+            torch.testing.assert_close(row.logits, full.float(), atol=2e-4, rtol=1e-4)
+        assert res[i].rows[2].tokens == generated_scope_greedy(ref, zeroed, p, 3)
 
 
 def test_rows_that_read_the_prompt_alike_compute_it_once(family):
@@ -803,10 +832,10 @@ def test_held_prefix_lookup_equals_a_scan_of_every_segment():
     hay, needle = rng.integers(3, 9, 70), rng.integers(90, 96, 4)  # few distinct ids: many ties
     prompt = lambda c, n=70: np.concatenate([hay[:c], needle, hay[c:n]])  # noqa: E731
     for s in range(40):
-        eng._hold(s, prompt(int(rng.integers(0, 70)), int(rng.integers(30, 71))))
-    eng._hold(7, prompt(60))
-    eng._hold(8, prompt(60))
-    eng._hold(7, None)  # replaced by a prompt with a head off: holds nothing now
+        eng._segs.hold(s, prompt(int(rng.integers(0, 70)), int(rng.integers(30, 71))), (0, ()))
+    eng._segs.hold(7, prompt(60), (0, ()))
+    eng._segs.hold(8, prompt(60), (0, ()))
+    eng._segs.hold(7, None)  # replaced by a prompt with a head off: holds nothing now
     for c in list(range(0, 70, 3)) + [60]:
         a = prompt(c)
         scan = max((common_prefix(a, eng._segs.ids[s]), s) for s in range(40) if eng._segs.ids[s] is not None)
@@ -822,23 +851,43 @@ def test_held_prefix_lookup_equals_a_scan_of_every_segment():
     eng.close()
 
 
-@pytest.mark.parametrize("slots", [4, 8, 12])
-def test_prefix_reuse_for_groups_with_heads_off_over_the_prompt(family, slots):
+@pytest.mark.parametrize("slots,private_len", [(4, None), (8, None), (12, None), (4, 6), (8, 6), (12, 6)])
+def test_prefix_reuse_for_groups_with_heads_off_over_the_prompt(family, slots, private_len):
     """NIAH's causal check: groups of the original, a scope-`all` ablation, a scope-`generated` one and a
-    scope-`all` set from layer 0 (nothing pooled) reuse each stream's prefix from a slot that held a row
-    with its bitmap. Every row equals its definition and a run without reuse; with one group at a time the
-    tokens computed are the prefix tree's, plus one for the prompt held whole (each stream computes at least
-    its last prompt token)."""
+    scope-`all` set from layer 0 (so the group shares no layer) reuse each stream's prefix: from a slot that
+    held a row with its bitmap (full private caches), or from a segment that held the stream (private_len =
+    new tokens: each stream's prompt KV in a pool segment, stored once for the rows that read it alike).
+    Every row equals its definition and a run without reuse; with one group at a time the tokens computed
+    are the prefix tree's, plus one for the prompt held whole (each stream computes at least its last
+    prompt token)."""
     _, m, ref, zeroed = family
     ps = _niah_like()
     pols = [ORIGINAL, Policy(HEADS), Policy(HEADS, "generated"), Policy(HeadSet.from_list("0-1,3-3"), name="low")]
     order = prefix_order(ps)
     out, stats = {}, {}
     for reuse in (0, 8):
-        with Engine(m, slots=slots, max_len=56, chunk=7, reuse_prefix=reuse, policies=pols) as eng:
+        with Engine(m, slots=slots, max_len=56, chunk=7, reuse_prefix=reuse, policies=pols,
+                    private_len=private_len) as eng:
+            by_stream = private_len is not None
+            assert (eng.pool_layers, eng.group_segs) == ((4, 3) if by_stream else (0, 1))
+            seen = []
+
+            def check(_):  # which segment each decoding row reads its prompt from, at the top layer
+                act = [s for s in range(eng.slots) if not eng._idle[s]]
+                if act:  # (after a step that ended every row: none)
+                    seen.append((len(act), Counter(eng.row_seg[-1, act].tolist())))
+
             out[reuse] = {r.key: r for r in eng.generate([Group(ps[i], pols, key=i) for i in order],
-                                                        GenConfig(max_new_tokens=6, keep_logits=True))}
+                                                        GenConfig(max_new_tokens=6, keep_logits=True), check)}
             stats[reuse] = eng.stats
+            # every group's 4 rows decode together: its original and scope-`generated` rows read one segment,
+            # the two scope-`all` rows one each (full private caches: no row reads a segment there)
+            for n, c in seen:
+                if by_stream:
+                    assert -1 not in c and sorted(c.values()) == sorted([1, 1, 2] * (n // 4)), (n, c)
+                else:
+                    assert set(c) == {-1}, c
+            assert seen
     assert stats[8]["reused_tokens"] > 0.3 * stats[0]["prompt_tokens"]
     if slots == 4:
         assert stats[8]["prompt_tokens"] == _prefix_tree_size([p[:-1] for p in ps]) + 1
