@@ -16,6 +16,13 @@ column), run as `retmask detect` runs it (one slot, prompts in prefix order) wit
 without: seconds per test, prompt tokens computed, and the floor of each (the FLOPs of the tokens
 computed, each attending over everything before it).
 
+The causal check (`detect_causal.csv`): one NIAH prompt answered by the 7 policies of `retmask niah`
+(the original; selected heads in layers 2 and up, and random and non-retrieval controls of the same
+size, each under scope `all` and `generated`) as rows of one group, 32 decode steps. Once with each
+prefill stream's prompt KV stored once (the layout `retmask niah` gets) and once with every row
+keeping its own (at the lengths where it fits): seconds per prompt, peak GPU memory, and the cache
+and staging the engine sized.
+
     python benchmarks/bench_detect.py
     python benchmarks/bench_detect.py --tiny        # CPU smoke run on a tiny Llama
 """
@@ -31,11 +38,14 @@ import torch
 
 import benchlib
 from bench_engine import LLAMA_8B, TINY, _peak_gb, _peak_reset, _sync, build
+from retmask import causal
 from retmask.detect import prefill_flops
-from retmask.engine import ORIGINAL, Engine, GenConfig, Group, prefix_order
+from retmask.engine import ORIGINAL, Engine, GenConfig, Group, Policy, prefix_order
+from retmask.heads import HeadSet
 from retmask.scoring import retrieval_scores
 
 STEPS = 50
+CAUSAL_STEPS = causal.DEFAULTS["steps"]
 
 
 def matmul_tflops(device, dtype, n: int) -> float:
@@ -78,6 +88,37 @@ def run_sweep(model, prompts, device, chunk, reuse: int):
             reused[res.key] = res.reused
         _sync(device)
         return (time.perf_counter() - t) / len(prompts), [reused[i] for i in range(len(prompts))]
+
+
+def causal_policies(config, k: int, seed: int = 0) -> list[Policy]:
+    """`retmask niah`'s policies on a model shaped like `config`: k selected heads in layers 2 and up (where
+    the paper's threshold puts Llama-3.1-8B's lowest), and random and non-retrieval controls of the same
+    size drawn as the command draws them, each under scope `all` and `generated`."""
+    g = torch.Generator().manual_seed(seed)
+    L, H = config.num_hidden_layers, config.num_attention_heads
+    scores = {(l, h): 0.05 * float(torch.rand((), generator=g)) for l in range(L) for h in range(H)}
+    for i in torch.randperm((L - 2) * H, generator=g)[:k].tolist():
+        scores[(2 + i // H, i % H)] = 0.5
+    return causal.make_policies(HeadSet.from_scores(scores, topk=k), scores)
+
+
+def run_causal(model, prompt, policies, device, chunk, per_row: bool):
+    """One NIAH prompt answered by every policy as rows of one group, sized as `retmask niah` sizes it
+    (per_row: private_len = max_len, so each row keeps its own prompt KV). Seconds, peak GB, the cache the
+    engine allocated and the staging it budgets (GB), and its layout (pooled layers, segments per group)."""
+    L = len(prompt)
+    kw = dict(slots=len(policies), max_len=L + CAUSAL_STEPS, chunk=chunk, policies=policies, reuse_prefix=0,
+              private_len=None if per_row else CAUSAL_STEPS)
+    with Engine(model, **kw) as eng:
+        cache = sum(t.nbytes for t in eng.k + eng.v + eng.pk + eng.pv) / 1e9
+        list(eng.generate([Group(prompt, policies)], GenConfig(max_new_tokens=2)))  # warm-up at the same length
+        _sync(device)
+        _peak_reset(device)
+        t = time.perf_counter()
+        list(eng.generate([Group(prompt, policies)], GenConfig(max_new_tokens=CAUSAL_STEPS)))
+        _sync(device)
+        return (time.perf_counter() - t, _peak_gb(device), cache, eng.staging_bytes(eng.slots) / 1e9,
+                eng.pool_layers, eng.group_segs)
 
 
 def run_retmask(model, prompt, span, device, chunk):
@@ -136,11 +177,17 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--sweep-length", type=int, default=32768, help="context of the depth sweep (0: none)")
     ap.add_argument("--sweep-depths", type=int, default=10)
+    ap.add_argument("--causal-lengths", default="32768,65536,131072", help="lengths of the causal check ('': none)")
+    ap.add_argument("--per-row-max", type=int, default=65536,
+                    help="longest causal-check length run with every row keeping its own prompt KV")
+    ap.add_argument("--heads", type=int, default=33, help="heads the causal check switches off (Llama-3.1-8B at "
+                    "tau 0.1: 33)")
     ap.add_argument("--out", type=Path, default=benchlib.RESULTS / "detect.csv")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny Llama")
     args = ap.parse_args(argv)
     device = benchlib.resolve_mode(args, "detect", dict(lengths="96,160", baseline_max=160, chunk=64,
-                                                        sweep_length=400, sweep_depths=5), interpreter=False)
+                                                        sweep_length=400, sweep_depths=5, causal_lengths="96,160",
+                                                        per_row_max=160, heads=2), interpreter=False)
     if device is None:
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -150,7 +197,7 @@ def main(argv=None) -> int:
     tflops = matmul_tflops(device, dtype, 256 if args.tiny else 8192)
     g = torch.Generator().manual_seed(0)
     rows = benchlib.RowLog(args.out)  # each row is saved as it is measured
-    for L in (int(x) for x in args.lengths.split(",")):
+    for L in (int(x) for x in args.lengths.split(",") if x.strip()):
         prompt = torch.randint(10, c.vocab_size, (L,), generator=g).tolist()
         span = (L // 2, L // 2 + 12)
         floor = prefill_flops(c, L) / (tflops * 1e12)
@@ -163,8 +210,25 @@ def main(argv=None) -> int:
                              floor_s=f"{floor:.3g}", vs_floor=f"{r[0] / floor:.2f}",
                              speedup=f"{base[0] / sec:.1f}" if (name == "retmask" and base) else "",
                              matmul_tflops=f"{tflops:.0f}"))
-    print(f"\nwrote {len(rows)} rows to {args.out}\n")
-    print(benchlib.table(rows, ["provider", "length", "seconds", "peak_gb", "floor_s", "vs_floor", "speedup"]))
+    if rows:
+        print(f"\nwrote {len(rows)} rows to {args.out}\n")
+        print(benchlib.table(rows, ["provider", "length", "seconds", "peak_gb", "floor_s", "vs_floor", "speedup"]))
+    if args.causal_lengths.strip():
+        pols = causal_policies(c, args.heads)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+        crows = benchlib.RowLog(args.out.with_name(args.out.stem + "_causal.csv"))
+        for L in (int(x) for x in args.causal_lengths.split(",") if x.strip()):
+            prompt = torch.randint(10, c.vocab_size, (L,), generator=g).tolist()
+            for per_row in (False, True) if L <= args.per_row_max else (False,):
+                sec, peak, cache, staging, pooled, segs = run_causal(model, prompt, pols, device, args.chunk, per_row)
+                crows.append(dict(st, provider="prompt KV per row" if per_row else "prompt KV per stream",
+                                  length=L, rows=len(pols), streams=len({p.prompt_heads for p in pols}),
+                                  steps=CAUSAL_STEPS, seconds=f"{sec:.3f}", peak_gb=f"{peak:.2f}",
+                                  cache_gb=f"{cache:.4g}", staging_gb=f"{staging:.4g}", weights_gb=f"{weights:.4g}",
+                                  pooled_layers=pooled, segments=segs))
+        print(f"\nwrote {len(crows)} rows to {crows.path}\n")
+        print(benchlib.table(crows, ["provider", "length", "rows", "streams", "seconds", "peak_gb", "cache_gb",
+                                     "staging_gb", "weights_gb"]))
     if args.sweep_length:
         L, n = args.sweep_length, args.sweep_depths
         prompts = depth_prompts(c.vocab_size, L, n, g)

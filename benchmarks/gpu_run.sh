@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_run.sh prefill decode
 #   bash benchmarks/gpu_run.sh engine
 #   bash benchmarks/gpu_run.sh detect
+#   bash benchmarks/gpu_run.sh causal
 # (`bash benchmarks/gpu_run.sh` alone runs every stage in turn, each within its limit.) A copy of
 # the tree without .git records its commit with RETMASK_COMMIT=<hash> in front of the command.
 set -uo pipefail
@@ -21,9 +22,9 @@ OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 PY=${PYTHON:-python3}
-STAGES=${*:-tests prefill decode engine detect}
+STAGES=${*:-tests prefill decode engine detect causal}
 declare -A LIMIT=([tests]=${T_TESTS:-540} [prefill]=${T_PREFILL:-290} [decode]=${T_DECODE:-240}
-                  [engine]=${T_ENGINE:-560} [detect]=${T_DETECT:-560})
+                  [engine]=${T_ENGINE:-560} [detect]=${T_DETECT:-560} [causal]=${T_CAUSAL:-560})
 declare -A STATUS
 
 $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || { cat "$LOG"; exit 1; }
@@ -56,8 +57,9 @@ for s in $STAGES; do
     prefill) run_stage prefill $PY benchmarks/bench_prefill.py ${PREFILL_ARGS:-} ;;
     decode) run_stage decode $PY benchmarks/bench_decode.py ${DECODE_ARGS:-} ;;
     engine) run_stage engine $PY benchmarks/bench_engine.py ${ENGINE_ARGS:-} ;;
-    detect) run_stage detect $PY benchmarks/bench_detect.py ${DETECT_ARGS:-} ;;
-    *) echo "unknown stage $s (tests prefill decode engine detect)"; exit 2 ;;
+    detect) run_stage detect $PY benchmarks/bench_detect.py --causal-lengths '' ${DETECT_ARGS:-} ;;
+    causal) run_stage causal $PY benchmarks/bench_detect.py --lengths '' --sweep-length 0 ${CAUSAL_ARGS:-} ;;
+    *) echo "unknown stage $s (tests prefill decode engine detect causal)"; exit 2 ;;
   esac
 done
 $PY benchmarks/report.py --print 2>&1 | tee "$OUT/report.md"

@@ -95,21 +95,28 @@ def engine_section() -> str:
 
 def detect_section() -> str:
     rows = benchlib.read_latest(benchlib.RESULTS / "detect.csv")
-    if not rows:
+    if not rows and not benchlib.read_latest(benchlib.RESULTS / "detect_causal.csv"):
         return NONE_YET
-    out = ["Seconds per detection test (prompt + 50 decode steps with per-head argmax):\n",
-           _pivot(rows, "length", "provider", "seconds"),
-           "\n\nretmask against its targets (peak <= 40 GB and <= 1.3x the prefill floor at 128K; "
-           ">= 10x the reference-style detector at 32K):\n",
-           benchlib.table([r for r in rows if r["provider"] == "retmask"],
-                          ["length", "seconds", "peak_gb", "floor_s", "vs_floor", "speedup"])]
+    out = [] if not rows else [
+        "Seconds per detection test (prompt + 50 decode steps with per-head argmax):\n",
+        _pivot(rows, "length", "provider", "seconds"),
+        "\n\nretmask against its targets (peak <= 40 GB and <= 1.3x the prefill floor at 128K; "
+        ">= 10x the reference-style detector at 32K):\n",
+        benchlib.table([r for r in rows if r["provider"] == "retmask"],
+                       ["length", "seconds", "peak_gb", "floor_s", "vs_floor", "speedup"])]
     sweep = benchlib.read_latest(benchlib.RESULTS / "detect_sweep.csv")
     if sweep:
         out += ["\n\nOne haystack with its needle at each depth (a grid column, one slot, prefix order), with and "
                 "without prefix reuse (seconds and floor per test):\n",
                 benchlib.table(sweep, ["provider", "length", "depths", "seconds", "computed_tokens", "reused",
                                        "floor_s", "vs_floor", "speedup"])]
-    return "".join(out) + _footnote(rows)
+    crows = benchlib.read_latest(benchlib.RESULTS / "detect_causal.csv")
+    if crows:
+        out += ["\n\nThe causal check (`retmask niah`'s 7 policies as rows of one group, 32 decode steps): seconds "
+                "and memory per prompt, each prefill stream's prompt KV stored once or each row's:\n",
+                benchlib.table(crows, ["provider", "length", "rows", "streams", "seconds", "peak_gb", "cache_gb",
+                                       "staging_gb", "weights_gb"])]
+    return "".join(out) + _footnote(rows or crows)
 
 
 def host_section() -> str:

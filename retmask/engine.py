@@ -130,7 +130,7 @@ class _Prefill:
     owns_masks = True
 
     def __init__(self, eng: "Engine", n_groups: int, rows: int, lsh: int, plen: int, keep: torch.Tensor,
-                 row2group: torch.Tensor, segs: list[int] | None = None):
+                 row2group: torch.Tensor, hi: int = 0, segs: list[int] | None = None):
         # rows: the streams computed from layer `lsh` on (a group's rows with the same prompt bitmap are one)
         d, dev = eng.d, eng.device
         self.eng, self.lsh, self.plen = eng, lsh, plen
@@ -138,12 +138,12 @@ class _Prefill:
         self.keep = keep  # (R, L, Hq)
         self.layer_all_on = keep.all(-1).all(0).tolist()  # (L,)
         shape = lambda n: (n, d.n_kv_heads, plen + 1, d.head_dim)  # noqa: E731  (+1: a trash slot for pads)
-        # One group (`segs`, a run of consecutive segments): the layers its pool holds are prefilled straight
-        # into its segments, below lsh into the first, from lsh on one per stream (no staging copy).
+        # One group (`segs`, a run of consecutive segments): the layers below `hi` its segments hold are
+        # prefilled straight into them, below lsh into the first, from lsh on one per stream (no staging copy).
         self.in_place = segs is not None and plen + 1 <= eng.max_len
         self.k, self.v = [], []
         for l in range(d.n_layers):
-            if self.in_place and l < eng.pool_layers:
+            if self.in_place and l < hi:
                 n = 1 if l < lsh else rows
                 self.k.append(eng.pk[l][segs[0]: segs[0] + n, :, : plen + 1])  # (n, Hkv, plen+1, D) view
                 self.v.append(eng.pv[l][segs[0]: segs[0] + n, :, : plen + 1])
@@ -343,9 +343,9 @@ class Engine:
         reuse_prefix: shortest prompt prefix (tokens) worth reusing: a group copies the KV of the
             longest prefix of its prompt held for every layer it computes (pool segments and slots keep
             their prompt's KV after their group finished, and serve streams whose bitmaps agree with
-            theirs below each layer) and prefills only the rest. 0 turns it off (so does sharing=False). Groups whose
-            rows all read the prompt intact, admitted together, that share a longer prefix with each
-            other than with any segment are prefilled in two passes, so the later ones reuse the
+            theirs below each layer) and prefills only the rest. 0 turns it off (so does sharing=False).
+            Groups with the same prefill streams, admitted together, that share a longer prefix with
+            each other than with what is held are prefilled in two passes, so the later ones reuse the
             earlier ones'. The copied KV is what the same tokens at the same positions compute, so
             only float rounding can differ.
         decode: how each decode step runs. "eager": the attention context is rebuilt from the host
@@ -614,7 +614,7 @@ class Engine:
             # Admit when enough rows can be taken to make the prefill pass worth its fixed cost (or the
             # queue's rows all fit, or nothing decodes). A group needs its rows' slots and one pool
             # segment (taken when it is prefilled), so free segments bound the rows as well as slots.
-            room = (min(len(st.free_slots), len(st.free_segs) // self._segs_needed(queue[0].policies)
+            room = (min(len(st.free_slots), len(st.free_segs) // self._layout(queue[0], cfg)[2]
                         * len(queue[0].policies)) if queue else 0)
             ready = not st.active_count or room >= min(self.admit_rows, queued_rows)
             while ready and queue:
@@ -625,7 +625,7 @@ class Engine:
                     continue
                 if len(g.policies) > len(st.free_slots):
                     break
-                segs = self._take_segments(g, st)  # a run of free segments, or None: wait for one
+                segs = self._take_segments(g, st, cfg)  # a run of free segments, or None: wait for one
                 if segs is None:
                     break
                 queue.popleft()
@@ -656,6 +656,9 @@ class Engine:
                     yield GroupResult(g.key, len(g.prompt), results.pop(gid), st.reused.pop(gid))
 
     def _check(self, groups, cfg):
+        if self.pool_layers and cfg.max_new_tokens > self.private_len:
+            raise ValueError(f"max_new_tokens={cfg.max_new_tokens} does not fit private_len={self.private_len} (a "
+                             f"row's new tokens at the {self.pool_layers} layers with a pool); raise private_len")
         for i, g in enumerate(groups):
             if len(g.prompt) < 1:
                 raise ValueError(f"group {i} (key {g.key!r}): empty prompt")
@@ -663,20 +666,20 @@ class Engine:
                 raise ValueError(f"group {i} (key {g.key!r}): no policies (rows)")
             if len(g.policies) > self.slots:
                 raise ValueError(f"group {i}: {len(g.policies)} rows but the engine has {self.slots} slots")
-            if self._segs_needed(g.policies) > self.n_segments:
+            if self.on_too_long == "error" and self._too_long(g, cfg):
+                raise ValueError(f"group {i} (key {g.key!r}): prompt of {len(g.prompt)} tokens + max_new_tokens="
+                                 f"{cfg.max_new_tokens} does not fit max_len={self.max_len}; raise max_len, or use "
+                                 "on_too_long='skip'")
+            if not self._too_long(g, cfg) and self._layout(g, cfg)[2] > self.n_segments:
                 raise ValueError(f"group {i}: its {self._streams(g.policies)} prompt bitmaps need "
-                                 f"{self._segs_needed(g.policies)} pool segments but the engine has {self.n_segments}; "
-                                 "give policies= matching the groups, or more segments")
+                                 f"{self._layout(g, cfg)[2]} pool segments (its prompt does not fit private_len="
+                                 f"{self.private_len}) but the engine has {self.n_segments}; give policies= "
+                                 "matching the groups, or more segments")
             if g.seeds is not None and len(g.seeds) != len(g.policies):
                 raise ValueError(f"group {i}: {len(g.seeds)} seeds for {len(g.policies)} rows")
             for p in g.policies:
                 if p.heads is not None:
                     p.heads.validate(self.d.n_layers, self.d.n_heads)
-            if self.on_too_long == "error" and self._too_long(g, cfg):
-                raise ValueError(f"group {i} (key {g.key!r}): prompt of {len(g.prompt)} tokens + max_new_tokens="
-                                 f"{cfg.max_new_tokens} does not fit max_len={self.max_len} (or max_new_tokens "
-                                 f"private_len={self.private_len} at the {self.pool_layers} layers with a pool); "
-                                 "raise them, or use on_too_long='skip'")
         if cfg.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: Engine(model, tokenizer, ...)")
 
@@ -685,36 +688,43 @@ class Engine:
         return min(min(p.prompt_depth(self.d.n_layers) for p in g.policies), self.pool_layers)
 
     def _too_long(self, g, cfg) -> bool:
-        # the prompt's KV lives in pool segments below pool_layers (a row keeps its new tokens there) and
-        # privately above
-        plen = len(g.prompt) - 1
-        return plen + cfg.max_new_tokens > self.max_len or (self.pool_layers > 0 and
-                                                             cfg.max_new_tokens > self.private_len)
+        # segments and private caches hold max_len; a row's new tokens fit private_len (checked per call)
+        return len(g.prompt) - 1 + cfg.max_new_tokens > self.max_len
 
-    def _take_segments(self, g: Group, st: "_Slots") -> list[int] | None:
+    def _layout(self, g: Group, cfg: GenConfig) -> tuple[int, int, int]:
+        """Where a group's prompt KV lives, as (lsh, hi, segments): below its shared depth lsh in its first
+        segment; in [lsh, hi) in one segment per prefill stream; from hi on privately in its rows' slots. A
+        group that shares fewer layers than the pool holds keeps [lsh, pool_layers) privately when its
+        rows' private caches there hold its prompt and new tokens (hi = lsh; no more segments), else in
+        segments (hi = pool_layers)."""
+        lsh, P = self._shared_depth(g), self.pool_layers
+        if lsh == P or len(g.prompt) - 1 + cfg.max_new_tokens <= self.private_len:
+            return lsh, lsh, 1
+        return lsh, P, self._streams(g.policies)
+
+    def _take_segments(self, g: Group, st: "_Slots", cfg: GenConfig) -> list[int] | None:
         """Reserve the pool segments of a group: a run of consecutive free ones (its prefill writes its
         streams' KV there in place), preferring a run whose first segment holds the longest prefix of its
         prompt for its first stream, so the pass fills it without copying. None: no run is free yet."""
-        k = self._segs_needed(g.policies)
+        lsh, hi, k = self._layout(g, cfg)
         starts = st.run_starts(k)
         if not starts:
             return None
         s0 = starts[0]
-        if self.reuse_prefix:
-            lsh, P = self._shared_depth(g), self.pool_layers
+        if self.reuse_prefix and hi:
             first = g.policies[0].prompt_heads or ()
-            _, h = self._segs.lookup(_prefix_ids(g), self._seg_tags(0, P, first if lsh < P else ()), starts)
+            _, h = self._segs.lookup(_prefix_ids(g), self._seg_tags(0, hi, first if lsh < hi else ()), starts)
             s0 = h if h in starts else s0
         return st.take_run(s0, k)
 
     def _prefill(self, admitted, st: "_Slots", cfg: GenConfig):
-        by_depth: dict[int, list] = {}
+        by_layout: dict[tuple[int, int], list] = {}
         for item in admitted:
-            by_depth.setdefault(self._shared_depth(item[0]), []).append(item)
-        for lsh, batch in by_depth.items():
-            for phase in (self._reuse_phases(batch) if lsh == self.d.n_layers else [batch]):
+            by_layout.setdefault(self._layout(item[0], cfg)[:2], []).append(item)
+        for (lsh, hi), batch in by_layout.items():
+            for phase in self._reuse_phases(batch, lsh, hi):
                 for part in self._prefill_parts(phase):
-                    self._prefill_batch(part, lsh, st, cfg)
+                    self._prefill_batch(part, lsh, hi, st, cfg)
 
     def _held_prefix(self, a: np.ndarray, prefer=(), depth: int | None = None) -> tuple[int, int]:
         """Longest prefix of the tokens `a` whose KV, as the intact model computes it, a pool segment holds
@@ -725,46 +735,75 @@ class Engine:
 
     def _seg_tags(self, lo: int, hi: int, heads: tuple) -> list:
         """Index tags of the segments holding layers [lo, hi) as computed with `heads` off over the prompt.
-        A segment's tag is (first layer it holds, heads): it holds that layer up to the pool's depth. The KV
-        at a layer depends only on the heads off below it, so the bitmaps must agree below `hi`."""
+        A segment's tag is (first layer, end layer, heads) of what it holds. The KV at a layer depends only
+        on the heads off below it, so the bitmaps must agree below `hi`."""
         want = _below(heads, hi)
-        return [t for t in self._segs.index if t[0] <= lo and _below(t[1], hi) == want]
+        return [t for t in self._segs.index if t[0] <= lo and t[1] >= hi and _below(t[2], hi) == want]
 
-    def _reuse_phases(self, batch):
-        """The groups of one admission in prefill order, for prefix reuse. In each cluster of groups
-        whose prompts share at least `reuse_prefix` tokens, the group whose prefixes in common with the
-        others add up the most (for NIAH tests of one haystack, the one whose needle comes last) is a
-        root; a group that shares more with its root than a segment holds waits for a second pass,
-        which reuses the root's KV."""
+    def _reuse_phases(self, batch, lsh: int, hi: int):
+        """The groups of one admission (of layout `lsh`, `hi`: see `_layout`) in prefill order, for prefix reuse. Among
+        groups with the same prefill streams, in each cluster whose prompts share at least `reuse_prefix`
+        tokens, the group whose prefixes in common with the others add up the most (for NIAH tests of
+        one haystack, the one whose needle comes last) is a root; a group that shares more with its root
+        than it finds held now waits for a second pass, which reuses the root's KV."""
         m, n = self.reuse_prefix, len(batch)
         if not m or n < 2:
             return [batch]
-        arrs = [_prefix_ids(item[0]) for item in batch]
-        order = prefix_order(arrs)  # a pair's common prefix is the least over the neighbours between them
-        adj = np.array([common_prefix(arrs[a], arrs[b]) for a, b in zip(order, order[1:])], dtype=np.int64)
+        classes: dict[tuple, list[int]] = {}  # a root's KV serves the groups whose streams it computes
+        for i, (g, _, _) in enumerate(batch):
+            classes.setdefault(tuple(sorted(_stream_keys(g.policies))), []).append(i)
         later = set()
-        k = 0
-        while k < n:
-            e = k
-            while e < n - 1 and adj[e] >= m:
-                e += 1
-            if e > k:  # order[k..e] is a cluster
-                a, size = adj[k:e], e - k + 1
-                best, root = None, 0
-                for r in range(size):  # common prefix of member r with every other member
-                    c = np.zeros(size, dtype=np.int64)
-                    c[r + 1:] = np.minimum.accumulate(a[r:])
-                    c[:r] = np.minimum.accumulate(a[:r][::-1])[::-1]
-                    if best is None or c.sum() > best.sum():
-                        best, root = c, r
-                for i in range(size):
-                    gi = order[k + i]
-                    if i != root and best[i] > self._held_prefix(arrs[gi])[0]:
-                        later.add(gi)
-            k = e + 1
+        for members in classes.values():
+            arrs = [_prefix_ids(batch[i][0]) for i in members]
+            order = prefix_order(arrs)  # a pair's common prefix is the least over the neighbours between them
+            adj = np.array([common_prefix(arrs[a], arrs[b]) for a, b in zip(order, order[1:])], dtype=np.int64)
+            k = 0
+            while k < len(members):
+                e = k
+                while e < len(members) - 1 and adj[e] >= m:
+                    e += 1
+                if e > k:  # order[k..e] is a cluster
+                    a, size = adj[k:e], e - k + 1
+                    best, root = None, 0
+                    for r in range(size):  # common prefix of member r with every other member
+                        c = np.zeros(size, dtype=np.int64)
+                        c[r + 1:] = np.minimum.accumulate(a[r:])
+                        c[:r] = np.minimum.accumulate(a[:r][::-1])[::-1]
+                        if best is None or c.sum() > best.sum():
+                            best, root = c, r
+                    for i in range(size):
+                        gi = members[order[k + i]]
+                        g, _, segs = batch[gi]
+                        ids = arrs[order[k + i]]
+                        gain = best[i] if lsh == self.d.n_layers else min(best[i], len(ids) - 1)
+                        if i != root and gain >= m and gain > self._lookup(ids, segs, _stream_keys(g.policies), lsh,
+                                                                           hi)[0]:
+                            later.add(gi)
+                k = e + 1
         first = [b for gi, b in enumerate(batch) if gi not in later]
         second = [b for gi, b in enumerate(batch) if gi in later]
         return [p for p in (first, second) if p]
+
+    def _lookup(self, a: np.ndarray, own: list[int], keys: list[tuple], lsh: int,
+                hi: int) -> tuple[int, int, dict, dict]:
+        """Prefix reuse for one group of layout `lsh`, `hi` (`_layout`), whose segments are `own` and whose
+        prefill streams have the prompt bitmaps `keys`: the longest prefix of its tokens `a` held for every
+        layer it computes (below lsh the intact model's KV, in a segment; from lsh on each stream's, in a
+        segment below hi and in a slot from hi on), as (tokens, segment below lsh, {stream: segment},
+        {stream: slot}); 0 tokens under `reuse_prefix`. Ties go to the group's own segments (no copy)."""
+        L, m = self.d.n_layers, self.reuse_prefix
+        c, src = self._segs.lookup(a, self._seg_tags(0, lsh, ()), own[:1]) if m and lsh else (len(a), -1)
+        if lsh < L:
+            c = min(c, len(a) - 1)  # a row's stream computes at least one token (its KV reaches the slots)
+        segs, slots = {}, {}
+        for j, hk in enumerate(keys):
+            if lsh < hi and c >= m > 0:
+                cs, segs[j] = self._segs.lookup(a, self._seg_tags(lsh, hi, hk), (own[j],))
+                c = min(c, cs)
+            if hi < L and c >= m > 0:  # a slot's tag: (first layer it holds, heads)
+                cs, slots[j] = self._slots_held.lookup(a, [t for t in self._slots_held.index if t[0] <= hi and t[1] == hk])
+                c = min(c, cs)
+        return (c if m and c >= m else 0), src, segs, slots
 
     def _prefill_parts(self, batch):
         """Split admitted (group, slots) pairs into prefill batches of at most `prefill_tokens` streams
@@ -782,15 +821,15 @@ class Engine:
         return parts + [cur] if cur else parts
 
     @torch.no_grad()
-    def _prefill_batch(self, batch, lsh: int, st: "_Slots", cfg: GenConfig):
+    def _prefill_batch(self, batch, lsh: int, hi: int, st: "_Slots", cfg: GenConfig):
         d, dev = self.d, self.device
-        L, P, m = d.n_layers, self.pool_layers, self.reuse_prefix
+        L = d.n_layers
         full = [_prefix_ids(g) for g, _, _ in batch]  # the last prompt token is the first decode input
         plen = max(len(a) for a in full)
         slots = [s for _, rows, _ in batch for s in rows]
         # rows of a group whose prompt bitmaps agree (the original and scope-`generated` rows, say) compute the
-        # prompt once, as one stream; from lsh on, each stream's KV goes to its own pool segment (below the
-        # pool's depth; the group's first segment for its first stream) and to its rows' slots (above it)
+        # prompt once, as one stream; from lsh on, each stream's KV goes to its own pool segment (below hi;
+        # the group's first segment for its first stream) and to its rows' slots (from hi on)
         streams, stream_key, row_stream, stream2group, stream_seg = [], [], [], [], []
         for gi, (g, _, segs) in enumerate(batch):
             seen = {}
@@ -798,7 +837,7 @@ class Engine:
                 hk = p.prompt_heads or ()
                 if hk not in seen:
                     seen[hk] = len(streams)
-                    stream_seg.append(segs[len(seen) - 1] if lsh < P else segs[0])
+                    stream_seg.append(segs[len(seen) - 1] if lsh < hi else segs[0])
                     streams.append(self._keep_row(p, prompt=True))
                     stream_key.append(hk)
                     stream2group.append(gi)
@@ -809,19 +848,12 @@ class Engine:
         # the pool's depth) and in a slot (above it)
         pre, base_src, seg_src, slot_src = [], [], {}, {}
         for gi, a in enumerate(full):
-            own = batch[gi][2]
-            c, src = self._segs.lookup(a, self._seg_tags(0, lsh, ()), own[:1]) if m and lsh else (len(a), -1)
-            if lsh < L:
-                c = min(c, len(a) - 1)  # a row's stream computes at least one token (its KV reaches the slots)
-            for si in (i for i in range(len(streams)) if stream2group[i] == gi):
-                if lsh < P and c >= m > 0:
-                    cs, seg_src[si] = self._segs.lookup(a, self._seg_tags(lsh, P, stream_key[si]), (stream_seg[si],))
-                    c = min(c, cs)
-                if P < L and c >= m > 0:
-                    cs, slot_src[si] = self._slots_held.lookup(a, [stream_key[si]])
-                    c = min(c, cs)
-            pre.append(c if m and c >= m else 0)
+            first = stream2group.index(gi)  # the group's streams are numbered first.. in its order
+            c, src, segs, slots_ = self._lookup(a, batch[gi][2], _stream_keys(batch[gi][0].policies), lsh, hi)
+            pre.append(c)
             base_src.append(src)
+            seg_src.update({first + j: s for j, s in segs.items()})
+            slot_src.update({first + j: s for j, s in slots_.items()})
         for _, _, segs in batch:  # their old content is about to be overwritten: held by nothing until this pass succeeds
             for s in segs:
                 self._segs.hold(s, None)
@@ -835,12 +867,12 @@ class Engine:
         if slen > 0:
             self.stats["prefills"] += 1  # passes that run the model (a 1-token prompt runs none)
             ctx = _Prefill(self, len(batch), len(streams), lsh, plen, keep.to(dev),
-                           torch.tensor(stream2group, device=dev), segs=batch[0][2] if len(batch) == 1 else None)
+                           torch.tensor(stream2group, device=dev), hi, segs=batch[0][2] if len(batch) == 1 else None)
         # the reused prefixes, into the staging or else into the group's own segments (unless already there)
         stage = ctx is not None and not ctx.in_place
         base_moves = [(gi, pre[gi], s, batch[gi][2][0]) for gi, s in enumerate(base_src) if pre[gi] and s >= 0]
         seg_moves = [(si, pre[stream2group[si]], s, stream_seg[si]) for si, s in seg_src.items() if pre[stream2group[si]]]
-        for l in range(P):
+        for l in range(hi):
             moves = [mv for mv in (base_moves if l < lsh else seg_moves) if stage or mv[2] != mv[3]]
             srcs = [(self.pk[l][src, :, :c], self.pv[l][src, :, :c]) for _, c, src, _ in moves]
             if not stage and len(moves) > 1:  # one move's destination may be another's source
@@ -849,9 +881,9 @@ class Engine:
                 dk, dv = (ctx.k[l][i], ctx.v[l][i]) if stage else (self.pk[l][dst], self.pv[l][dst])
                 dk[:, :c] = k
                 dv[:, :c] = v
-        for si, slot in slot_src.items():  # each stream's prefix from its slot, into the staging (above the pool)
+        for si, slot in slot_src.items():  # each stream's prefix from its slot, into the staging (from hi on)
             c = pre[stream2group[si]]
-            for l in range(P, L) if c else ():
+            for l in range(hi, L) if c else ():
                 ctx.k[l][si, :, :c] = self.k[l][slot, :, :c]
                 ctx.v[l][si, :, :c] = self.v[l][slot, :, :c]
         if ctx is not None:
@@ -880,7 +912,7 @@ class Engine:
             by_stream = [] if len(streams) == len(slots) else [
                 (s, slot_t[torch.tensor([r == s for r in row_stream], device=dev)]) for s in range(len(streams))]
             for l in range(L):
-                if l < P:
+                if l < hi:
                     if not ctx.in_place:
                         dst = base_t if l < lsh else seg_t
                         self.pk[l][dst, :, :plen] = ctx.k[l][:, :, :plen]
@@ -898,24 +930,24 @@ class Engine:
             gstreams = [si for si in range(len(streams)) if stream2group[si] == gi]
             for j, s in enumerate(segs):
                 self.pool_len[s] = n
-                # the first segment holds layers [0, P) (its first stream's, the group's below lsh); the others
-                # their stream's from lsh on
-                self._segs.hold(s, full[gi] if P else None, (0 if j == 0 else lsh, stream_key[gstreams[j]]))
+                # the first segment holds layers [0, hi) (its first stream's, the group's below lsh); the others
+                # their stream's in [lsh, hi)
+                self._segs.hold(s, full[gi] if hi else None, (0 if j == 0 else lsh, hi, stream_key[gstreams[j]]))
             gid = id(g)
             st.groups[gid] = g
             st.group_seg[gid] = list(segs)
             st.reused[gid] = pre[gi]
             for r, slot in enumerate(rows):
                 pol, si = g.policies[r], row_stream[r0 + r]
-                if P < L:  # the row's own prompt KV above the pool: reusable by a later row with its bitmap
-                    self._slots_held.hold(slot, full[gi], stream_key[si])
+                if hi < L:  # the row's own prompt KV from hi on: reusable by a later row with its bitmap
+                    self._slots_held.hold(slot, full[gi], (hi, stream_key[si]))
                 seed = g.seeds[r] if g.seeds is not None else cfg.seed + self._row0[id(g)] + r
                 st.start(slot, gid, r, pol, seed, g.prompt[-1], n)
                 st.keep_prompt[slot] = self._keep_row(pol, prompt=True)
                 st.keep_gen[slot] = self._keep_row(pol, prompt=False)
-                self.kv_len[:, slot] = torch.tensor([0 if l < P else n for l in range(L)], dtype=torch.int32)
+                self.kv_len[:, slot] = torch.tensor([0 if l < hi else n for l in range(L)], dtype=torch.int32)
                 self._idle[slot] = False
-                self.row_seg[:, slot] = torch.tensor([(segs[0] if l < lsh else stream_seg[si]) if l < P and n > 0
+                self.row_seg[:, slot] = torch.tensor([(segs[0] if l < lsh else stream_seg[si]) if l < hi and n > 0
                                                       else -1 for l in range(L)], dtype=torch.int32)
             r0 += len(rows)
         self._refresh_layout()
@@ -1064,6 +1096,12 @@ class _Held:
                     elif who in prefer:
                         break
         return (best, who) if best >= self.at_least else (0, -1)
+
+
+def _stream_keys(policies) -> list[tuple]:
+    """The prompt bitmaps of a group's prefill streams (heads off over the prompt; () for intact), in the
+    order of their first rows."""
+    return list(dict.fromkeys(p.prompt_heads or () for p in policies))
 
 
 def _below(heads: tuple, layer: int) -> tuple:

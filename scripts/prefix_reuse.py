@@ -59,7 +59,7 @@ def lookup(segments: int = 512, L: int = 4096, n: int = 64) -> None:
     hay, needle = rng.integers(10, 128000, L), rng.integers(10, 128000, 16)
     prompt = lambda c: np.concatenate([hay[:c], needle, hay[c:L - 16]])  # noqa: E731
     for s in range(segments):
-        eng._segs.hold(s, prompt(int(rng.integers(0, L - 16))), (0, ()))
+        eng._segs.hold(s, prompt(int(rng.integers(0, L - 16))), (0, eng.d.n_layers, ()))
     qs = [prompt(int(c)) for c in rng.integers(0, L - 16, n)]
     t = time.perf_counter()
     for a in qs:

@@ -63,7 +63,7 @@ def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch, model_bench
     finally:
         sys.path.pop(0)
     results, *_ = model_benches
-    for name in ("engine", "detect", "detect_sweep"):
+    for name in ("engine", "detect", "detect_sweep", "detect_causal"):
         (tmp_path / f"{name}.csv").write_bytes((results / f"{name}.csv").read_bytes())
     assert _run("bench_prefill.py", tmp_path / "prefill.csv").returncode == 0
     assert _run("bench_decode.py", tmp_path / "decode.csv").returncode == 0
@@ -79,6 +79,7 @@ def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch, model_bench
     assert "| pairs | engine (both policies, one pass) |" in text and "One pair on a long prompt" in text
     assert "| length | retmask | reference-style |" in text and "vs_floor" in text
     assert "retmask, prefix reuse" in text and "computed_tokens" in text  # the depth sweep
+    assert "| prompt KV per stream |" in text and "staging_gb" in text  # the causal check
     assert text.count("; commit ") == 4 and "bench_host.py" in text  # a footnote per GPU table; no host.csv here
 
 
@@ -104,6 +105,18 @@ def test_detect_benchmark_tiny(model_benches):
     cuts = sum(round(i / (n - 1) * (L - 48)) for i in range(n - 1))
     assert cuts <= int(off["computed_tokens"]) - int(on["computed_tokens"]) <= cuts + n
     assert float(on["floor_s"]) < float(off["floor_s"])
+    # the causal check: 7 rows reading the prompt 4 ways; the cache holds each way's prompt KV once (K and V,
+    # fp32, 2 KV heads of 16, 4 layers), and each row's new tokens plus a spare column
+    crows = list(csv.DictReader(open(results / "detect_causal.csv")))
+    assert {(r["provider"], r["length"]) for r in crows} == {(p, L) for p in ("prompt KV per stream", "prompt KV per row")
+                                                             for L in ("96", "160")}
+    for r in crows:
+        L, steps, tb = int(r["length"]), int(r["steps"]), 2 * 2 * 16 * 4
+        assert (int(r["rows"]), int(r["streams"])) == (7, 4) and float(r["seconds"]) > 0
+        per_stream = tb * 4 * (4 * (L + steps) + 7 * (steps + 1))
+        per_row = tb * 4 * 7 * (L + steps + 1)
+        want = per_row if r["provider"] == "prompt KV per row" else per_stream
+        assert abs(float(r["cache_gb"]) * 1e9 - want) <= 1e-3 * want, (r, want)
 
 
 def test_rows_reach_the_csv_as_they_are_made(tmp_path):

@@ -310,11 +310,18 @@ def test_short_private_cache_for_rows_that_share_the_prompt(family):
                                 GenConfig(max_new_tokens=NEW)))
         for r in res:
             assert r.rows[0].tokens == hf_greedy(ref, ps[r.key]) and r.rows[1].tokens == hf_greedy(zeroed, ps[r.key])
-        with pytest.raises(ValueError, match="private_len=9"):
+        with pytest.raises(ValueError, match="max_new_tokens=10 does not fit private_len=9"):
+            list(eng.generate([Group(ps[0], [ORIGINAL])], GenConfig(max_new_tokens=NEW + 1)))
+    with Engine(m, slots=4, max_len=48, private_len=NEW, on_too_long="skip") as eng:  # a setting, not a prompt
+        with pytest.raises(ValueError, match="max_new_tokens=10 does not fit private_len=9"):
             list(eng.generate([Group(ps[0], [ORIGINAL])], GenConfig(max_new_tokens=NEW + 1)))
     with Engine(m, slots=4, max_len=48, private_len=NEW, segments=1) as eng:
-        with pytest.raises(ValueError, match="need 2 pool segments but the engine has 1"):
+        with pytest.raises(ValueError, match=r"need 2 pool segments \(its prompt does not fit private_len=9\) but "
+                                             "the engine has 1"):
             list(eng.generate([Group(ps[0], [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=NEW)))
+    with Engine(m, slots=4, max_len=24, private_len=NEW, segments=1, on_too_long="skip") as eng:
+        assert list(eng.generate([Group(ps[4], [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=NEW))) == []
+        assert eng.skipped == 1  # too long for max_len: skipped, whatever segments it would have needed
     with pytest.raises(ValueError, match="private_len=0"):
         Engine(m, slots=1, max_len=48, private_len=0)
 
@@ -441,7 +448,8 @@ def test_cuda_sampling_matches_cpu_and_stays_on_the_device():
 def test_policies_hint_sizes_the_cache_and_keeps_tokens_exact(family):
     """With policies=[original, ablated] the engine pools only the prompt layers the pair shares (below
     layer 1 here), keeps full private KV above and new tokens only below: same tokens as `generate`,
-    fewer bytes per row; a group that shares less than the pool holds takes a segment per stream."""
+    fewer bytes per row. A group that shares less than the pool holds keeps its prompt KV above its shared
+    depth in a segment per stream, or in its rows' private caches when they hold it (one segment in all)."""
     _, m, ref, zeroed = family
     pair = [ORIGINAL, Policy(HEADS)]
     ps = prompts()
@@ -464,6 +472,11 @@ def test_policies_hint_sizes_the_cache_and_keeps_tokens_exact(family):
     for i, p in enumerate(ps):
         assert res[i].rows[0].tokens == hf_greedy(ref, p) and res[i].rows[1].tokens == hf_greedy(zeroed, p)
     assert res["alone"].rows[0].tokens == hf_greedy(ref, ps[0])
+    with Engine(m, slots=2, max_len=48, chunk=7, policies=pair, segments=1) as roomy:  # private_len = max_len
+        assert roomy.pool_layers == 1
+        (r,) = roomy.generate([Group(ps[4], [ORIGINAL, Policy(low)])], GenConfig(max_new_tokens=NEW))
+        assert roomy._layout(Group(ps[4], [ORIGINAL, Policy(low)]), GenConfig(max_new_tokens=NEW)) == (0, 0, 1)
+        assert r.rows[0].tokens == hf_greedy(ref, ps[4]) and r.rows[1].tokens == hf_greedy(hf.zeroed_copy(ref, low), ps[4])
     with Engine(m, slots=4, max_len=48) as plain:
         assert hinted < 0.6 * plain.bytes_per_slot()  # (9 + 3*48 + 48) vs 4*(48 + 48) token-layers
     budget = 20 * plain.bytes_per_slot() / 1e9  # staging kept small here: the cache is what is compared
@@ -832,9 +845,9 @@ def test_held_prefix_lookup_equals_a_scan_of_every_segment():
     hay, needle = rng.integers(3, 9, 70), rng.integers(90, 96, 4)  # few distinct ids: many ties
     prompt = lambda c, n=70: np.concatenate([hay[:c], needle, hay[c:n]])  # noqa: E731
     for s in range(40):
-        eng._segs.hold(s, prompt(int(rng.integers(0, 70)), int(rng.integers(30, 71))), (0, ()))
-    eng._segs.hold(7, prompt(60), (0, ()))
-    eng._segs.hold(8, prompt(60), (0, ()))
+        eng._segs.hold(s, prompt(int(rng.integers(0, 70)), int(rng.integers(30, 71))), (0, 4, ()))
+    eng._segs.hold(7, prompt(60), (0, 4, ()))
+    eng._segs.hold(8, prompt(60), (0, 4, ()))
     eng._segs.hold(7, None)  # replaced by a prompt with a head off: holds nothing now
     for c in list(range(0, 70, 3)) + [60]:
         a = prompt(c)
@@ -851,15 +864,15 @@ def test_held_prefix_lookup_equals_a_scan_of_every_segment():
     eng.close()
 
 
-@pytest.mark.parametrize("slots,private_len", [(4, None), (8, None), (12, None), (4, 6), (8, 6), (12, 6)])
+@pytest.mark.parametrize("slots,private_len", [(4, None), (12, None), (36, None), (4, 6), (12, 6), (36, 6)])
 def test_prefix_reuse_for_groups_with_heads_off_over_the_prompt(family, slots, private_len):
     """NIAH's causal check: groups of the original, a scope-`all` ablation, a scope-`generated` one and a
     scope-`all` set from layer 0 (so the group shares no layer) reuse each stream's prefix: from a slot that
     held a row with its bitmap (full private caches), or from a segment that held the stream (private_len =
     new tokens: each stream's prompt KV in a pool segment, stored once for the rows that read it alike).
-    Every row equals its definition and a run without reuse; with one group at a time the tokens computed
-    are the prefix tree's, plus one for the prompt held whole (each stream computes at least its last
-    prompt token)."""
+    Every row equals its definition and a run without reuse. The tokens computed are the prefix tree's,
+    plus one for the prompt held whole (each stream computes at least its last prompt token), with one
+    group at a time, 3, or all 9 admitted together (prefilled in two passes: a root per cluster first)."""
     _, m, ref, zeroed = family
     ps = _niah_like()
     pols = [ORIGINAL, Policy(HEADS), Policy(HEADS, "generated"), Policy(HeadSet.from_list("0-1,3-3"), name="low")]
@@ -889,8 +902,7 @@ def test_prefix_reuse_for_groups_with_heads_off_over_the_prompt(family, slots, p
                     assert set(c) == {-1}, c
             assert seen
     assert stats[8]["reused_tokens"] > 0.3 * stats[0]["prompt_tokens"]
-    if slots == 4:
-        assert stats[8]["prompt_tokens"] == _prefix_tree_size([p[:-1] for p in ps]) + 1
+    assert stats[8]["prompt_tokens"] == _prefix_tree_size([p[:-1] for p in ps]) + 1
     for i, p in enumerate(ps):
         for a, b in zip(out[0][i].rows, out[8][i].rows):
             assert a.tokens == b.tokens, (i, a.policy)
