@@ -45,7 +45,8 @@ def memory_plan(config, policies: list[Policy], max_len: int, steps: int, dtype=
     """The KV cache a NIAH run of `policies` needs, from the model's config alone (the engine's own sizing,
     over a model on the meta device): for one group at `max_len` (longest prompt + steps), and the slots
     and groups at once that `engine_kw` (kv_budget_gb or slots) give. Bytes; `per_row_bytes` is what the
-    group would need if each row kept its own prompt KV."""
+    group would need if each row kept its own prompt KV. A budget too small for one group gives 0 slots
+    and `refused`, the engine's reason."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -53,16 +54,23 @@ def memory_plan(config, policies: list[Policy], max_len: int, steps: int, dtype=
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     kw = {k: v for k, v in engine_kw.items() if k in ("slots", "kv_budget_gb", "prefill_tokens", "chunk")}
-    if "kv_budget_gb" not in kw:
-        kw.setdefault("slots", len(policies))
-    eng = Engine(model, policies=policies, private_len=steps, max_len=max_len, **kw)
     rows = len(policies)
-    group = rows * eng.bytes_per_slot(with_pool=False) + eng.group_segs * eng.bytes_per_segment()
+    one = dict(kw, slots=rows, kv_budget_gb=None)  # one group's worth of slots: the sizes per group
+    eng = Engine(model, policies=policies, private_len=steps, max_len=max_len, **one)
     L = eng.d.n_layers
-    return {"rows": rows, "streams": eng.group_streams, "layers": L, "pooled_layers": eng.pool_layers,
-            "segments_per_group": eng.group_segs, "group_bytes": group,
-            "per_row_bytes": eng._token_bytes() * rows * L * (max_len + 1), "staging_bytes": eng.staging_bytes(eng.slots),
-            "slots": eng.slots, "groups_at_once": min(eng.slots // rows, eng.n_segments // eng.group_segs)}
+    out = {"rows": rows, "streams": eng.group_streams, "layers": L, "pooled_layers": eng.pool_layers,
+           "segments_per_group": eng.group_segs,
+           "group_bytes": rows * eng.bytes_per_slot(with_pool=False) + eng.group_segs * eng.bytes_per_segment(),
+           "per_row_bytes": eng._token_bytes() * rows * L * (max_len + 1), "staging_bytes": eng.staging_bytes(rows),
+           "slots": rows, "groups_at_once": 1, "refused": ""}
+    if "kv_budget_gb" in kw or "slots" in kw:
+        try:
+            eng = Engine(model, policies=policies, private_len=steps, max_len=max_len, **kw)
+        except ValueError as e:  # not even one group fits
+            return dict(out, slots=0, groups_at_once=0, refused=str(e))
+        out.update(slots=eng.slots, groups_at_once=min(eng.slots // rows, eng.n_segments // eng.group_segs),
+                   staging_bytes=eng.staging_bytes(eng.slots))
+    return out
 
 
 def run_config(model_name: str, grid_cfg: GridConfig, policies: list[Policy]) -> dict:

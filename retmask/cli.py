@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scopes", default="all,generated", help="mask scopes of each ablation")
     p.add_argument("--plan", action="store_true", help="print the KV cache one group of the policies needs at the "
                    "grid's longest prompt, and the groups --kv-budget-gb holds at once, from the model's config and "
-                   "tokenizer, and stop (no weights load)")
+                   "tokenizer, and stop (no weights load; exit status 1 when not one group fits the budget)")
     p.add_argument("--out", help="output folder (default runs/niah/MODEL)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
@@ -345,11 +345,15 @@ def _niah_plan(args, grid, policies, engine_kw) -> int:
             ("staging of one prefill pass", gb(r["staging_bytes"]))]
     if "kv_budget_gb" in engine_kw:
         rows.append((f"with --kv-budget-gb {engine_kw['kv_budget_gb']:g}",
-                     f"{r['slots']} slots, {r['groups_at_once']} group(s) at once"))
+                     f"{r['slots']} slots, {r['groups_at_once']} group(s) at once" if not r["refused"] else
+                     "not one group fits"))
     print(tabulate(rows, headers=[f"niah plan: {args.model} ({str(dtype).removeprefix('torch.')})", ""],
                    tablefmt="github", disable_numparse=True))
     if "kv_budget_gb" not in engine_kw:
         print("give --kv-budget-gb to see how many groups a budget holds at once")
+    elif r["refused"]:
+        print(r["refused"])
+        return 1
     return 0
 
 

@@ -409,3 +409,9 @@ def test_niah_plan_sizes_the_cache_as_the_engine_does(toy_model, capsys, monkeyp
         assert sum(t.nbytes for t in eng.k + eng.v) == slots * tb * L * 7
         assert sum(t.nbytes for t in eng.pk + eng.pv) == eng.n_segments * tb * L * (longest + 6)
         assert sum(t.nbytes for t in eng.k + eng.v + eng.pk + eng.pv) + eng.staging_bytes(slots) <= 0.02e9
+    # a budget under one group: the sizes per group still print, with the engine's reason, and the command fails
+    assert main(["niah", "--heads", "1-0,2-1", "--controls", "random", *grid, "--no-progress", "--dtype", "fp32",
+                 "--kv-budget-gb", "0.0005", "--plan"]) == 1
+    text = capsys.readouterr().out
+    assert "not one group fits" in text and "raise the budget" in text
+    assert f"| {tb * L * (rows * 7 + streams * (longest + 6)) / 1e6:,.2f} MB" in text
