@@ -143,7 +143,16 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
                     append_record(f, {"prompt": ts[0].key, "records": new})  # one line per prompt: all or none
                 records += new
                 bar.update(len(ts))
-    bar.close()
+            comp, reused = eng.stats["prompt_tokens"], eng.stats["reused_tokens"]
+            # every layer pooled: the prompt's KV once per prefill stream; else once per row above the shared depth
+            streams = eng.group_streams if eng.pool_layers == eng.d.n_layers else len(policies)
+        bar.close()
+        if progress and comp + reused:
+            print(f"prompt tokens: {comp:,} computed, {reused:,} ({reused / (comp + reused):.0%}) reused from the KV "
+                  f"of prompts with the same prefix; each prompt's KV held {streams} time(s) for {len(policies)} "
+                  "policies" + (" (this rank)" if world > 1 else ""))
+    else:
+        bar.close()
     if world > 1:
         barrier()  # every rank's answers are on disk: rank 0 gathers them
         if rank != 0:

@@ -219,8 +219,9 @@ def test_detection_memory_is_linear_in_context(tmp_path):
     assert used[16384] <= 4.5 * used[4096], used
 
 
-def test_causal_check_on_toy(toy_model, detected):
-    """Switching off the top detected heads breaks NIAH; as many non-retrieval heads do not."""
+def test_causal_check_on_toy(toy_model, detected, capsys):
+    """Switching off the top detected heads breaks NIAH; as many non-retrieval heads do not. The 5 policies
+    read the prompt 3 ways (the original and the scope-`generated` rows intact), and its KV is held 3 times."""
     out, _ = detected
     model, tok = toy_model
     scores = load_scores(out / "head_scores.json")
@@ -228,7 +229,8 @@ def test_causal_check_on_toy(toy_model, detected):
     pols = causal.make_policies(top, scores, controls=("non-retrieval",), scopes=("all", "generated"))
     grid = causal.GridConfig(min_len=160, max_len=toy.TRAIN_LEN, n_lengths=3, n_depths=4, n_needles=2, buffer=32,
                              steps=8, seed=7)
-    res = causal.run_niah(model, tok, grid, pols, progress=False, slots=8)
+    res = causal.run_niah(model, tok, grid, pols, progress=True, slots=8)
+    assert "each prompt's KV held 3 time(s) for 5 policies" in capsys.readouterr().out
     rec = {r["policy"]: r["recall"] for r in res["policies"]}
     assert rec["original"] >= 95
     assert rec["heads-all"] <= 20
@@ -245,10 +247,12 @@ def test_niah_command(detected, tmp_path, capsys, monkeypatch):
     args = ["niah", "--scores", str(out / "head_scores.json"), "--tau", "0.5", "--controls", "random",
             "--scopes", "all", "--min", "160", "--max", "320", "--lengths", "2", "--depths", "2", "--needles", "1",
             "--steps", "6", "--no-progress"]
-    rc = main(args + ["--out", str(tmp_path)])
+    rc = main([a for a in args if a != "--no-progress"] + ["--out", str(tmp_path)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "| original" in text and "heads-all" in text and "random-all" in text
+    # the original reads the prompt intact, each scope-`all` ablation its own way: 3 copies for 3 policies
+    assert "reused from the KV of prompts with the same prefix; each prompt's KV held 3 time(s) for 3 policies" in text
     res = json.loads((tmp_path / "niah.json").read_text())
     assert [p["policy"] for p in res["policies"]] == ["original", "heads-all", "random-all"]
     assert (tmp_path / "niah-heads-all.png").exists()
