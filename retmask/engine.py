@@ -67,10 +67,10 @@ class Policy:
         return "original" if self.heads is None else f"off{len(self.heads)}-{self.scope}"
 
     @property
-    def prompt_heads(self) -> tuple | None:
-        """The heads this policy switches off over the prompt (None: it reads the prompt intact); rows with
-        equal values compute the same prompt KV."""
-        return None if self.heads is None or self.scope == "generated" else tuple(sorted(self.heads))
+    def prompt_heads(self) -> tuple:
+        """The heads this policy switches off over the prompt, sorted (empty: it reads the prompt intact);
+        rows with equal values compute the same prompt KV."""
+        return () if self.heads is None or self.scope == "generated" else tuple(sorted(self.heads))
 
     def prompt_depth(self, n_layers: int) -> int:
         """Layers whose prompt KV this policy leaves identical to the original's."""
@@ -399,7 +399,9 @@ class Engine:
         # KV once (one segment per stream) costs less than a full private prompt per row
         self.pool_layers = self._pool_depth(policies, L, self.private_len, max_len) if sharing else 0
         self.private_cap = [self.private_len if l < self.pool_layers else max_len for l in range(L)]
-        self.group_segs = self._segs_needed(policies) if policies else 1  # segments a group of the hint takes
+        # segments a group of the hint takes: one per prefill stream when it shares fewer layers than the pool
+        self.group_segs = (self._streams(policies) if policies and self._shared_depth(policies) < self.pool_layers
+                           else 1)
         self.reuse_prefix = min(reuse_prefix, max_len) if sharing else 0  # no prefix is longer than max_len
         if segments is not None and segments < 1:
             raise ValueError(f"segments={segments}: must be >= 1 (or None: sized with the slots)")
@@ -467,12 +469,6 @@ class Engine:
         per_row = depth * private_len + (n_layers - depth) * max_len
         by_stream = streams * n_layers * max_len + rows * n_layers * private_len
         return n_layers if by_stream < depth * max_len + rows * per_row else depth
-
-    def _segs_needed(self, policies) -> int:
-        """Pool segments a group of `policies` takes: one per prefill stream when it shares fewer layers
-        than the pool holds (each stream's prompt KV from the shared depth on), else one."""
-        depth = min(min(p.prompt_depth(self.d.n_layers) for p in policies), self.pool_layers)
-        return self._streams(policies) if depth < self.pool_layers else 1
 
     def _token_bytes(self) -> int:
         """K/V bytes of one token at one layer."""
@@ -683,9 +679,9 @@ class Engine:
         if cfg.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: Engine(model, tokenizer, ...)")
 
-    def _shared_depth(self, g: Group) -> int:
+    def _shared_depth(self, policies) -> int:
         """Layers whose prompt KV is stored once for the whole group: the sharing rule, within the pool."""
-        return min(min(p.prompt_depth(self.d.n_layers) for p in g.policies), self.pool_layers)
+        return min(min(p.prompt_depth(self.d.n_layers) for p in policies), self.pool_layers)
 
     def _too_long(self, g, cfg) -> bool:
         # segments and private caches hold max_len; a row's new tokens fit private_len (checked per call)
@@ -697,7 +693,7 @@ class Engine:
         group that shares fewer layers than the pool holds keeps [lsh, pool_layers) privately when its
         rows' private caches there hold its prompt and new tokens (hi = lsh; no more segments), else in
         segments (hi = pool_layers)."""
-        lsh, P = self._shared_depth(g), self.pool_layers
+        lsh, P = self._shared_depth(g.policies), self.pool_layers
         if lsh == P or len(g.prompt) - 1 + cfg.max_new_tokens <= self.private_len:
             return lsh, lsh, 1
         return lsh, P, self._streams(g.policies)
@@ -712,7 +708,7 @@ class Engine:
             return None
         s0 = starts[0]
         if self.reuse_prefix and hi:
-            first = g.policies[0].prompt_heads or ()
+            first = g.policies[0].prompt_heads
             _, h = self._segs.lookup(_prefix_ids(g), self._seg_tags(0, hi, first if lsh < hi else ()), starts)
             s0 = h if h in starts else s0
         return st.take_run(s0, k)
@@ -834,7 +830,7 @@ class Engine:
         for gi, (g, _, segs) in enumerate(batch):
             seen = {}
             for p in g.policies:
-                hk = p.prompt_heads or ()
+                hk = p.prompt_heads
                 if hk not in seen:
                     seen[hk] = len(streams)
                     stream_seg.append(segs[len(seen) - 1] if lsh < hi else segs[0])
@@ -955,7 +951,7 @@ class Engine:
     @staticmethod
     def _streams(policies) -> int:
         """Distinct prompt bitmaps among `policies`: the rows a group's prefill computes above its shared depth."""
-        return len({p.prompt_heads for p in policies})
+        return len(_stream_keys(policies))
 
     def _keep_row(self, p: Policy, prompt: bool) -> torch.Tensor:
         """(L, Hq) keep bitmap of a policy at a prompt position or a generated one."""
@@ -1101,7 +1097,7 @@ class _Held:
 def _stream_keys(policies) -> list[tuple]:
     """The prompt bitmaps of a group's prefill streams (heads off over the prompt; () for intact), in the
     order of their first rows."""
-    return list(dict.fromkeys(p.prompt_heads or () for p in policies))
+    return list(dict.fromkeys(p.prompt_heads for p in policies))
 
 
 def _below(heads: tuple, layer: int) -> tuple:
