@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from retmask import engine as E
+from retmask import decoding as E
 from retmask.engine import ORIGINAL, Engine, GenConfig, Group, Policy
 from retmask.heads import HeadSet
 
@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     groups = [Group(torch.randint(3, 97, (16,), generator=g).tolist(), [ORIGINAL, Policy(heads)], key=i)
               for i in range(args.pairs)]
     spent = {"step": 0.0, "forward": 0.0, "n": 0}
-    step, run = Engine._step, E._StaticStep.run
+    step, run = Engine._step, E.StaticStep.run
 
     def timed_step(self, st, c):
         t = time.perf_counter()
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
         spent["forward"] += time.perf_counter() - t
         return out
 
-    Engine._step, E._StaticStep.run = timed_step, timed_run
+    Engine._step, E.StaticStep.run = timed_step, timed_run
     with Engine(model, slots=2 * args.pairs, max_len=16 + args.new, decode="static",
                 policies=groups[0].policies) as eng:
         list(eng.generate(groups[:1], GenConfig(max_new_tokens=2)))  # warm-up

@@ -1,0 +1,267 @@
+"""The engine's decode step: the attention context of one step over all slots, its static form
+(fixed buffers, captured as a CUDA graph), the host-side state of the slots, and the step itself
+(sampling, stop rules, finished rows).
+
+`DecodeMixin` is part of `Engine` (it reads the engine's cache and settings).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from retmask.kernels import masked_decode
+
+from . import hf
+from .policy import GenConfig, RowResult
+from .sampling import next_tokens
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class DecodeContext:
+    """Attention context of one decode step over all slots.
+
+    Eager (`static=False`): built for one step from the host state; layers where every head is on
+    skip the keep bitmap and layers with no shared segment skip the pool. Static: built once over
+    fixed buffers and used for every step; each layer always gets the bitmap and the pool (a row
+    with segment -1 reads none), so the launches never depend on the step and a CUDA graph can
+    replay them."""
+
+    owns_masks = True
+
+    def __init__(self, eng: "Engine", keep: torch.Tensor, layer_all_on: list[bool] | None, want_argmax: bool,
+                 max_group_rows: int, static: bool = False):
+        self.eng, self.keep, self.layer_all_on, self.static = eng, keep, layer_all_on, static
+        self.max_group_rows = max_group_rows
+        self.argmax = torch.full((eng.slots, eng.d.n_layers, eng.d.n_heads), -1, dtype=torch.int64,
+                                 device=eng.device) if want_argmax else None
+
+    def attend(self, module, q, k, v, scaling, window):
+        e, l = self.eng, module.layer_idx
+        ar = e._slot_ids
+        # the new token's K/V at each row's private end; an idle slot's in its spare last column, so the
+        # prompt KV a finished row leaves (prefix reuse) stays whole
+        at = torch.where(e._idle, e.private_cap[l], e.kv_len[l]).long()
+        e.k[l][ar, :, at] = k[:, :, 0]
+        e.v[l][ar, :, at] = v[:, :, 0]
+        keep = self.keep[:, l] if self.static or not self.layer_all_on[l] else None
+        shared = {}
+        if l < e.pool_layers and (self.static or e.layer_shared[l]):
+            shared = dict(shared_k=e.pk[l], shared_v=e.pv[l], shared_lens=e.pool_len, row_seg=e.row_seg[l],
+                          max_group_rows=self.max_group_rows, seg_layout=e.seg_layout.select(l))
+        res = masked_decode(q[:, :, 0], e.k[l], e.v[l], e.kv_len[l] + 1, keep, window=window, scale=scaling,
+                            return_argmax=self.argmax is not None, check_values=False, **shared)
+        if self.argmax is not None:
+            res, pos, _ = res
+            self.argmax[:, l] = pos
+        return res[:, None]  # (S, 1, Hq, D)
+
+    def expand(self, layer, t):
+        return t
+
+
+class StaticStep:
+    """The decode step over fixed device buffers (input ids, positions, keep bitmap in; logits and
+    argmax out): the same launches every step and no host sync, so on CUDA it is captured once as a
+    CUDA graph and replayed. A capture that fails warns and leaves the step running eagerly."""
+
+    def __init__(self, eng: "Engine", want_argmax: bool, max_group_rows: int, capture: bool):
+        d, s, dev = eng.d, eng.slots, eng.device
+        self.eng = eng
+        self.ids = torch.zeros(s, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(s, 1, dtype=torch.long, device=dev)
+        self.keep = torch.zeros(s, d.n_layers, d.n_heads, dtype=torch.bool, device=dev)
+        self.ctx = DecodeContext(eng, self.keep, None, want_argmax, max_group_rows, static=True)
+        self.logits: torch.Tensor | None = None
+        self.graph = None
+        self.error: str | None = None
+        if capture:
+            self._capture()
+
+    def _forward(self) -> torch.Tensor:
+        with hf.active(self.ctx):
+            self.logits = self.eng.model(input_ids=self.ids, position_ids=self.pos, use_cache=False).logits[:, -1]
+        return self.logits
+
+    def _capture(self):
+        # The buffers hold all heads off, so warm-up reads nothing; its K/V writes land at each row's
+        # next free position, which the next real step overwrites before any read.
+        dev = self.eng.device  # the current device already (Engine._step runs under on_device)
+        try:
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # compile the Triton kernels, let cuBLAS pick, outside the capture
+                for _ in range(2):
+                    self._forward()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._forward()
+            self.graph = graph
+        except Exception as e:  # noqa: BLE001  (any capture failure falls back to running the same step)
+            self.graph = None
+            self.error = f"{type(e).__name__}: {e}"
+            warnings.warn(f"retmask engine: CUDA graph capture of the decode step failed ({self.error}); "
+                          "decoding without a graph (Engine(decode='static') avoids the attempt)", stacklevel=3)
+
+    def run(self, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.pos.copy_(pos)
+        self.keep.copy_(keep)
+        if self.graph is None:
+            return self._forward()
+        self.graph.replay()
+        return self.logits
+
+
+class Slots:
+    """Host-side state of the decode slots: per-slot numpy arrays, so a step's bookkeeping is a few
+    vector operations whatever the slot count (a Python loop runs only over the rows that end)."""
+
+    def __init__(self, n: int, n_layers: int, n_heads: int, n_segments: int, max_new: int, device):
+        self.n = n
+        self.active = np.zeros(n, dtype=bool)
+        self.group = [None] * n
+        self.row = [0] * n
+        self.policy = [None] * n
+        self.seed = np.zeros(n, dtype=np.int64)
+        self.next_in = np.zeros(n, dtype=np.int64)
+        self.pos = np.zeros(n, dtype=np.int64)
+        self.n_gen = np.zeros(n, dtype=np.int64)
+        self.in_prompt = np.zeros(n, dtype=bool)
+        self.tokens = np.zeros((n, max(1, max_new)), dtype=np.int32)  # row's tokens: tokens[slot, :n_gen[slot]]
+        self.argmax = [[] for _ in range(n)]
+        self.logits = [[] for _ in range(n)]
+        self.keep_prompt = torch.ones(n, n_layers, n_heads, dtype=torch.bool)  # at the last prompt token
+        self.keep_gen = torch.ones(n, n_layers, n_heads, dtype=torch.bool)  # at generated tokens
+        self.keep = torch.zeros(n, n_layers, n_heads, dtype=torch.bool, device=device)  # the step's bitmap
+        self.keep_all_on: list[bool] | None = None  # per layer: every head of every slot on (eager steps)
+        self.changed: set[int] = set()  # slots whose row of `keep` must be rewritten before the next step
+        self.free_segs = list(range(n_segments))
+        self.groups, self.group_seg, self.reused = {}, {}, {}
+        self.free_slots = list(range(n))
+
+    @property
+    def active_count(self) -> int:
+        return int(self.active.sum())
+
+    def take(self, k: int) -> list[int]:
+        out, self.free_slots = self.free_slots[:k], self.free_slots[k:]
+        return out
+
+    def run_starts(self, k: int) -> list[int]:
+        """Free segments that begin a run of `k` consecutive free ones."""
+        free = set(self.free_segs)
+        return [s for s in self.free_segs if all(s + i in free for i in range(1, k))]
+
+    def take_run(self, s0: int, k: int) -> list[int]:
+        run = list(range(s0, s0 + k))
+        self.free_segs = [s for s in self.free_segs if not s0 <= s < s0 + k]
+        return run
+
+    def start(self, slot, gid, row, policy, seed, first_in, pos):
+        self.active[slot], self.group[slot], self.row[slot], self.policy[slot] = True, gid, row, policy
+        self.seed[slot], self.next_in[slot], self.pos[slot], self.n_gen[slot] = seed, int(first_in), pos, 0
+        self.in_prompt[slot] = True
+        self.argmax[slot], self.logits[slot] = [], []
+        self.changed.add(slot)
+
+    def release(self, slot):
+        self.active[slot] = False
+        self.group[slot] = None
+        self.free_slots.append(slot)
+        self.free_slots.sort()
+        self.changed.add(slot)
+
+
+class DecodeMixin:
+    """Decode steps over the slots (mixed into `Engine`)."""
+
+    @property
+    def graph_errors(self) -> list[str]:
+        """Why each failed CUDA graph capture failed (empty when every capture worked)."""
+        return [s.error for s in self._steps.values() if s.error]
+
+    def _static_step(self, want_argmax: bool) -> StaticStep:
+        key = (want_argmax, self._group_max)
+        if key not in self._steps:
+            self._steps[key] = StaticStep(self, want_argmax, self._group_max, capture=self.decode == "graph")
+        return self._steps[key]
+
+    @torch.no_grad()
+    def _step(self, st: "Slots", cfg: GenConfig):
+        dev = self.device
+        if st.changed:  # rows that joined, left or take their first step: only their bitmap rows change
+            idx = sorted(st.changed)
+            rows = [st.keep_prompt[i] if st.in_prompt[i] else st.keep_gen[i] for i in idx if st.active[i]]
+            new = torch.zeros(len(idx), *st.keep.shape[1:], dtype=torch.bool)  # idle slots: every head off
+            if rows:
+                new[torch.from_numpy(st.active[idx])] = torch.stack(rows)
+            st.keep[torch.tensor(idx, device=dev)] = new.to(dev)
+            st.keep_all_on = None
+            st.changed = set(np.flatnonzero(st.in_prompt).tolist())  # their generated-token bitmap comes next
+        ids = torch.from_numpy(st.next_in)[:, None]
+        pos = torch.from_numpy(st.pos)[:, None]
+        if self.decode == "eager":
+            if st.keep_all_on is None:
+                st.keep_all_on = st.keep.all(-1).all(0).tolist()  # layers whose launches skip the bitmap
+            ctx = DecodeContext(self, st.keep, st.keep_all_on, cfg.return_argmax, self._group_max)
+            with hf.active(ctx):
+                logits = self.model(input_ids=ids.to(dev), position_ids=pos.to(dev),
+                                    use_cache=False).logits[:, -1]  # (S, V)
+        else:
+            step = self._static_step(cfg.return_argmax)
+            logits = step.run(ids, pos, st.keep)
+            ctx = step.ctx
+        self.kv_len += torch.from_numpy(st.active).to(dev, torch.int32)[None, :]
+        tok = next_tokens(logits, cfg.sampling, torch.from_numpy(st.seed), torch.from_numpy(st.n_gen)).cpu().numpy()
+        # one transfer per step; a copy even on CPU, where the static step reuses its output buffers
+        am = ctx.argmax.to("cpu", copy=True) if cfg.return_argmax else None
+        lg = logits.to("cpu", torch.float32, copy=True) if cfg.keep_logits else None
+        rows = np.flatnonzero(st.active)
+        t = tok[rows]
+        st.tokens[rows, st.n_gen[rows]] = t
+        st.n_gen[rows] += 1
+        st.next_in[rows] = t
+        st.pos[rows] += 1
+        st.in_prompt[rows] = False
+        for slot in rows.tolist() if (cfg.return_argmax or cfg.keep_logits) else ():
+            if cfg.return_argmax:
+                st.argmax[slot].append(am[slot])
+            if cfg.keep_logits:
+                st.logits[slot].append(lg[slot])
+        eos = np.isin(t, cfg.eos_ids)
+        length = st.n_gen[rows] >= cfg.max_new_tokens
+        done = []
+        # the rows that may end: EOS or length (vectorized), or any row when a stop string can match
+        for i in (range(len(rows)) if cfg.stop_strings else np.flatnonzero(eos | length).tolist()):
+            slot, n = int(rows[i]), int(st.n_gen[rows[i]])
+            finish = None
+            if eos[i]:
+                finish = "eos"
+            elif cfg.stop_strings and self._hit_stop(st.tokens[slot, max(0, n - 16):n].tolist(), cfg.stop_strings):
+                finish = "stop"
+            elif length[i]:
+                finish = "length"
+            if finish:
+                res = RowResult(st.policy[slot].label, st.tokens[slot, :n].tolist(), finish,
+                                torch.stack(st.argmax[slot]) if cfg.return_argmax else None,
+                                torch.stack(st.logits[slot]) if cfg.keep_logits else None)
+                done.append((slot, res))
+        for slot, _ in done:
+            self.kv_len[:, slot] = 0
+            self._idle[slot] = True
+            self.row_seg[:, slot] = -1
+        if done:
+            self._refresh_layout()
+        return done
+
+    def _hit_stop(self, tail_tokens: list[int], stops: tuple[str, ...]) -> bool:
+        """Whether the text of a row's last tokens (16 are given) contains a stop string."""
+        tail = self.tokenizer.decode(tail_tokens, skip_special_tokens=False)
+        return any(s in tail for s in stops)

@@ -1,0 +1,105 @@
+"""What the engine is asked and what it answers: policies (heads off + mask scope), groups (one prompt
+and a row per policy), generation settings, and results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .heads import HeadSet
+from .sampling import Sampling
+
+SCOPES = ("all", "generated")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Heads to switch off (None: the original) and where: scope `all` (every position, the
+    paper's zeroed-column checkpoint) or `generated` (generated positions only; the prompt is read
+    by the intact model)."""
+
+    heads: HeadSet | None = None
+    scope: str = "all"
+    name: str = ""
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope={self.scope!r}: use 'all' or 'generated'")
+        if self.heads is not None and len(self.heads) == 0:
+            object.__setattr__(self, "heads", None)
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return "original" if self.heads is None else f"off{len(self.heads)}-{self.scope}"
+
+    @property
+    def prompt_heads(self) -> tuple:
+        """The heads this policy switches off over the prompt, sorted (empty: it reads the prompt intact);
+        rows with equal values compute the same prompt KV."""
+        return () if self.heads is None or self.scope == "generated" else tuple(sorted(self.heads))
+
+    def prompt_depth(self, n_layers: int) -> int:
+        """Layers whose prompt KV this policy leaves identical to the original's."""
+        if self.heads is None or self.scope == "generated":
+            return n_layers
+        return self.heads.lowest_layer
+
+
+ORIGINAL = Policy(None, "all", "original")
+
+
+@dataclass
+class Group:
+    prompt: Sequence[int]
+    policies: Sequence[Policy]
+    # one per row; default: GenConfig.seed + the row's index among all rows of the generate() call, so
+    # no two rows of a call draw the same noise
+    seeds: Sequence[int] | None = None
+    key: Any = None
+
+
+@dataclass
+class RowResult:
+    policy: str
+    tokens: list[int]
+    finish: str  # "eos", "stop", "length"
+    argmax: torch.Tensor | None = None  # (T, layers, heads) key positions, -1 for heads off
+    logits: torch.Tensor | None = None  # (T, vocab) when GenConfig.keep_logits
+
+
+@dataclass
+class GroupResult:
+    key: Any
+    prompt_len: int
+    rows: list[RowResult]
+    reused: int = 0  # prompt tokens whose KV was copied from a segment or slot holding them (prefix reuse)
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    max_new_tokens: int = 256
+    sampling: Sampling = field(default_factory=Sampling)
+    eos_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    return_argmax: bool = False
+    keep_logits: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+
+
+def stream_keys(policies) -> list[tuple]:
+    """The prompt bitmaps of a group's prefill streams (heads off over the prompt; () for intact), in the
+    order of their first rows."""
+    return list(dict.fromkeys(p.prompt_heads for p in policies))
+
+
+def n_streams(policies) -> int:
+    """Distinct prompt bitmaps among `policies`: the rows a group's prefill computes above its shared depth."""
+    return len(stream_keys(policies))
