@@ -9,12 +9,13 @@ imports only torch and triton, and never touches CUDA at import.
 from __future__ import annotations
 
 from ._launch import on_device
-from .backend import BACKEND_ENV, resolve_backend
+from .backend import BACKEND_ENV, backend_choice, resolve_backend
 from .reference import gumbel_argmax_reference, masked_attention_reference, masked_decode_reference
 from .segments import SegmentLayout, segment_layout
 
 __all__ = [
     "BACKEND_ENV",
+    "backend_choice",
     "gumbel_argmax",
     "gumbel_argmax_reference",
     "masked_attention",

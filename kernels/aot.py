@@ -19,6 +19,7 @@ asynchronously (software-pipelined): all of them for the prefill and split kerne
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import re
 import subprocess
@@ -222,7 +223,10 @@ def compile_all(arch: int = 90, progress=None) -> list[Compiled]:
 
 
 def main(argv=None) -> int:
-    archs = [int(a) for a in (argv if argv is not None else sys.argv[1:])] or [90, 80]
+    ap = argparse.ArgumentParser(prog="python -m retmask.kernels.aot", description=__doc__.split("\n\n")[0])
+    ap.add_argument("archs", nargs="*", type=int, metavar="ARCH",
+                    help="compute capabilities to compile for, e.g. 90 (H100/H200) 80 (A100); default: 90 80")
+    archs = ap.parse_args(argv).archs or [90, 80]
     print(f"triton {triton.__version__}: compiling retmask's kernels for sm_{', sm_'.join(map(str, archs))}")
     failed = 0
     for arch in archs:

@@ -15,18 +15,24 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(t: torch.Tensor) -> str:
-    """'triton' or 'reference' for inputs living where `t` lives, honouring RETMASK_BACKEND."""
+def backend_choice() -> str:
+    """RETMASK_BACKEND, checked: 'auto', 'triton' or 'reference' (a job checks it before loading a model)."""
     choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     if choice not in _CHOICES:
         raise ValueError(f"{BACKEND_ENV}={choice!r} is not a backend; use one of {', '.join(_CHOICES)}")
+    if choice == "triton" and not triton_available():
+        raise ValueError(f"{BACKEND_ENV}=triton but triton is not installed; pip install triton")
+    return choice
+
+
+def resolve_backend(t: torch.Tensor) -> str:
+    """'triton' or 'reference' for inputs living where `t` lives, honouring RETMASK_BACKEND."""
+    choice = backend_choice()
     if choice == "reference":
         return "reference"
     on_gpu = t.device.type == "cuda"
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if choice == "triton":
-        if not triton_available():
-            raise ValueError(f"{BACKEND_ENV}=triton but triton is not installed; pip install triton")
         if not on_gpu and not interp:
             raise ValueError(
                 f"{BACKEND_ENV}=triton with tensors on {t.device}: Triton runs CUDA tensors, or CPU "

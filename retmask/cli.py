@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--liger", action="store_true", help="Liger fused kernels (where TRL offers them)")
     p.add_argument("--out", help="output folder (default runs/train/MODEL)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="delete the training run in --out and start over")
     p = sub.add_parser("helmet", help="print the HELMET commands that evaluate a checkpoint at 8K-128K")
     p.add_argument("checkpoint")
     args = parser.parse_args(argv)
@@ -239,11 +240,14 @@ def _check_model_args(args, *models_) -> dict:
     """Everything about the model arguments that can fail, checked before any work: the device, the engine
     sizes, and each model's folder or hub name and architecture (from its config). Returns the engine kw."""
     from . import models
+    from .kernels import backend_choice
 
     models.check_device(args.device)
+    backend_choice()  # RETMASK_BACKEND
     kw = _engine_kw(args)
     for m in models_ or (args.model,):
         models.config(m)
+        models.check_tokenizer(m)
     return kw
 
 
@@ -497,9 +501,9 @@ def _train(args) -> int:
 
     pair_files(args.pairs)  # fails early with a clear message when there are none
     if args.model != toy.NAME:
-        models.config(args.model, arch=False)  # a folder without a model, an unreachable hub name
+        models.check_trainable(args.model)  # a folder without a model or tokenizer, an unreachable hub name
     out = Path(args.out or f"runs/train/{models.display_name(args.model)}")
-    res = train(path, args.pairs, out, cfg, resume=args.resume)
+    res = train(path, args.pairs, out, cfg, resume=args.resume, overwrite=args.overwrite)
     if "metrics" not in res:  # not the main process (accelerate launch): rank 0 reports
         return 0
     m = res["metrics"]

@@ -50,7 +50,7 @@ def _open(source: str, split: str, streaming: bool | None):
             return load_dataset(fmt, data_files=files, split="train", streaming=bool(streaming))
         except (StopIteration, ValueError, OSError, DatasetsError) as e:
             raise ValueError(f"dataset {source}: could not read it as {fmt} ({_cause(e)})") from None
-    if "/" not in source:
+    if "/" not in source or source.startswith(("/", ".", "~")) or p.suffix in LOCAL_FORMATS:
         raise ValueError(f"dataset {source!r}: no such file; give a local .jsonl/.json/.parquet or a hub name "
                          "such as lmsys/lmsys-chat-1m")
     try:

@@ -1,4 +1,4 @@
-"""`make demo`: the whole RetMask pipeline on the shipped toy model, on CPU, in a few minutes.
+"""`make demo`: the whole RetMask pipeline on the shipped toy model, on CPU, in about 20 seconds.
 
 detect heads -> pairs from the bundled synthetic instructions -> a short DPO run -> NIAH before and
 after; one summary table; files and plots under `runs/demo/`. The same steps on a GPU model:

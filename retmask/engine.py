@@ -48,6 +48,11 @@ __all__ = ["DECODE_MODES", "ORIGINAL", "SCOPES", "Engine", "GenConfig", "Group",
 DECODE_MODES = ("auto", "eager", "static", "graph")
 
 
+def _gb(n: float) -> str:
+    """Bytes as GB, or MB when under 0.1 GB (so a toy size does not read 0.000 GB)."""
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.3f} MB"
+
+
 def default_size(model, rows: int, cpu_slots: int, fraction: float = 0.7) -> dict:
     """Engine sizing when the user gave neither `slots` nor `kv_budget_gb`. On CUDA: a KV budget of
     `fraction` of the memory free after loading the model (including what PyTorch's allocator holds
@@ -200,12 +205,12 @@ class Engine(PrefillMixin, DecodeMixin):
                     raise ValueError(f"max_slots={max_slots}: a group of the given policies has {self.group_rows} "
                                      "rows; allow at least that many")
                 raise ValueError(f"kv_budget_gb={kv_budget_gb:.3g}: {slots} row(s) fit (a row needs "
-                                 f"{per_slot / 1e9:.3f} GB at max_len={max_len}), but a group of the given policies "
+                                 f"{_gb(per_slot)} at max_len={max_len}), but a group of the given policies "
                                  f"has {self.group_rows}; raise the budget or lower max_len")
             if slots < 1:
-                raise ValueError(f"kv_budget_gb={kv_budget_gb:.3g}: one row needs {per_slot / 1e9:.3f} GB at "
+                raise ValueError(f"kv_budget_gb={kv_budget_gb:.3g}: one row needs {_gb(per_slot)} at "
                                  f"max_len={max_len}, and a prefill pass stages up to "
-                                 f"{self.staging_bytes(1) / 1e9:.3f} GB" +
+                                 f"{_gb(self.staging_bytes(1))}" +
                                  (f", besides {segments} pool segments" if segments else "")
                                  + "; raise the budget or lower max_len")
         self.slots = slots

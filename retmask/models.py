@@ -61,7 +61,28 @@ def tokenizer(name: str):
     config(name)
     if name == toy.NAME or Path(name).resolve() == toy.ASSET_DIR.resolve():
         return AutoTokenizer.from_pretrained(toy.ASSET_DIR)
-    return _hub(name, "tokenizer", AutoTokenizer.from_pretrained)
+    check_tokenizer(name)
+    try:
+        return _hub(name, "tokenizer", AutoTokenizer.from_pretrained)
+    except ValueError as e:
+        if str(e).startswith(f"model {name!r}"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"model {name!r}: could not load its tokenizer ({first[:300]}); save the tokenizer with "
+                         "the model (tokenizer.save_pretrained(folder))") from None
+
+
+# files that hold a tokenizer's vocabulary (a folder with none of them cannot give a tokenizer)
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def check_tokenizer(name: str) -> None:
+    """A clear error for a local model folder without a tokenizer, before any work (hub names are
+    checked when the tokenizer loads)."""
+    p = Path(name)
+    if p.is_dir() and not any((p / f).is_file() for f in _VOCAB_FILES) and not any(p.glob("*.tiktoken")):
+        raise ValueError(f"model {name!r}: the folder has no tokenizer (none of {', '.join(_VOCAB_FILES[:3])}, ...); "
+                         "save it there too: tokenizer.save_pretrained(folder)")
 
 
 @lru_cache(maxsize=32)  # read once per process: the commands check a model's heads and policies against it
@@ -91,6 +112,22 @@ def config(name: str, *, arch: bool = True):
         raise ValueError(f"model {name!r}: model_type {getattr(c, 'model_type', None)!r} is not supported; retmask "
                          f"runs {', '.join(hf.SUPPORTED)} models")
     return c
+
+
+def check_trainable(name: str) -> None:
+    """What DPO training needs of a model besides its weights, checked before any work: a causal LM whose
+    config.json names its class (`architectures`, which TRL reads), and a tokenizer."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    c = config(name, arch=False)
+    if getattr(c, "model_type", None) not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"model {name!r}: model_type {getattr(c, 'model_type', None)!r} is not a causal language "
+                         "model transformers knows; DPO trains one")
+    if not getattr(c, "architectures", None):
+        raise ValueError(f"model {name!r}: its config.json names no architectures, so the trainer cannot tell which "
+                         f"class to load; save the model with save_pretrained (it records them) or add "
+                         f"\"architectures\": [\"{MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[c.model_type]}\"]")
+    check_tokenizer(name)
 
 
 def _hub(name: str, what: str, load, **kw):

@@ -68,8 +68,14 @@ class GridConfig:
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement={self.placement!r}: use one of {PLACEMENTS}")
         if self.steps < 1:
-            raise ValueError("steps must be >= 1")
+            raise ValueError(f"--steps {self.steps}: must be >= 1")
         grid(self.min_len, self.max_len, self.n_lengths, self.n_depths, self.n_needles)
+        if not 0 <= self.buffer < self.max_len:
+            raise ValueError(f"--buffer {self.buffer}: must lie in [0, --max {self.max_len}) (the room left below "
+                             "each length; a length under it holds the needle alone)")
+        for flag, path in (("--needles-file", self.needles), ("--haystack", self.haystack)):
+            if path is not None and not Path(path).exists():
+                raise ValueError(f"{flag} {path}: no such file or folder")
 
     def load(self) -> tuple[list[Needle], list[str], list["Test"]]:
         """(needles, one haystack per needle, the tests in grid order), after checking the config."""
@@ -149,10 +155,11 @@ class Test:
 
 def grid(min_len: int, max_len: int, n_lengths: int = 20, n_depths: int = 10, n_needles: int = 3) -> list[Test]:
     """The reference grid: lengths round(linspace(min, max, n)), depths linspace(0, 100, n)."""
-    if min_len < 1 or max_len < min_len:
-        raise ValueError(f"lengths: need 1 <= --min ({min_len}) <= --max ({max_len})")
+    if min_len < 0 or max_len < max(min_len, 1):  # 0: RetMask's grid (a length under the buffer holds the needle alone)
+        raise ValueError(f"lengths: need 0 <= --min ({min_len}) <= --max ({max_len}) and --max >= 1")
     if n_lengths < 1 or n_depths < 1 or n_needles < 1:
-        raise ValueError("the grid needs at least one length, one depth and one needle")
+        raise ValueError(f"--lengths {n_lengths} / --depths {n_depths} / --needles {n_needles}: the grid needs at "
+                         "least one length, one depth and one needle")
     if n_lengths == 1 and min_len != max_len:  # linspace(min, max, 1) is [min]: --max would do nothing
         raise ValueError(f"one length (--lengths 1) with --min {min_len} != --max {max_len}: give the length as "
                          "both --min and --max")

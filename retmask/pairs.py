@@ -58,6 +58,7 @@ class PairsConfig:
             raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens}: must be >= 0 (0: no limit)")
         if self.shard_pairs < 1:
             raise ValueError(f"shard_pairs={self.shard_pairs}: must be >= 1")
+        Sampling(self.temperature, self.top_p)  # its own checks, before any model loads
 
     @classmethod
     def paper(cls, model_name: str, **kw) -> "PairsConfig":

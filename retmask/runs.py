@@ -132,9 +132,11 @@ def _synced(folder: Path, pattern: str, collect):
     return out
 
 
-def check_writable(folder) -> None:
-    """Fail before expensive work when the output folder cannot be created or written."""
+def check_writable(folder, *, keep: bool = False) -> None:
+    """Fail before expensive work when the output folder cannot be created or written. The folders this
+    creates to find out are removed again unless `keep`, so a check that passes leaves nothing behind."""
     p = Path(folder)
+    made = next((a for a in [p, *p.parents][::-1] if not a.exists()), None)  # the first folder to create
     try:
         p.mkdir(parents=True, exist_ok=True)
         probe = p / f".write-test-{os.getpid()}"
@@ -142,17 +144,30 @@ def check_writable(folder) -> None:
         probe.unlink()
     except OSError as e:
         raise ValueError(f"output folder {p} is not writable ({e.strerror}); choose another --out") from None
+    if made is not None and not keep and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # (ranks may be probing it)
+        shutil.rmtree(made, ignore_errors=True)
+
+
+def holds_data(p: Path) -> bool:
+    """A non-empty file, or a folder with one somewhere inside."""
+    if p.is_dir():
+        return any(f.is_file() and f.stat().st_size > 0 for f in p.rglob("*"))
+    return p.is_file() and p.stat().st_size > 0
 
 
 def prepare_out(out: Path, config: dict, *, resume: bool, overwrite: bool, names: tuple[str, ...]) -> None:
     """Make `out` ready: refuse to mix with an existing run unless told how (resume / overwrite)."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
-    check_writable(out)
+    check_writable(out, keep=True)
     cfg_path = out / "config.json"
     existing = [p for p in out.iterdir() if p.name in names or p.name.startswith(("tests-", "pairs-"))]
     old_cfg = cfg_path.read_text() if cfg_path.exists() else None
     barrier()  # every rank decides from the same snapshot
+    if not any(map(holds_data, existing)):
+        # a run that stopped before writing anything (bad input found after its start, a crash while loading
+        # the model): nothing to keep or continue, so it does not block the next start
+        existing, old_cfg = [], None
     if existing or old_cfg is not None:
         if overwrite:
             if dist()[0] == 0:

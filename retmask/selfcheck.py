@@ -83,7 +83,7 @@ def run(seed: int = 0) -> int:
         rows.append([kernel, case, off, f"{diff:.1e}", agree, f"{t_tri:.1f}", f"{t_ref:.1f}", "ok" if ok else "FAIL"])
     where = f"Triton on {torch.cuda.get_device_name()}" if device.type == "cuda" else "Triton interpreter on CPU"
     print(f"Masked attention kernels vs PyTorch references ({where}, {str(dtype).split('.')[-1]})\n")
-    print(tabulate(rows, headers=["kernel", "case", "heads off", "max |Δ|", "argmax agree", "triton ms",
+    print(tabulate(rows, headers=["kernel", "case", "heads off", "max abs diff", "argmax agree", "triton ms",
                                   "reference ms", ""], tablefmt="github", disable_numparse=True))
     print(f"\n{len(rows) - bad}/{len(rows)} cases agree.")
     return 1 if bad else 0

@@ -90,9 +90,43 @@ def dpo_config(cfg: TrainConfig, out: Path, world: int, cpu: bool):
         use_cpu=cpu, dataloader_num_workers=0)
 
 
+# what a training run writes in its folder (besides config.json and each rank's temporary Arrow copy)
+TRAIN_NAMES = ("trainer", "final", "adapter", "dataset", "train.json", "train.png")
+
+
+def prepare_out(out: Path, config: dict, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix with a training run already in `out` unless told how: `resume` (the same configuration;
+    training continues from its newest checkpoint) or `overwrite` (its files are deleted). Every process of a
+    launch checks; the first (RANK 0) deletes and writes config.json."""
+    from . import runs
+
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    runs.check_writable(out, keep=True)
+    config = json.loads(json.dumps(config))
+    held = [out / n for n in TRAIN_NAMES if runs.holds_data(out / n)]
+    if held and not (resume or overwrite):
+        raise ValueError(f"{out} already holds a training run ({', '.join(p.name for p in held)}); pass --resume to "
+                         "continue it from its newest checkpoint or --overwrite to start over")
+    cfg_path = out / "config.json"
+    if resume and held and cfg_path.is_file():
+        old = json.loads(cfg_path.read_text())
+        if old != config:
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise ValueError(f"{out} holds a training run with a different configuration ({', '.join(diff)}); use "
+                             "another --out or --overwrite")
+    if int(os.environ.get("RANK", "0")) == 0:
+        for p in held if overwrite else ():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        tmp = cfg_path.with_name("config.json.tmp")
+        tmp.write_text(json.dumps(config, indent=1) + "\n")
+        os.replace(tmp, cfg_path)
+
+
 def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool = False,
-          log=print, quiet: bool = False) -> dict:
-    """Run DPO; returns {"final": path, "metrics": last logged values, "history": log history}."""
+          overwrite: bool = False, log=print, quiet: bool = False) -> dict:
+    """Run DPO; returns {"final": path, "metrics": last logged values, "history": log history}. An existing run
+    in `out` is continued (`resume`, same configuration) or replaced (`overwrite`), never mixed in silently."""
     import torch
     from transformers import AutoTokenizer
     from trl import DPOTrainer
@@ -113,6 +147,8 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
             raise ValueError("--liger needs the liger-kernel package: pip install liger-kernel (or drop --liger)")
         if cpu:
             raise ValueError("--liger: Liger's kernels run on CUDA GPUs only; drop --liger on this machine")
+    prepare_out(out, {"model": str(model_path), "pairs": str(Path(pairs_dir).resolve()), **asdict(cfg)},
+                resume=resume, overwrite=overwrite)
     if cpu and cfg.bf16:
         cfg = replace(cfg, bf16=False)
     args = dpo_config(cfg, out, world, cpu)
@@ -267,13 +303,28 @@ HELMET_LENGTHS = ("8k", "16k", "32k", "64k", "128k")
 
 
 def helmet_commands(checkpoint: str, lengths=HELMET_LENGTHS) -> list[str]:
-    """Shell commands that evaluate `checkpoint` with HELMET (github.com/princeton-nlp/HELMET, not
-    vendored) at each length; run them from a HELMET checkout."""
-    ck = checkpoint
+    """Shell commands that evaluate `checkpoint` (a local model folder, such as the `final/` that `retmask
+    train` writes, or a hub name) with HELMET (github.com/princeton-nlp/HELMET, not vendored) at each
+    length. They run from the HELMET checkout the first command makes, so a local folder is given by its
+    absolute path; each checkpoint's results go to their own `output/NAME/` (a folder's parent and name,
+    as `llama-final`, since every training run's checkpoint is called `final`)."""
+    import shlex
+
+    p = Path(checkpoint)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ValueError(f"checkpoint {checkpoint}: no config.json there; give the model folder (the final/ "
+                             "that `retmask train` writes)")
+        ck, name = str(p.resolve()), f"{p.resolve().parent.name}-{p.resolve().name}"
+    elif checkpoint.count("/") == 1 and not checkpoint.startswith((".", "/", "~")):
+        ck, name = checkpoint, checkpoint.replace("/", "--")
+    else:
+        raise ValueError(f"checkpoint {checkpoint}: no such folder; give the model folder `retmask train` wrote "
+                         "(its final/) or a hub name such as meta-llama/Llama-3.1-8B-Instruct")
     cmds = ["git clone https://github.com/princeton-nlp/HELMET && cd HELMET && pip install -r requirements.txt"]
     for L in lengths:
         for task in ("recall", "rag", "rerank", "cite", "longqa", "summ", "icl"):
             cmds.append(f"python eval.py --config configs/{task}.yaml "
-                        f"--model_name_or_path {ck} --input_max_length {int(L[:-1]) * 1024} "
-                        f"--output_dir output/{Path(ck).name}/{L} --use_chat_template True")
+                        f"--model_name_or_path {shlex.quote(ck)} --input_max_length {int(L[:-1]) * 1024} "
+                        f"--output_dir {shlex.quote(f'output/{name}/{L}')} --use_chat_template True")
     return cmds

@@ -112,11 +112,43 @@ def test_bad_input_is_refused_clearly_before_any_model_loads(tmp_path, capsys, m
     _refused(capsys, ["pairs", "--heads", "0-1", "--data", str(bad), "--out", str(tmp_path / "p")],
              "bad.jsonl: could not read it as json")
     # an existing run is refused before the model loads
-    for cmd, extra in (("detect", grid), ("pairs", ["--heads", "0-1", "--limit", "4"])):
+    for cmd, extra, shard in (("detect", grid, "tests-00000.jsonl"), ("pairs", ["--heads", "0-1", "--limit", "4"],
+                                                                      "pairs-00000.jsonl.gz")):
         out = tmp_path / cmd
         out.mkdir()
         (out / "config.json").write_text("{}")
+        (out / shard).write_text("{}\n")
         _refused(capsys, [cmd, *extra, "--out", str(out)], "already holds results")
+    # settings checked before the model loads, and before anything is written to --out
+    bad_out = tmp_path / "never"
+    for argv, why in ((["pairs", "--heads", "0-1", "--top-p", "2"], "top_p=2.0: must lie in (0, 1]"),
+                      (["pairs", "--heads", "0-1", "--temperature", "-1"], "temperature=-1.0: must be >= 0"),
+                      (["pairs", "--heads", "0-1", "--data", str(tmp_path / "nope.jsonl")], "nope.jsonl': no such file"),
+                      (["detect", "--haystack", str(tmp_path / "nope")], "--haystack"),
+                      (["detect", "--needles-file", str(tmp_path / "nope.jsonl")], "--needles-file"),
+                      (["detect", "--buffer", "100000"], "--buffer 100000: must lie in [0, --max 512)"),
+                      (["detect", "--buffer", "-1"], "--buffer -1"),
+                      (["niah", "--steps", "-1"], "--steps -1: must be >= 1"),
+                      (["detect", "--depths", "0"], "--depths 0"),
+                      (["detect", "--model", str(tmp_path / "notok")], "the folder has no tokenizer"),
+                      (["train", "--model", str(tmp_path / "noarch"), "--pairs", str(tmp_path)], "names no architectures"),
+                      (["train", "--model", str(tmp_path / "notok"), "--pairs", str(tmp_path)], "has no tokenizer")):
+        if argv[0] == "detect" and "notok" in argv[-1]:
+            from retmask import toy
+
+            (tmp_path / "notok").mkdir()
+            (tmp_path / "notok" / "config.json").write_text((toy.ASSET_DIR / "config.json").read_text())
+            noarch = tmp_path / "noarch"
+            noarch.mkdir()
+            cfg = json.loads((toy.ASSET_DIR / "config.json").read_text())
+            cfg.pop("architectures")
+            (noarch / "config.json").write_text(json.dumps(cfg))
+            (noarch / "tokenizer.json").write_text((toy.ASSET_DIR / "tokenizer.json").read_text())
+        _refused(capsys, [*argv, *(["--out", str(bad_out)] if argv[0] != "train" else [])], why)
+        assert not bad_out.exists(), argv
+    monkeypatch.setenv("RETMASK_BACKEND", "fast")
+    _refused(capsys, ["detect", "--out", str(bad_out)], "RETMASK_BACKEND='fast' is not a backend")
+    assert not bad_out.exists()
 
 
 def test_niah_heads_without_scores_get_a_random_control(capsys, monkeypatch, tmp_path):

@@ -77,6 +77,24 @@ def test_sentence_placement(tok, depth):
     assert target - at < 40  # the nearest sentence end, not the start
 
 
+def test_retmask_grid_starts_at_length_zero(tok):
+    """RetMask's grid runs lengths 0-5000 with the 200-token buffer: a length under the buffer holds the needle
+    alone. The buffer must leave room below the longest length."""
+    g = niah.GridConfig.preset("retmask")
+    g.check()
+    tests = niah.grid(g.min_len, g.max_len, g.n_lengths, g.n_depths, g.n_needles)
+    assert sorted({t.length for t in tests})[:2] == [0, 263]  # round(5000 / 19)
+    nd = synth.needle(4)
+    ndi = tok(nd.needle, add_special_tokens=False)["input_ids"]
+    for length in (0, 150):
+        assert niah.context_ids(tok, synth.haystack(800, seed=1), nd, length, 50, buffer=200) == ndi
+    for buffer in (-1, 5000):
+        with pytest.raises(ValueError, match=f"--buffer {buffer}"):
+            niah.GridConfig.preset("retmask", buffer=buffer).check()
+    with pytest.raises(ValueError, match="--min"):
+        niah.grid(-1, 10)
+
+
 def test_faithful_placement_reproduces_the_reference_quirk(tok):
     hay = synth.haystack(800, seed=1)
     nd = synth.needle(4)

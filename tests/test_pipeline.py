@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -25,8 +26,8 @@ DATA = str(toy.ASSET_DIR.parent / "instructions.jsonl")
 HEADS = "0-2,0-3,1-2,1-3"
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "retmask.cli", *args], capture_output=True, text=True, cwd=ROOT,
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "retmask.cli", *args], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -329,9 +330,44 @@ def test_train_liger_fails_before_loading_anything(pairs_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_helmet_commands():
-    r = _cli("helmet", "runs/train/toy/final")
-    assert r.returncode == 0 and "--model_name_or_path runs/train/toy/final" in r.stdout and "recall" in r.stdout
+def test_train_refuses_a_folder_holding_a_run(pairs_dir, tmp_path):
+    """A second `retmask train` into a folder holding a run would leave its checkpoints beside the first
+    run's, and a later --resume would continue the first one's under the new settings: it is refused
+    without --resume (same configuration) or --overwrite (which deletes the run's files)."""
+    from retmask.train import prepare_out
+
+    out, _ = pairs_dir
+    run = tmp_path / "run"
+    (run / "trainer" / "checkpoint-8").mkdir(parents=True)
+    (run / "trainer" / "checkpoint-8" / "trainer_state.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({"model": "other"}))
+    r = _cli("train", "--pairs", str(out), "--out", str(run))
+    assert r.returncode == 2 and "already holds a training run (trainer)" in r.stderr, r.stderr[-2000:]
+    r = _cli("train", "--pairs", str(out), "--out", str(run), "--resume")
+    assert r.returncode == 2 and "different configuration (" in r.stderr and "model" in r.stderr, r.stderr[-2000:]
+    assert (run / "trainer" / "checkpoint-8").is_dir()  # nothing touched
+    prepare_out(run, {"model": "toy"}, resume=False, overwrite=True)
+    assert not (run / "trainer").exists() and json.loads((run / "config.json").read_text()) == {"model": "toy"}
+    prepare_out(run, {"model": "other"}, resume=False, overwrite=False)  # nothing held now: a fresh start
+
+
+def test_helmet_commands(tmp_path):
+    """The commands run inside the HELMET checkout the first one makes: a local checkpoint is given by its
+    absolute path, and results go to a folder named after the run (every run's checkpoint is `final`)."""
+    final = tmp_path / "my run" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    r = _cli("helmet", str(final.relative_to(tmp_path)), cwd=tmp_path)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[0].startswith("git clone") and "cd HELMET" in lines[0]
+    args = [dict(zip(a[2::2], a[3::2])) for a in map(shlex.split, lines[1:])]  # python eval.py --flag value ...
+    assert len(args) == 5 * 7 and all(a["--model_name_or_path"] == str(final) for a in args), lines[:2]
+    assert {a["--output_dir"] for a in args} == {f"output/my run-final/{L}" for L in ("8k", "16k", "32k", "64k", "128k")}
+    hub = _cli("helmet", "org/model")
+    assert hub.returncode == 0 and "--model_name_or_path org/model " in hub.stdout and "output/org--model/8k" in hub.stdout
+    for bad, why in (("runs/train/none/final", "no such folder"), (str(tmp_path / "my run"), "no config.json")):
+        r = _cli("helmet", bad)
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_demo_end_to_end(tmp_path):
