@@ -8,6 +8,8 @@ imports only torch and triton, and never touches CUDA at import.
 
 from __future__ import annotations
 
+import torch
+
 from ._launch import on_device
 from .backend import BACKEND_ENV, backend_choice, resolve_backend
 from .reference import gumbel_argmax_reference, masked_attention_reference, masked_decode_reference
@@ -86,6 +88,12 @@ def masked_decode(
     Returns:
         `out (B, Hq, D)`, or `(out, pos (B, Hq) int64, score (B, Hq) float32)` with return_argmax.
     """
+    if not isinstance(return_argmax, bool):
+        raise ValueError(f"return_argmax: expected True or False, got {return_argmax!r}")
+    if max_group_rows is not None and (isinstance(max_group_rows, bool) or not isinstance(max_group_rows, int)
+                                       or max_group_rows < 1):
+        raise ValueError(f"max_group_rows: expected None or an int >= 1 (rows sharing one segment), got "
+                         f"{max_group_rows!r}")
     fn = _pick("masked_decode", q)
     kw = dict(window=window, scale=scale, return_argmax=return_argmax, shared_k=shared_k, shared_v=shared_v,
               shared_lens=shared_lens, row_seg=row_seg, seg_layout=seg_layout, check_values=check_values)
@@ -114,6 +122,8 @@ def gumbel_argmax(logits, seed, step, inv_t: float, floor=None):
     Returns:
         `(B,)` int64 token ids on the logits' device.
     """
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"logits: expected a (B, V) float tensor, got {type(logits).__name__}")
     if resolve_backend(logits) == "reference":
         return gumbel_argmax_reference(logits, seed, step, inv_t, floor)
     from .sampling import gumbel_argmax_triton
@@ -123,6 +133,9 @@ def gumbel_argmax(logits, seed, step, inv_t: float, floor=None):
 
 
 def _pick(name: str, q):
+    if not isinstance(q, torch.Tensor):  # the backend follows q's device: check that it is a tensor first
+        layout = "(B, Hq, Sq, D)" if name == "masked_attention" else "(B, Hq, D)"
+        raise ValueError(f"q: expected a torch.Tensor shaped {layout}, got {type(q).__name__}")
     if resolve_backend(q) == "reference":
         return masked_attention_reference if name == "masked_attention" else masked_decode_reference
     if name == "masked_attention":

@@ -8,6 +8,7 @@ host sync; pass `check_values=False` in a hot loop whose inputs are already know
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,8 @@ def _head_dim(d: int) -> None:
 
 
 def _gqa(hq: int, hkv: int, kname: str) -> None:
+    if hq < 1:
+        _fail(f"q: expected at least one query head, got Hq={hq}")
     if hkv < 1 or hq % hkv:
         _fail(f"{kname}: {hkv} KV heads do not divide q's {hq} query heads (need Hq % Hkv == 0)")
 
@@ -67,7 +70,7 @@ def _keep(keep, b: int, hq: int, like: torch.Tensor) -> torch.Tensor | None:
     if keep.dtype != torch.bool:
         _fail(f"keep: expected dtype torch.bool (False = head off), got {keep.dtype}")
     _same_device("keep", keep, like)
-    return keep
+    return keep.contiguous()  # the kernels index it as a packed (B, Hq) array
 
 
 def _lengths(name: str, t, n: int, nname: str, like: torch.Tensor) -> torch.Tensor:
@@ -77,7 +80,7 @@ def _lengths(name: str, t, n: int, nname: str, like: torch.Tensor) -> torch.Tens
     if t.dtype not in (torch.int32, torch.int64):
         _fail(f"{name}: expected an int32 or int64 tensor, got {t.dtype}")
     _same_device(name, t, like)
-    return t
+    return t.contiguous()  # the kernels index it as a packed array
 
 
 def _range(name: str, t: torch.Tensor, lo: int, hi: int, what: str) -> None:
@@ -99,8 +102,8 @@ def _window(window) -> int | None:
 def _scale(scale, d: int) -> float:
     if scale is None:
         return d**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        _fail(f"scale: expected None or a positive float, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        _fail(f"scale: expected None or a positive finite float, got {scale!r}")
     return float(scale)
 
 
@@ -205,12 +208,17 @@ def check_decode(
         _same_device("shared_k", shared_k, q)
         _same_device("shared_v", shared_v, q)
         g = shared_k.shape[0]
+        if g < 1:
+            _fail("shared_k: an empty pool (G=0); give at least one segment, or no shared_* arguments at all")
         if shared_k.shape[1] != hkv or shared_k.shape[3] != d:
             _fail(f"shared_k: expected shape (G, {hkv}, Ssh, {d}) to match k_cache, got {_shape(shared_k)}")
         if tuple(shared_v.shape) != tuple(shared_k.shape):
             _fail(f"shared_v: expected the shape of shared_k {_shape(shared_k)}, got {_shape(shared_v)}")
         shared_lens = _lengths("shared_lens", shared_lens, g, "G", q)
         row_seg = _lengths("row_seg", row_seg, b, "B", q)
+        # the kernels step over the pool's last dim with stride 1
+        shared_k = shared_k if shared_k.stride(-1) == 1 else shared_k.contiguous()
+        shared_v = shared_v if shared_v.stride(-1) == 1 else shared_v.contiguous()
         shared = SharedArgs(shared_k, shared_v, shared_lens, row_seg, g, shared_k.shape[2])
     if seg_layout is not None:
         if shared is None:
@@ -243,17 +251,24 @@ def check_decode(
     return DecodeArgs(b, hq, hkv, smax, d, keep, kv_lens, _window(window), _scale(scale, d), shared)
 
 
+def _integer(t: torch.Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
 def check_sampling(logits, seed, step, inv_t, floor):
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.dtype.is_floating_point:
         got = f"{tuple(logits.shape)} {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits: expected a (B, V) float tensor, got {got}")
     b = logits.shape[0]
+    if logits.shape[1] < 1:
+        raise ValueError(f"logits: expected at least one token (V >= 1), got shape {_shape(logits)}")
     for name, t in (("seed", seed), ("step", step)):
-        if not isinstance(t, torch.Tensor) or t.shape != (b,) or t.dtype.is_floating_point:
+        if not isinstance(t, torch.Tensor) or t.shape != (b,) or not _integer(t):
             got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name}: expected a ({b},) integer tensor (one per row of logits), got {got}")
-    if not inv_t > 0:
-        raise ValueError(f"inv_t={inv_t}: must be > 0 (1 / temperature)")
-    if floor is not None and (not isinstance(floor, torch.Tensor) or floor.shape != (b,)):
-        got = tuple(floor.shape) if isinstance(floor, torch.Tensor) else type(floor).__name__
-        raise ValueError(f"floor: expected a ({b},) tensor of per-row score floors or None, got {got}")
+    if isinstance(inv_t, bool) or not isinstance(inv_t, (int, float)) or not 0 < inv_t < math.inf:
+        raise ValueError(f"inv_t={inv_t!r}: must be a positive finite number (1 / temperature)")
+    if floor is not None and (not isinstance(floor, torch.Tensor) or floor.shape != (b,)
+                              or not floor.dtype.is_floating_point):
+        got = f"{tuple(floor.shape)} {floor.dtype}" if isinstance(floor, torch.Tensor) else type(floor).__name__
+        raise ValueError(f"floor: expected a ({b},) float tensor of per-row score floors or None, got {got}")

@@ -13,6 +13,14 @@ def interpreting(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def check_interpreter_dtype(q: torch.Tensor) -> None:
+    """The interpreter's bfloat16 dot products are wrong (numpy has no bfloat16): refuse them rather than
+    return garbage. Compiled kernels on a GPU run bfloat16 as usual."""
+    if q.dtype == torch.bfloat16 and interpreting(q):
+        raise ValueError("q: bfloat16 under TRITON_INTERPRET=1 gives wrong dot products in Triton's interpreter; "
+                         "use float16 or float32 there, or the reference backend (RETMASK_BACKEND=reference)")
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs get exact fp32 dots (PyTorch's default); tf32 would cost ~1e-3 relative error."""
     return "ieee" if dtype == torch.float32 else "tf32"

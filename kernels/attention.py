@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_attention
-from ._launch import alloc, dot_precision, interpreting, next_pow2
+from ._launch import alloc, check_interpreter_dtype, dot_precision, interpreting, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -156,6 +156,7 @@ _attn_fwd_tuned = triton.autotune(
 def masked_attention_triton(q, k, v, keep=None, *, kv_lens=None, window=None, scale=None, check_values=True):
     """Triton launcher of `retmask.kernels.masked_attention`; inputs as there."""
     a = check_attention(q, k, v, keep, kv_lens, window, scale, check_values)
+    check_interpreter_dtype(q)
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_decode
-from ._launch import alloc, dot_precision, interpreting, next_pow2, sm_count
+from ._launch import alloc, check_interpreter_dtype, dot_precision, interpreting, next_pow2, sm_count
 from .segments import segment_layout
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a jit function reads only constexpr globals
@@ -286,6 +286,7 @@ def masked_decode_triton(
     """Triton launcher of `retmask.kernels.masked_decode`; inputs as there."""
     a = check_decode(q, k_cache, v_cache, kv_lens, keep, window, scale, shared_k, shared_v, shared_lens,
                      row_seg, check_values, seg_layout)
+    check_interpreter_dtype(q)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k_cache = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
     v_cache = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()

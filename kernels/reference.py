@@ -139,6 +139,7 @@ def gumbel_argmax_reference(logits, seed, step, inv_t: float, floor=None) -> tor
     dev = logits.device
     scores = logits.double() * inv_t
     if floor is not None:
-        scores = scores.masked_fill(scores < floor.to(dev, torch.float64)[:, None], float("-inf"))
+        scores = scores.masked_fill(~(scores >= floor.to(dev, torch.float64)[:, None]), float("-inf"))  # as the kernel
     u = uniform(seed.to(dev, torch.int64), step.to(dev, torch.int64), logits.shape[1])
-    return (scores - torch.log(-torch.log(u))).argmax(-1)
+    key = scores - torch.log(-torch.log(u))
+    return key.nan_to_num(nan=float("-inf")).argmax(-1)  # a NaN logit is never drawn (as in the kernel)

@@ -29,8 +29,10 @@ re-exports the public names, so `from retmask.engine import Engine, Group, Polic
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from retmask.kernels import SegmentLayout, segment_layout
@@ -38,7 +40,7 @@ from retmask.kernels._launch import next_pow2, on_device
 
 from . import hf
 from .decoding import DecodeMixin, Slots, StaticStep
-from .policy import ORIGINAL, SCOPES, GenConfig, Group, GroupResult, Policy, RowResult, n_streams
+from .policy import ORIGINAL, SCOPES, GenConfig, Group, GroupResult, Policy, RowResult, is_int, n_streams
 from .prefill import PrefillMixin
 from .prefix import Held, common_prefix, prefix_ids, prefix_order
 
@@ -136,9 +138,26 @@ class Engine(PrefillMixin, DecodeMixin):
                  private_len: int | None = None, decode: str = "auto", policies: Sequence[Policy] | None = None,
                  max_slots: int | None = None, segments: int | None = None, prefill_tokens: int = 32768,
                  admit_rows: int | None = None, reuse_prefix: int = 128):
-        hf.attach(model)
+        hf.check_supported(model)  # attached (hf.attach) only once every argument is checked
+        for name, v in (("slots", slots), ("max_len", max_len), ("chunk", chunk), ("private_len", private_len),
+                        ("max_slots", max_slots), ("segments", segments), ("prefill_tokens", prefill_tokens),
+                        ("admit_rows", admit_rows), ("reuse_prefix", reuse_prefix)):
+            if v is not None and not is_int(v):
+                raise ValueError(f"{name}={v!r}: expected an int")
+        if kv_budget_gb is not None and (isinstance(kv_budget_gb, bool) or not isinstance(kv_budget_gb, (int, float))
+                                         or not 0 < kv_budget_gb < float("inf")):
+            raise ValueError(f"kv_budget_gb={kv_budget_gb!r}: must be a finite number > 0")
+        if max_slots is not None and max_slots < 1:
+            raise ValueError(f"max_slots={max_slots}: must be >= 1 (or None: as many as the budget holds)")
+        if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+            raise ValueError(f"tokenizer: expected a transformers tokenizer (with .decode) or None, got "
+                             f"{type(tokenizer).__name__}")
+        if policies is not None and (not isinstance(policies, (list, tuple))
+                                     or not all(isinstance(p, Policy) for p in policies)):
+            raise ValueError("policies: expected a list of Policy (the rows of a typical group), or None")
         self.model, self.tokenizer = model, tokenizer
         self.d = hf.dims(model)
+        self.vocab = model.get_input_embeddings().num_embeddings  # token ids a prompt may hold
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         if on_too_long not in ("error", "skip"):
@@ -225,6 +244,7 @@ class Engine(PrefillMixin, DecodeMixin):
                       "reused_tokens": 0}
         self.skipped = 0
         self._ctx = None
+        hf.attach(model)
         self._hooks = [layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
                        for i, layer in enumerate(model.model.layers)]
         if self.device.type == "meta":  # a model without weights: the engine sizes its cache and holds none
@@ -345,6 +365,8 @@ class Engine(PrefillMixin, DecodeMixin):
         if self._busy:
             raise RuntimeError("Engine.generate: an earlier generate() on this engine is still running (its "
                                "iterator is not exhausted); finish it or call its .close() first")
+        if isinstance(groups, Group) or not isinstance(groups, Iterable):
+            raise ValueError(f"groups: expected a list of Group, got {type(groups).__name__} (one group: [group])")
         groups = list(groups)
         self._check(groups, cfg)
         self._busy = True
@@ -417,6 +439,16 @@ class Engine(PrefillMixin, DecodeMixin):
                     yield GroupResult(g.key, len(g.prompt), results.pop(gid), st.reused.pop(gid))
 
     def _check(self, groups, cfg):
+        if not isinstance(cfg, GenConfig):
+            raise ValueError(f"cfg: expected a GenConfig, got {type(cfg).__name__}")
+        for i, g in enumerate(groups):
+            if not isinstance(g, Group):
+                raise ValueError(f"groups[{i}]: expected a Group, got {type(g).__name__}")
+            self._check_prompt(i, g)
+            if not isinstance(g.policies, (list, tuple)) or not all(isinstance(p, Policy) for p in g.policies):
+                raise ValueError(f"group {i} (key {g.key!r}): policies must be a list of Policy (one per row)")
+            if g.seeds is not None and (not isinstance(g.seeds, (list, tuple)) or not all(map(is_int, g.seeds))):
+                raise ValueError(f"group {i} (key {g.key!r}): seeds must be a list of ints (one per row) or None")
         if self.pool_layers and cfg.max_new_tokens > self.private_len:
             raise ValueError(f"max_new_tokens={cfg.max_new_tokens} does not fit private_len={self.private_len} (a "
                              f"row's new tokens at the {self.pool_layers} layers with a pool); raise private_len")
@@ -443,6 +475,22 @@ class Engine(PrefillMixin, DecodeMixin):
                     p.heads.validate(self.d.n_layers, self.d.n_heads)
         if cfg.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: Engine(model, tokenizer, ...)")
+
+    def _check_prompt(self, i: int, g: Group) -> None:
+        """A prompt is a 1-D sequence of token ids the model's embedding has (a list, numpy array or tensor)."""
+        p = g.prompt
+        if isinstance(p, torch.Tensor):
+            ok = p.dim() == 1 and not (p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool)
+            a = p.detach().cpu().numpy() if ok else None
+        else:
+            a = np.asarray(p) if isinstance(p, (list, tuple, np.ndarray)) else None
+            ok = a is not None and a.ndim == 1 and (a.size == 0 or np.issubdtype(a.dtype, np.integer))
+        if not ok:
+            raise ValueError(f"group {i} (key {g.key!r}): prompt must be a 1-D sequence of token ids (list of ints, "
+                             f"numpy or torch integer array), got {type(p).__name__}")
+        if a.size and (a.min() < 0 or a.max() >= self.vocab):
+            raise ValueError(f"group {i} (key {g.key!r}): token ids must lie in [0, {self.vocab}) (the model's "
+                             f"vocabulary); got min {a.min()}, max {a.max()}")
 
     def _shared_depth(self, policies) -> int:
         """Layers whose prompt KV is stored once for the whole group: the sharing rule, within the pool."""

@@ -28,6 +28,18 @@ def parse_head(text: str) -> Head:
     return out
 
 
+def as_head(h) -> Head:
+    """A head given as 'L-H' or as a (layer, head) pair of non-negative ints."""
+    if isinstance(h, str):
+        return parse_head(h)
+    if (isinstance(h, (tuple, list)) and len(h) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in h)):
+        if h[0] < 0 or h[1] < 0:
+            raise ValueError(f"head {tuple(h)}: layer and head must be >= 0")
+        return int(h[0]), int(h[1])
+    raise ValueError(f"head {h!r}: expected 'layer-head' (e.g. '15-30') or a (layer, head) pair of ints")
+
+
 def head_name(h: Head) -> str:
     return f"{h[0]}-{h[1]}"
 
@@ -50,10 +62,17 @@ def load_scores(path: str | Path) -> dict[Head, float]:
     out = {}
     for k, v in raw.items():
         vals = v if isinstance(v, list) else [v]
-        if not vals or not all(isinstance(x, (int, float)) for x in vals):
-            raise ValueError(f"scores file {path}: head {k!r} needs a non-empty list of numbers")
+        if not vals or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x == x for x in vals):
+            raise ValueError(f"scores file {path}: head {k!r} needs a non-empty list of numbers (no NaN, no booleans)")
         out[parse_head(k)] = sum(vals) / len(vals)
     return out
+
+
+def _number(name: str, v) -> float:
+    """A real, finite number (not a bool or NaN)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name}={v!r}: expected a finite number")
+    return v
 
 
 def file_sha256(path: str | Path) -> str:
@@ -68,11 +87,15 @@ class HeadSet:
     source: dict = field(default_factory=dict, compare=False)
 
     # ---- construction -------------------------------------------------------------------
+    def __post_init__(self):
+        object.__setattr__(self, "heads", tuple(sorted({as_head(h) for h in self.heads})))
+
     @classmethod
     def from_list(cls, text: str | list[str] | list[Head]) -> "HeadSet":
+        if not isinstance(text, (str, list, tuple, set, frozenset)):
+            raise ValueError(f"heads: expected 'L-H,L-H' or a list of heads, got {type(text).__name__}")
         items = [t for t in text.split(",") if t.strip()] if isinstance(text, str) else list(text)
-        heads = sorted({parse_head(h) if isinstance(h, str) else (int(h[0]), int(h[1])) for h in items})
-        return cls(tuple(heads), {"kind": "list"})
+        return cls(tuple(as_head(h) for h in items), {"kind": "list"})
 
     @classmethod
     def from_scores(cls, scores: dict[Head, float] | str | Path, *, tau: float | None = None,
@@ -82,11 +105,21 @@ class HeadSet:
         non-retrieval set instead (seeded). `n_layers`/`n_heads` give the universe for `random`
         (default: the heads in the score table)."""
         src: dict = {}
-        if not isinstance(scores, dict):
+        if isinstance(scores, (str, Path)):
             path, scores = scores, load_scores(scores)  # checks the file before it is hashed
             src = {"file": str(path), "sha256": file_sha256(path)}
+        elif not isinstance(scores, dict) or not scores:
+            raise ValueError("scores: expected a score file's path or a non-empty {(layer, head): mean score} dict")
+        else:
+            scores = {as_head(h): _number(f"scores[{h!r}]", v) for h, v in scores.items()}
         if (tau is None) == (topk is None):
             raise ValueError("give exactly one of tau (mean score >= tau) or topk (the k best heads)")
+        if tau is not None:
+            _number("tau", tau)
+        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int)):
+            raise ValueError(f"topk={topk!r}: expected an int (the number of heads)")
+        if control is not None and control not in ("random", "non-retrieval"):
+            raise ValueError(f"control={control!r}: use 'random' or 'non-retrieval'")
         ranked = sorted(scores, key=lambda h: (-scores[h], h))
         if tau is not None:
             chosen = [h for h in ranked if scores[h] >= tau]
@@ -139,7 +172,7 @@ class HeadSet:
 
     def validate(self, n_layers: int, n_heads: int) -> "HeadSet":
         for layer, h in self.heads:
-            if layer >= n_layers or h >= n_heads:
+            if not (0 <= layer < n_layers and 0 <= h < n_heads):
                 raise ValueError(
                     f"head {layer}-{h} does not exist in this model ({n_layers} layers x {n_heads} query heads); "
                     "are the heads from another model?"
@@ -154,8 +187,13 @@ class HeadSet:
 
     @classmethod
     def from_json(cls, text: str) -> "HeadSet":
-        d = json.loads(text)
-        return cls(tuple(sorted(parse_head(h) for h in d["heads"])), d.get("source", {}))
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"HeadSet JSON: not valid JSON ({e.msg})") from None
+        if not isinstance(d, dict) or not isinstance(d.get("heads"), list):
+            raise ValueError("HeadSet JSON: expected {'heads': ['L-H', ...], 'source': {...}} as to_json writes")
+        return cls(tuple(parse_head(h) for h in d["heads"]), d.get("source", {}))
 
 
 @dataclass(frozen=True)

@@ -92,11 +92,24 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, _mask_fn)
 
 
-def attach(model):
-    """Switch a loaded causal LM to retmask attention (in place); returns the model."""
+def check_model(model) -> None:
+    """A clear error for something that is not a loaded transformers causal LM."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise ValueError(f"model: expected a loaded transformers causal LM (AutoModelForCausalLM.from_pretrained), got "
+                         f"{type(model).__name__}")
+
+
+def check_supported(model) -> None:
+    """A loaded causal LM of an architecture the engine runs, or a clear error."""
+    check_model(model)
     mt = getattr(model.config, "model_type", None)
     if mt not in SUPPORTED:
         raise ValueError(f"model_type {mt!r} is not supported; retmask runs {', '.join(SUPPORTED)} models")
+
+
+def attach(model):
+    """Switch a loaded causal LM to retmask attention (in place); returns the model."""
+    check_supported(model)
     register()
     model.set_attn_implementation(NAME)
     return model
@@ -108,6 +121,9 @@ def keep_bitmap(heads_per_row: list[HeadSet | None], d: Dims, device=None) -> to
     for b, hs in enumerate(heads_per_row):
         if hs is None:
             continue
+        if not isinstance(hs, HeadSet):
+            raise ValueError(f"rows[{b}]: expected a HeadSet (heads off) or None (the original), got "
+                             f"{type(hs).__name__}")
         hs.validate(d.n_layers, d.n_heads)
         for layer, h in hs:
             keep[b, layer, h] = False
@@ -138,10 +154,15 @@ def policies(model, rows: list[HeadSet | None] | torch.Tensor):
 
     rows: a HeadSet (heads off) or None (original) per row, or a (B, L, Hq) bool keep bitmap.
     The model must have been `attach`ed."""
+    check_model(model)
     if model.config._attn_implementation != NAME:
         raise ValueError("policies: call retmask.hf.attach(model) first (the model does not use retmask attention)")
     d = dims(model)
     device = next(model.parameters()).device
+    if not isinstance(rows, (torch.Tensor, list, tuple)) or not len(rows):
+        got = "an empty list" if isinstance(rows, (list, tuple)) else type(rows).__name__
+        raise ValueError(f"policies: rows must be a list with a HeadSet or None per batch row, or a (B, L, Hq) bool "
+                         f"keep bitmap; got {got}")
     keep = rows if isinstance(rows, torch.Tensor) else keep_bitmap(list(rows), d)
     if keep.dim() != 3 or tuple(keep.shape[1:]) != (d.n_layers, d.n_heads) or keep.dtype != torch.bool:
         raise ValueError(f"policies: expected a (B, {d.n_layers}, {d.n_heads}) bool keep bitmap, got "

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .heads import HeadSet
@@ -27,6 +28,9 @@ class Policy:
     def __post_init__(self):
         if self.scope not in SCOPES:
             raise ValueError(f"scope={self.scope!r}: use 'all' or 'generated'")
+        if self.heads is not None and not isinstance(self.heads, HeadSet):
+            raise ValueError(f"heads: expected a HeadSet or None (the original), got {type(self.heads).__name__}; "
+                             "build one with HeadSet.from_list('15-30,24-27') or HeadSet.from_scores(...)")
         if self.heads is not None and len(self.heads) == 0:
             object.__setattr__(self, "heads", None)
 
@@ -90,8 +94,36 @@ class GenConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an int >= 1")
+        if not isinstance(self.sampling, Sampling):
+            raise ValueError(f"sampling: expected a retmask.sampling.Sampling, got {type(self.sampling).__name__}")
+        if not is_int(self.seed):
+            raise ValueError(f"seed={self.seed!r}: expected an int")
+        if isinstance(self.eos_ids, (str, bytes)) or not all(map(is_int, _items("eos_ids", self.eos_ids))):
+            raise ValueError(f"eos_ids={self.eos_ids!r}: expected token ids (ints), e.g. (2,) or [128001, 128009]")
+        if isinstance(self.stop_strings, str):
+            raise ValueError(f"stop_strings={self.stop_strings!r}: expected a tuple of strings, e.g. "
+                             f"({self.stop_strings!r},), not one string (each character would stop a row)")
+        if not all(isinstance(s, str) and s for s in _items("stop_strings", self.stop_strings)):
+            raise ValueError(f"stop_strings={self.stop_strings!r}: expected non-empty strings")
+        for flag in ("return_argmax", "keep_logits"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}={getattr(self, flag)!r}: expected True or False")
+        object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+
+
+def is_int(v) -> bool:
+    """An int (Python or numpy), not a bool."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _items(name: str, v) -> tuple:
+    try:
+        return tuple(v)
+    except TypeError:
+        raise ValueError(f"{name}={v!r}: expected a tuple") from None
 
 
 def stream_keys(policies) -> list[tuple]:

@@ -9,6 +9,7 @@ device.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,12 +24,15 @@ class Sampling:
     top_k: int = 0  # 0 = no limit
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p}: must lie in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 = no limit)")
+        real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if not real(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature={self.temperature!r}: must be a finite number >= 0 (0 = greedy)")
+        if self.temperature > 0 and not 1 / self.temperature < math.inf:
+            raise ValueError(f"temperature={self.temperature!r}: too small to divide the logits by; use 0 for greedy")
+        if not real(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r}: must lie in (0, 1]")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r}: must be an int >= 0 (0 = no limit)")
 
     @property
     def greedy(self) -> bool:

@@ -33,7 +33,10 @@ ATTN_BAD = [
     (lambda q, k, v: (q, k, v, {"kv_lens": torch.tensor([9, 10])}), r"kv_lens: values must lie in \[0, 9\]"),
     (lambda q, k, v: (q, k, v, {"kv_lens": torch.tensor([9.0, 1.0])}), "kv_lens: expected an int32 or int64"),
     (lambda q, k, v: (q, k, v, {"window": 0}), "window: expected None or a positive int"),
-    (lambda q, k, v: (q, k, v, {"scale": -1.0}), "scale: expected None or a positive float"),
+    (lambda q, k, v: (q, k, v, {"scale": -1.0}), "scale: expected None or a positive finite float"),
+    (lambda q, k, v: (q, k, v, {"scale": float("inf")}), "scale: expected None or a positive finite float"),
+    (lambda q, k, v: (q.tolist(), k, v, {}), "q: expected a torch.Tensor"),
+    (lambda q, k, v: (q[:, :0], k, v, {}), "q: expected at least one query head"),
     (lambda q, k, v: (q, k.to("meta"), v, {}), "k: on meta but q is on cpu"),
 ]
 
@@ -62,6 +65,9 @@ DEC_BAD = [
     (lambda q, k, v, n: (q, k, v, n, dict(_shared(), shared_lens=torch.tensor([7, 1]))), r"shared_lens: values must lie in \[0, 6\]"),
     (lambda q, k, v, n: (q, k, v, n, dict(_shared(), shared_k=torch.randn(2, 1, 6, 32))), "shared_k: expected shape"),
     (lambda q, k, v, n: (q, k, v, torch.tensor([9, 0]), _shared()), "shared plus private keys per row"),
+    (lambda q, k, v, n: (q, k, v, n, dict(_shared(g=0), shared_lens=torch.zeros(0, dtype=torch.long),
+                                          row_seg=torch.tensor([-1, -1]))), r"shared_k: an empty pool \(G=0\)"),
+    (lambda q, k, v, n: (None, k, v, n, {}), "q: expected a torch.Tensor"),
 ]
 
 
@@ -77,3 +83,46 @@ def test_private_length_zero_is_fine_behind_a_segment():
     q, k, v, _ = dec_inputs()
     out = masked_decode(q, k, v, torch.tensor([0, 3]), **_shared())
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kw,msg", [({"return_argmax": "no"}, "return_argmax: expected True or False"),
+                                    ({"max_group_rows": 0}, "max_group_rows: expected None or an int >= 1"),
+                                    ({"max_group_rows": "2"}, "max_group_rows"),
+                                    ({"max_group_rows": 2.5}, "max_group_rows")])
+def test_decode_rejects_bad_flags(kw, msg):
+    q, k, v, n = dec_inputs()
+    with pytest.raises(ValueError, match=msg):
+        masked_decode(q, k, v, n, **kw)
+
+
+def test_bfloat16_is_refused_in_the_interpreter():
+    """Triton's interpreter computes bfloat16 dots wrongly: the launchers refuse them rather than return garbage."""
+    q, k, v = attn_inputs(dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16 under TRITON_INTERPRET=1"):
+        masked_attention_triton(q, k, v)
+    with pytest.raises(ValueError, match="bfloat16 under TRITON_INTERPRET=1"):
+        masked_decode_triton(q[:, :, 0], k, v, torch.tensor([9, 3]))
+
+
+def test_strided_index_tensors_are_read_as_their_values():
+    """kv_lens, keep, row_seg and shared_lens as strided views, and a pool whose last dim is strided, give what
+    their contiguous copies give (the kernels index them as packed arrays). A strided row_seg once read a
+    segment id from the wrong place."""
+    from retmask.kernels import masked_attention_reference, masked_decode_reference
+
+    torch.manual_seed(0)
+    q, k, v = attn_inputs(b=2, hq=4, hkv=2, sq=5, skv=9)
+    lens = torch.tensor([9, 0, 6, 0])[::2]
+    keep = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 0]], dtype=torch.bool).t().contiguous().t()  # (2, 4), column-major
+    assert not keep.is_contiguous() and not lens.is_contiguous()
+    want = masked_attention_reference(q, k, v, keep.contiguous(), kv_lens=lens.contiguous())
+    torch.testing.assert_close(masked_attention_triton(q, k, v, keep, kv_lens=lens), want, atol=1e-5, rtol=1e-5)
+    qd, kc, vc, _ = dec_inputs()
+    pool = torch.randn(2, 2, 6, 64)
+    sh = dict(shared_k=pool[..., ::2], shared_v=pool[..., 1::2], shared_lens=torch.tensor([6, 9, 2, 9])[::2],
+              row_seg=torch.tensor([1, 10**6, -1, 10**6])[::2])
+    dlens = torch.tensor([4, 0, 3, 0])[::2]
+    want = masked_decode_reference(qd, kc, vc, dlens.contiguous(), keep.contiguous(),
+                                   **{n: t.contiguous() for n, t in sh.items()})
+    got = masked_decode_triton(qd, kc, vc, dlens, keep, **sh)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -122,7 +122,7 @@ def test_bad_input_is_refused_clearly_before_any_model_loads(tmp_path, capsys, m
     # settings checked before the model loads, and before anything is written to --out
     bad_out = tmp_path / "never"
     for argv, why in ((["pairs", "--heads", "0-1", "--top-p", "2"], "top_p=2.0: must lie in (0, 1]"),
-                      (["pairs", "--heads", "0-1", "--temperature", "-1"], "temperature=-1.0: must be >= 0"),
+                      (["pairs", "--heads", "0-1", "--temperature", "-1"], "temperature=-1.0: must be a finite number >= 0"),
                       (["pairs", "--heads", "0-1", "--data", str(tmp_path / "nope.jsonl")], "nope.jsonl': no such file"),
                       (["detect", "--haystack", str(tmp_path / "nope")], "--haystack"),
                       (["detect", "--needles-file", str(tmp_path / "nope.jsonl")], "--needles-file"),

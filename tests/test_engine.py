@@ -4,6 +4,7 @@ seeds, stops, decode modes and CUDA graphs."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -206,6 +207,55 @@ def test_bad_inputs(family):
             list(eng.generate([Group([5, 6], [ORIGINAL] * 3)], GenConfig(max_new_tokens=2)))
         with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
             list(eng.generate([Group([5, 6], [ORIGINAL])], GenConfig(max_new_tokens=2, stop_strings=("x",))))
+        # what generate() is given: groups, prompts (token ids inside the vocabulary), policies, seeds, config
+        P = [ORIGINAL, Policy(HEADS)]
+        for groups, cfg, msg in (
+                (Group([5, 6], P), GenConfig(), r"groups: expected a list of Group, got Group \(one group: \[group\]\)"),
+                ([None], GenConfig(), r"groups\[0\]: expected a Group"),
+                ([Group([5, 6], P)], None, "cfg: expected a GenConfig"),
+                ([Group([5, 97], P)], GenConfig(), r"token ids must lie in \[0, 97\)"),
+                ([Group([5, -1], P)], GenConfig(), r"token ids must lie in \[0, 97\)"),
+                ([Group("hello", P)], GenConfig(), "prompt must be a 1-D sequence of token ids"),
+                ([Group([5.5, 6.0], P)], GenConfig(), "prompt must be a 1-D sequence of token ids"),
+                ([Group(torch.tensor([[5, 6]]), P)], GenConfig(), "prompt must be a 1-D sequence of token ids"),
+                ([Group([5, 6], P[1])], GenConfig(), "policies must be a list of Policy"),
+                ([Group([5, 6], P, seeds=[1.5, 2.5])], GenConfig(), "seeds must be a list of ints")):
+            with pytest.raises(ValueError, match=msg):
+                list(eng.generate(groups, cfg))
+        # a 1-D integer tensor or numpy array is a prompt like its list
+        want = [r.tokens for r in next(eng.generate([Group([5, 6, 7], P)], GenConfig(max_new_tokens=3))).rows]
+        for p in (torch.tensor([5, 6, 7]), np.array([5, 6, 7], dtype=np.int32)):
+            assert [r.tokens for r in next(eng.generate([Group(p, P)], GenConfig(max_new_tokens=3))).rows] == want
+    # the engine's own arguments, checked before the model is switched to retmask attention
+    plain = tiny("llama")
+    impl = plain.config._attn_implementation
+    for kw, msg in (({"slots": 2.5}, "slots=2.5: expected an int"), ({"slots": 2, "chunk": "8"}, "chunk='8'"),
+                    ({"kv_budget_gb": float("inf")}, "kv_budget_gb=inf: must be a finite number > 0"),
+                    ({"kv_budget_gb": 0.01, "max_slots": 0}, "max_slots=0: must be >= 1"),
+                    ({"slots": 2, "tokenizer": 123}, "tokenizer: expected a transformers tokenizer"),
+                    ({"slots": 2, "policies": ["x"]}, "policies: expected a list of Policy")):
+        with pytest.raises(ValueError, match=msg):
+            Engine(plain, **kw)
+    assert plain.config._attn_implementation == impl
+    for model in (None, "toy", torch.nn.Linear(2, 2)):
+        with pytest.raises(ValueError, match="model: expected a loaded transformers causal LM"):
+            Engine(model, slots=2)
+    for kw, msg in (({"max_new_tokens": 2.5}, "max_new_tokens=2.5"), ({"stop_strings": "ab"}, "not one string"),
+                    ({"stop_strings": ("",)}, "non-empty strings"), ({"eos_ids": ("47",)}, "eos_ids"),
+                    ({"seed": "x"}, "seed='x'"), ({"sampling": None}, "sampling: expected"),
+                    ({"return_argmax": "no"}, "return_argmax='no'")):
+        with pytest.raises(ValueError, match=msg):
+            GenConfig(**kw)
+    for kw, msg in (({"temperature": float("nan")}, "temperature=nan"), ({"temperature": 1e-320}, "too small"),
+                    ({"top_k": 2.5}, "top_k=2.5")):
+        with pytest.raises(ValueError, match=msg):
+            Sampling(**kw)
+    with pytest.raises(ValueError, match="heads: expected a HeadSet or None"):
+        Policy("1-2")
+    for rows, msg in ((HEADS, "got HeadSet"), ([], "got an empty list"), (["1-2"], r"rows\[0\]: expected a HeadSet")):
+        with pytest.raises(ValueError, match=msg):
+            with hf.policies(m, rows):
+                pass
     with Engine(m, slots=2, max_len=16, on_too_long="skip") as skip:
         out = list(skip.generate([Group(list(range(3, 13)), [ORIGINAL]), Group([5, 6], [ORIGINAL], key="ok")],
                                  GenConfig(max_new_tokens=8)))

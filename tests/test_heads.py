@@ -72,3 +72,31 @@ def test_stats_against_hand_computed_values():
     assert st.gini == pytest.approx(20 / 32)
     assert st.count_at[0.5] == 2 and st.lowest_layer_at[0.5] == 1
     assert st.top1_share == pytest.approx(0.75)  # best 1 % rounds to one head: 3 of 4
+
+
+def test_bad_heads_and_scores_are_refused(score_file):
+    """A head is (layer, head) of non-negative ints, or 'L-H': a negative index would wrap to another head
+    when the bitmap is built, so it is refused, as are truncated, float and malformed heads, and scores
+    that are not finite numbers."""
+    for bad, msg in (([(-1, 0)], "must be >= 0"), ([(0, 1, 2)], "pair of ints"), ([(1.7, 2.2)], "pair of ints"),
+                     ([5], "pair of ints"), ("1-x", "two integers"), (None, "heads: expected")):
+        with pytest.raises(ValueError, match=msg):
+            HeadSet.from_list(bad)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        HeadSet(((-1, 0),))
+    with pytest.raises(ValueError, match=r"head 4-0 does not exist"):
+        HeadSet.from_list("4-0").validate(4, 4)
+    assert HeadSet.from_list([(1, 2), "1-2", [0, 3]]).heads == ((0, 3), (1, 2))
+    for scores, kw, msg in (({}, {"tau": 0.5}, "non-empty"), ({(0, 1): float("nan")}, {"tau": 0.5}, "finite number"),
+                            ({(0, 1): 0.9}, {"tau": "0.5"}, "tau='0.5'"), ({(0, 1): 0.9}, {"topk": 2.5}, "topk=2.5"),
+                            ({(0, 1): 0.9}, {"tau": 0.5, "control": "other"}, "control='other'")):
+        with pytest.raises(ValueError, match=msg):
+            HeadSet.from_scores(scores, **kw)
+    assert HeadSet.from_scores({"0-1": 0.9, "2-3": 0.1}, tau=0.5).heads == ((0, 1),)
+    for text in ("{}", "[1]", "not json"):
+        with pytest.raises(ValueError, match="HeadSet JSON"):
+            HeadSet.from_json(text)
+    bad = score_file.parent / "bad.json"
+    bad.write_text(json.dumps({"0-1": [True], "0-2": [0.5]}))
+    with pytest.raises(ValueError, match="no booleans"):
+        load_scores(bad)

@@ -113,6 +113,17 @@ def test_rows_without_a_finite_logit_and_empty_batches(backend, monkeypatch):
     assert empty.shape == (0,) and empty.dtype == torch.int64
 
 
+def test_a_nan_logit_is_never_drawn_on_either_backend():
+    """A NaN logit (a broken model) is skipped by the kernel's comparisons and by the reference alike, so the
+    token does not depend on the device; a NaN floor cuts every token on both."""
+    logits, seeds, steps = _rows(4, 300, torch.float32, seed=3)
+    logits[:, ::7] = float("nan")
+    for floor in (None, logits.nan_to_num(nan=-1e9).topk(5).values[:, -1].double(), torch.full((4,), float("nan"))):
+        got = gumbel_argmax_triton(logits, seeds, steps, 1.5, floor)
+        assert got.tolist() == gumbel_argmax_reference(logits, seeds, steps, 1.5, floor).tolist()
+        assert (got % 7 != 0).all() or floor is not None and torch.isnan(floor).all()
+
+
 def test_tokens_do_not_depend_on_the_batch():
     """A row sampled alone, or among others in any order, by the kernel: the same token."""
     logits, seeds, steps = _rows(5, 400, torch.float16, seed=9)
@@ -130,6 +141,13 @@ def test_tokens_do_not_depend_on_the_batch():
     ((torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 0.0, None), "inv_t"),
     ((torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 1.0, torch.zeros(3)),
      "floor"),
+    ((torch.zeros(2, 0), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 1.0, None), "V >= 1"),
+    ((torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), float("inf"), None), "inv_t=inf"),
+    ((torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), True, None), "inv_t=True"),
+    ((torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), "1", None), "inv_t='1'"),
+    ((torch.zeros(2, 5), torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.long), 1.0, None), "seed"),
+    ((torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 1.0, torch.zeros(2, dtype=torch.bool)), "floor"),
+    (([[0.0, 1.0]], torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 1.0, None), "logits: expected a"),
 ])
 @pytest.mark.parametrize("fn", [gumbel_argmax, gumbel_argmax_reference, gumbel_argmax_triton])
 def test_bad_inputs_name_the_argument(fn, args, match):
