@@ -9,6 +9,7 @@ host sync; pass `check_values=False` in a hot loop whose inputs are already know
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -94,15 +95,15 @@ def _range(name: str, t: torch.Tensor, lo: int, hi: int, what: str) -> None:
 def _window(window) -> int | None:
     if window is None:
         return None
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
         _fail(f"window: expected None or a positive int (keys in (p - window, p]), got {window!r}")
-    return window
+    return int(window)
 
 
 def _scale(scale, d: int) -> float:
     if scale is None:
         return d**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < math.inf:
         _fail(f"scale: expected None or a positive finite float, got {scale!r}")
     return float(scale)
 
@@ -208,8 +209,6 @@ def check_decode(
         _same_device("shared_k", shared_k, q)
         _same_device("shared_v", shared_v, q)
         g = shared_k.shape[0]
-        if g < 1:
-            _fail("shared_k: an empty pool (G=0); give at least one segment, or no shared_* arguments at all")
         if shared_k.shape[1] != hkv or shared_k.shape[3] != d:
             _fail(f"shared_k: expected shape (G, {hkv}, Ssh, {d}) to match k_cache, got {_shape(shared_k)}")
         if tuple(shared_v.shape) != tuple(shared_k.shape):
@@ -244,9 +243,9 @@ def check_decode(
             _range("kv_lens", kv_lens, 0, smax, "private keys per row, at most Smax")
             _range("shared_lens", shared.lens, 0, shared.ssh, "valid keys per segment, at most Ssh")
             _range("row_seg", shared.seg, -1, shared.n_seg - 1, "segment index per row, -1 for none")
-            seg_len = torch.where(
+            seg_len = torch.where(  # (an empty pool: every row_seg is -1, checked above)
                 shared.seg >= 0, shared.lens[shared.seg.clamp(min=0).long()], shared.lens.new_zeros(())
-            )
+            ) if shared.n_seg else torch.zeros_like(kv_lens)
             _range("kv_lens", kv_lens + seg_len, 1, smax + shared.ssh, "shared plus private keys per row")
     return DecodeArgs(b, hq, hkv, smax, d, keep, kv_lens, _window(window), _scale(scale, d), shared)
 
@@ -266,9 +265,9 @@ def check_sampling(logits, seed, step, inv_t, floor):
         if not isinstance(t, torch.Tensor) or t.shape != (b,) or not _integer(t):
             got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name}: expected a ({b},) integer tensor (one per row of logits), got {got}")
-    if isinstance(inv_t, bool) or not isinstance(inv_t, (int, float)) or not 0 < inv_t < math.inf:
+    if isinstance(inv_t, bool) or not isinstance(inv_t, numbers.Real) or not 0 < inv_t < math.inf:
         raise ValueError(f"inv_t={inv_t!r}: must be a positive finite number (1 / temperature)")
     if floor is not None and (not isinstance(floor, torch.Tensor) or floor.shape != (b,)
-                              or not floor.dtype.is_floating_point):
+                              or floor.dtype.is_complex or floor.dtype == torch.bool):
         got = f"{tuple(floor.shape)} {floor.dtype}" if isinstance(floor, torch.Tensor) else type(floor).__name__
-        raise ValueError(f"floor: expected a ({b},) float tensor of per-row score floors or None, got {got}")
+        raise ValueError(f"floor: expected a ({b},) real tensor of per-row score floors or None, got {got}")

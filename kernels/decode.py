@@ -318,11 +318,11 @@ def masked_decode_triton(
     win = a.window or 0
     seg_t = sh.seg if sh is not None else a.kv_lens
     shlens_t = sh.lens if sh is not None else a.kv_lens
-    if sh is not None:
+    if sh is not None and sh.n_seg:  # (an empty pool launches nothing: every row reads its private cache alone)
         order, starts, counts = seg_layout if seg_layout is not None else segment_layout(sh.seg, sh.n_seg)
         if max_group_rows is None:
-            max_group_rows = int(counts.max()) if sh.n_seg else 1  # one host sync; pass it to avoid
-        elif check_values and sh.n_seg and int(counts.max()) > max_group_rows:
+            max_group_rows = int(counts.max())  # one host sync; pass it to avoid
+        elif check_values and int(counts.max()) > max_group_rows:
             raise ValueError(f"max_group_rows: {max_group_rows} is less than the largest group "
                              f"({int(counts.max())} rows share one segment); pass at least that")
         group_max = next_pow2(max(1, max_group_rows))

@@ -65,8 +65,8 @@ DEC_BAD = [
     (lambda q, k, v, n: (q, k, v, n, dict(_shared(), shared_lens=torch.tensor([7, 1]))), r"shared_lens: values must lie in \[0, 6\]"),
     (lambda q, k, v, n: (q, k, v, n, dict(_shared(), shared_k=torch.randn(2, 1, 6, 32))), "shared_k: expected shape"),
     (lambda q, k, v, n: (q, k, v, torch.tensor([9, 0]), _shared()), "shared plus private keys per row"),
-    (lambda q, k, v, n: (q, k, v, n, dict(_shared(g=0), shared_lens=torch.zeros(0, dtype=torch.long),
-                                          row_seg=torch.tensor([-1, -1]))), r"shared_k: an empty pool \(G=0\)"),
+    (lambda q, k, v, n: (q, k, v, n, dict(_shared(g=0), shared_lens=torch.zeros(0, dtype=torch.long))),
+     r"row_seg: values must lie in \[-1, -1\]"),
     (lambda q, k, v, n: (None, k, v, n, {}), "q: expected a torch.Tensor"),
 ]
 
@@ -126,3 +126,19 @@ def test_strided_index_tensors_are_read_as_their_values():
                                    **{n: t.contiguous() for n, t in sh.items()})
     got = masked_decode_triton(qd, kc, vc, dlens, keep, **sh)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [masked_decode, masked_decode_triton], ids=["public", "triton"])
+def test_an_empty_pool_and_numpy_scalars_are_valid_input(fn, poison):
+    """A pool of no segments (every row_seg -1) is a decode without one; numpy ints and floats are a window
+    and a scale like Python's."""
+    import numpy as np
+
+    from retmask.kernels import masked_decode_reference
+
+    q, k, v, n = dec_inputs()
+    empty = dict(shared_k=torch.randn(0, 2, 6, 32), shared_v=torch.randn(0, 2, 6, 32),
+                 shared_lens=torch.zeros(0, dtype=torch.long), row_seg=torch.tensor([-1, -1]))
+    want = masked_decode_reference(q, k, v, n, window=3, scale=0.5)
+    torch.testing.assert_close(fn(q, k, v, n, window=np.int64(3), scale=np.float32(0.5), **empty), want,
+                               atol=1e-5, rtol=1e-5)
