@@ -237,8 +237,9 @@ def _engine_kw(args) -> dict:
 
 
 def _check_model_args(args, *models_) -> dict:
-    """Everything about the model arguments that can fail, checked before any work: the device, the engine
-    sizes, and each model's folder or hub name and architecture (from its config). Returns the engine kw."""
+    """Everything about the model arguments that can fail, checked before any work: the device, RETMASK_BACKEND,
+    the engine sizes, and each model's folder or hub name, architecture (from its config) and tokenizer files.
+    Returns the engine kw."""
     from . import models
     from .kernels import backend_choice
 
