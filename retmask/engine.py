@@ -32,7 +32,6 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 
 from retmask.kernels import SegmentLayout, segment_layout
@@ -40,7 +39,8 @@ from retmask.kernels._launch import next_pow2, on_device
 
 from . import hf
 from .decoding import DecodeMixin, Slots, StaticStep
-from .policy import ORIGINAL, SCOPES, GenConfig, Group, GroupResult, Policy, RowResult, is_int, n_streams
+from .policy import (ORIGINAL, SCOPES, GenConfig, Group, GroupResult, Policy, RowResult, check_request, is_int,
+                     n_streams)
 from .prefill import PrefillMixin
 from .prefix import Held, common_prefix, prefix_ids, prefix_order
 
@@ -439,16 +439,7 @@ class Engine(PrefillMixin, DecodeMixin):
                     yield GroupResult(g.key, len(g.prompt), results.pop(gid), st.reused.pop(gid))
 
     def _check(self, groups, cfg):
-        if not isinstance(cfg, GenConfig):
-            raise ValueError(f"cfg: expected a GenConfig, got {type(cfg).__name__}")
-        for i, g in enumerate(groups):
-            if not isinstance(g, Group):
-                raise ValueError(f"groups[{i}]: expected a Group, got {type(g).__name__}")
-            self._check_prompt(i, g)
-            if not isinstance(g.policies, (list, tuple)) or not all(isinstance(p, Policy) for p in g.policies):
-                raise ValueError(f"group {i} (key {g.key!r}): policies must be a list of Policy (one per row)")
-            if g.seeds is not None and (not isinstance(g.seeds, (list, tuple)) or not all(map(is_int, g.seeds))):
-                raise ValueError(f"group {i} (key {g.key!r}): seeds must be a list of ints (one per row) or None")
+        check_request(groups, cfg, self.vocab)
         if self.pool_layers and cfg.max_new_tokens > self.private_len:
             raise ValueError(f"max_new_tokens={cfg.max_new_tokens} does not fit private_len={self.private_len} (a "
                              f"row's new tokens at the {self.pool_layers} layers with a pool); raise private_len")
@@ -475,22 +466,6 @@ class Engine(PrefillMixin, DecodeMixin):
                     p.heads.validate(self.d.n_layers, self.d.n_heads)
         if cfg.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: Engine(model, tokenizer, ...)")
-
-    def _check_prompt(self, i: int, g: Group) -> None:
-        """A prompt is a 1-D sequence of token ids the model's embedding has (a list, numpy array or tensor)."""
-        p = g.prompt
-        if isinstance(p, torch.Tensor):
-            ok = p.dim() == 1 and not (p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool)
-            a = p.detach().cpu().numpy() if ok else None
-        else:
-            a = np.asarray(p) if isinstance(p, (list, tuple, np.ndarray)) else None
-            ok = a is not None and a.ndim == 1 and (a.size == 0 or np.issubdtype(a.dtype, np.integer))
-        if not ok:
-            raise ValueError(f"group {i} (key {g.key!r}): prompt must be a 1-D sequence of token ids (list of ints, "
-                             f"numpy or torch integer array), got {type(p).__name__}")
-        if a.size and (a.min() < 0 or a.max() >= self.vocab):
-            raise ValueError(f"group {i} (key {g.key!r}): token ids must lie in [0, {self.vocab}) (the model's "
-                             f"vocabulary); got min {a.min()}, max {a.max()}")
 
     def _shared_depth(self, policies) -> int:
         """Layers whose prompt KV is stored once for the whole group: the sharing rule, within the pool."""

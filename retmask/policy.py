@@ -114,6 +114,35 @@ class GenConfig:
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
 
 
+def check_request(groups: list, cfg, vocab: int) -> None:
+    """The types and token ids of what `Engine.generate` is given, with a ValueError naming the group: a
+    GenConfig; Groups whose prompt is a 1-D sequence of ids in [0, vocab) (a list, numpy or torch integer
+    array), whose policies are a list of Policy and whose seeds are ints."""
+    if not isinstance(cfg, GenConfig):
+        raise ValueError(f"cfg: expected a GenConfig, got {type(cfg).__name__}")
+    for i, g in enumerate(groups):
+        if not isinstance(g, Group):
+            raise ValueError(f"groups[{i}]: expected a Group, got {type(g).__name__}")
+        where = f"group {i} (key {g.key!r})"
+        p = g.prompt
+        if isinstance(p, torch.Tensor):
+            ok = p.dim() == 1 and not (p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool)
+            a = p.detach().cpu().numpy() if ok else None
+        else:
+            a = np.asarray(p) if isinstance(p, (list, tuple, np.ndarray)) else None
+            ok = a is not None and a.ndim == 1 and (a.size == 0 or np.issubdtype(a.dtype, np.integer))
+        if not ok:
+            raise ValueError(f"{where}: prompt must be a 1-D sequence of token ids (list of ints, numpy or torch "
+                             f"integer array), got {type(p).__name__}")
+        if a.size and (a.min() < 0 or a.max() >= vocab):
+            raise ValueError(f"{where}: token ids must lie in [0, {vocab}) (the model's vocabulary); got min "
+                             f"{a.min()}, max {a.max()}")
+        if not isinstance(g.policies, (list, tuple)) or not all(isinstance(x, Policy) for x in g.policies):
+            raise ValueError(f"{where}: policies must be a list of Policy (one per row)")
+        if g.seeds is not None and (not isinstance(g.seeds, (list, tuple)) or not all(map(is_int, g.seeds))):
+            raise ValueError(f"{where}: seeds must be a list of ints (one per row) or None")
+
+
 def is_int(v) -> bool:
     """An int (Python or numpy), not a bool."""
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
