@@ -356,7 +356,16 @@ class Engine(PrefillMixin, DecodeMixin):
     def generate(self, groups: Sequence[Group], cfg: GenConfig, progress=None) -> Iterator[GroupResult]:
         """Yield each group's result as soon as all its rows finish (not in input order).
 
-        `progress(n_tokens)` is called after each step with the tokens it produced."""
+        The groups and `cfg` are checked at the call (a ValueError names what is wrong); the work runs as
+        the iterator is consumed. `progress(n_tokens)` is called after each step with the tokens it produced."""
+        self._usable()
+        if isinstance(groups, Group) or not isinstance(groups, Iterable):
+            raise ValueError(f"groups: expected a list of Group, got {type(groups).__name__} (one group: [group])")
+        groups = list(groups)
+        self._check(groups, cfg)
+        return self._generate(groups, cfg, progress)
+
+    def _usable(self) -> None:
         if self._closed:
             if self.device.type == "meta":
                 raise RuntimeError("Engine.generate: the model is on the meta device (no weights): such an engine "
@@ -365,10 +374,9 @@ class Engine(PrefillMixin, DecodeMixin):
         if self._busy:
             raise RuntimeError("Engine.generate: an earlier generate() on this engine is still running (its "
                                "iterator is not exhausted); finish it or call its .close() first")
-        if isinstance(groups, Group) or not isinstance(groups, Iterable):
-            raise ValueError(f"groups: expected a list of Group, got {type(groups).__name__} (one group: [group])")
-        groups = list(groups)
-        self._check(groups, cfg)
+
+    def _generate(self, groups: list[Group], cfg: GenConfig, progress) -> Iterator[GroupResult]:
+        self._usable()  # again when the work starts: another generate() may have started since the call
         self._busy = True
         try:
             yield from self._run(groups, cfg, progress)

@@ -221,7 +221,7 @@ def test_bad_inputs(family):
                 ([Group([5, 6], P[1])], GenConfig(), "policies must be a list of Policy"),
                 ([Group([5, 6], P, seeds=[1.5, 2.5])], GenConfig(), "seeds must be a list of ints")):
             with pytest.raises(ValueError, match=msg):
-                list(eng.generate(groups, cfg))
+                eng.generate(groups, cfg)  # at the call, before the iterator is consumed
         # a 1-D integer tensor or numpy array is a prompt like its list
         want = [r.tokens for r in next(eng.generate([Group([5, 6, 7], P)], GenConfig(max_new_tokens=3))).rows]
         for p in (torch.tensor([5, 6, 7]), np.array([5, 6, 7], dtype=np.int32)):
