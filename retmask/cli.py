@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -97,11 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("helmet", help="print the HELMET commands that evaluate a checkpoint at 8K-128K")
     p.add_argument("checkpoint")
     args = parser.parse_args(argv)
+    from . import commands
+
     try:
         if args.command == "pairs":
-            return _pairs(args)
+            return commands.run_pairs(args)
         if args.command == "train":
-            return _train(args)
+            return commands.run_train(args)
         if args.command == "helmet":
             from .train import helmet_commands
 
@@ -112,15 +113,15 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo(args.out, seed=args.seed)
         if args.command == "detect":
-            return _detect(args)
+            return commands.run_detect(args)
         if args.command == "niah":
-            return _niah(args)
+            return commands.run_niah(args)
         if args.command == "check-kernels":
             from .selfcheck import run
 
             return run(seed=args.seed)
         if args.command == "heads":
-            return _heads(args)
+            return commands.run_heads(args)
     except ValueError as e:
         print(f"retmask {args.command}: {e}", file=sys.stderr)
         return 2
@@ -176,365 +177,6 @@ def _grid_args(p, steps: int):
                    "32 on the toy model)")
     p.add_argument("--steps", type=int, default=steps, help="greedy decode steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic needles and haystack")
-
-
-def _grid_kw(args, defaults: dict) -> dict:
-    kw = dict(defaults)
-    for k in ("min_len", "max_len", "n_lengths", "n_depths", "n_needles"):
-        if getattr(args, k) is not None:
-            kw[k] = getattr(args, k)
-    kw.update(needles=args.needles_file, haystack=args.haystack, placement=args.placement, steps=args.steps,
-              seed=args.seed)
-    if args.buffer is not None:
-        kw["buffer"] = args.buffer
-    if kw.get("n_needles") is None:
-        kw.pop("n_needles", None)
-    return kw
-
-
-def _dist_init(device: str | None = None) -> str | None:
-    """Join the torchrun process group when launched by torchrun; returns the device to use: `device`
-    (--device) when it names one, else the local rank's GPU (or the CPU without one). None outside torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    import torch
-    import torch.distributed as dist
-
-    from datetime import timedelta
-
-    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if not dist.is_initialized():
-        # Ranks meet at barriers only after generating their whole shard, which can end hours apart
-        # on a long job: NCCL's default 10-minute timeout would tear down the ranks that finish first.
-        hours = float(os.environ.get("RETMASK_DIST_TIMEOUT_HOURS", "48"))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=hours))
-    if not cuda:
-        return device or "cpu"
-    if device in (None, "cuda"):  # modulo: a launcher may show each process only its own GPU
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
-    torch.cuda.set_device(device)  # NCCL's collectives run on the current device
-    return device
-
-
-def _engine_kw(args) -> dict:
-    for flag, v in (("--slots", args.slots), ("--chunk", args.chunk), ("--prefill-tokens", args.prefill_tokens),
-                    ("--admit-rows", args.admit_rows)):
-        if v is not None and v < 1:
-            raise ValueError(f"{flag} {v}: must be >= 1")
-    if args.kv_budget_gb is not None and not args.kv_budget_gb > 0:
-        raise ValueError(f"--kv-budget-gb {args.kv_budget_gb:g}: must be > 0")
-    if args.reuse_prefix < 0:
-        raise ValueError(f"--reuse-prefix {args.reuse_prefix}: must be >= 0 (0 turns prefix reuse off)")
-    kw = {"chunk": args.chunk, "decode": args.decode, "prefill_tokens": args.prefill_tokens,
-          "reuse_prefix": args.reuse_prefix}
-    if args.slots is not None:
-        kw["slots"] = args.slots
-    if args.kv_budget_gb is not None:
-        kw["kv_budget_gb"] = args.kv_budget_gb
-    if args.admit_rows is not None:
-        kw["admit_rows"] = args.admit_rows
-    return kw
-
-
-def _check_model_args(args, *models_) -> dict:
-    """Everything about the model arguments that can fail, checked before any work: the device, RETMASK_BACKEND,
-    the engine sizes, and each model's folder or hub name, architecture (from its config) and tokenizer files.
-    Returns the engine kw."""
-    from . import models
-    from .kernels import backend_choice
-
-    models.check_device(args.device)
-    backend_choice()  # RETMASK_BACKEND
-    kw = _engine_kw(args)
-    for m in models_ or (args.model,):
-        models.config(m)
-        models.check_tokenizer(m)
-    return kw
-
-
-def _default_len(args) -> dict:
-    from . import toy
-
-    if args.model == toy.NAME:  # the toy model's training length
-        return dict(min_len=128, max_len=toy.TRAIN_LEN, n_lengths=4, n_depths=5, buffer=32)
-    return {}
-
-
-def _detect(args) -> int:
-    from pathlib import Path
-
-    from tabulate import tabulate
-
-    from . import models
-    from .detect import DetectConfig, Detector, prepare
-
-    base = _default_len(args)
-    if args.preset:
-        from .detect import PRESETS
-
-        base.update(PRESETS[args.preset])
-    cfg = DetectConfig(**_grid_kw(args, base))
-    cfg.check()
-    if args.plan:
-        return _detect_plan(args, cfg)
-    engine_kw = _check_model_args(args)
-    out = Path(args.out or f"runs/detect/{models.display_name(args.model)}")
-    device = _dist_init(args.device) or args.device
-    prepare(out, args.model, cfg, resume=args.resume, overwrite=args.overwrite)  # before the model loads
-    model, tok = models.load(args.model, dtype=args.dtype, device=device)
-    det = Detector(model, tok, cfg, model_name=args.model, **engine_kw)
-    summary = det.run(out, resume=True, progress=not args.no_progress)
-    if summary:
-        print(f"{summary['tests']} tests, {summary['counted']} counted (ROUGE-1 recall > 50), "
-              f"mean recall {summary['mean_rouge']:.1f}")
-        if summary["stats"]:
-            print(tabulate(list(summary["stats"].items()), tablefmt="github", headers=["statistic", "value"],
-                           disable_numparse=True))
-            print(f"wrote {out}/head_scores.json, detect.json, tests.jsonl, heads.png, niah.png")
-        else:
-            print(f"no test counted, so no head has a score and {out}/head_scores.json is not written (a test counts "
-                  "when the answer's ROUGE-1 recall of the needle is above 50: check the needles, the lengths and "
-                  "the model's answers in tests.jsonl)")
-            print(f"wrote {out}/detect.json, tests.jsonl, heads.png, niah.png")
-    return 0
-
-
-def _detect_plan(args, cfg) -> int:
-    """`retmask detect --plan`: the grid's prompts and prefill cost, without loading weights."""
-    from tabulate import tabulate
-
-    from . import models
-    from .detect import plan
-
-    if args.tflops is not None and not args.tflops > 0:
-        raise ValueError(f"--tflops {args.tflops:g}: must be > 0")
-    _engine_kw(args)  # the engine flags, --reuse-prefix among them
-    config, tok = models.config(args.model), models.tokenizer(args.model)
-    needles, hays, tests = cfg.load()
-    prompts = [p for p, _ in cfg.unique_prompts(tok, needles, hays, tests, progress=not args.no_progress)]
-    r = plan(prompts, config, args.reuse_prefix)
-    def flops(f):
-        unit = next((u for u in ((1e15, "PFLOP"), (1e12, "TFLOP")) if f >= u[0]), (1e9, "GFLOP"))
-        at = f" ({f / (args.tflops * 1e12) / 3600:.2f} h at {args.tflops:g} TFLOP/s)" if args.tflops else ""
-        return f"{f / unit[0]:,.1f} {unit[1]}{at}"
-
-    rows = [("tests / distinct prompts", f"{len(tests)} / {r['prompts']}"),
-            ("prompt tokens (longest)", f"{r['prompt_tokens']:,} ({max(len(p) for p in prompts):,})"),
-            ("reused by prefix (one slot)", f"{r['reused_tokens']:,} ({r['reused_tokens'] / r['prompt_tokens']:.0%})"),
-            ("prefill, no reuse", flops(r["flops"])),
-            ("prefill, prefix reuse", flops(r["flops_reused"]))]
-    print(tabulate(rows, headers=[f"plan: {args.model}", ""], tablefmt="github", disable_numparse=True))
-    print(f"each test then decodes {cfg.steps} steps; under torchrun a rank runs every world-th prompt (less reuse)")
-    return 0
-
-
-def _niah_plan(args, grid, policies, engine_kw) -> int:
-    """`retmask niah --plan`: the cache a group of the policies needs at the grid's longest prompt, and what
-    a budget holds, by the engine's own sizing over the model's config (no weights load)."""
-    import torch
-    from tabulate import tabulate
-
-    from . import causal, models
-
-    config, tok = models.config(args.model), models.tokenizer(args.model)
-    needles, hays, tests = grid.load()
-    longest = max(len(p) for p, _ in grid.unique_prompts(tok, needles, hays, tests, progress=not args.no_progress))
-    dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(args.dtype, torch.bfloat16)
-    r = causal.memory_plan(config, policies, longest + grid.steps, grid.steps, dtype=dtype, **engine_kw)
-    gb = lambda b: f"{b / 1e9:,.1f} GB" if b >= 1e9 else f"{b / 1e6:,.2f} MB"  # noqa: E731
-    rows = [("policies (rows) / prefill streams", f"{r['rows']} / {r['streams']}"),
-            ("longest prompt + steps", f"{longest:,} + {grid.steps}"),
-            ("pooled layers / segments per group", f"{r['pooled_layers']} of {r['layers']} / {r['segments_per_group']}"),
-            ("KV cache per group", gb(r["group_bytes"])),
-            ("same, each row its own prompt KV", gb(r["per_row_bytes"])),
-            ("staging of one prefill pass", gb(r["staging_bytes"]))]
-    if "kv_budget_gb" in engine_kw:
-        rows.append((f"with --kv-budget-gb {engine_kw['kv_budget_gb']:g}",
-                     f"{r['slots']} slots, {r['groups_at_once']} group(s) at once" if not r["refused"] else
-                     "not one group fits"))
-    print(tabulate(rows, headers=[f"niah plan: {args.model} ({str(dtype).removeprefix('torch.')})", ""],
-                   tablefmt="github", disable_numparse=True))
-    if "kv_budget_gb" not in engine_kw:
-        print("give --kv-budget-gb to see how many groups a budget holds at once")
-    elif r["refused"]:
-        print(r["refused"])
-        return 1
-    return 0
-
-
-def _niah(args) -> int:
-    from pathlib import Path
-
-    from tabulate import tabulate
-
-    from . import causal, models
-    from .heads import load_scores
-
-    grid = causal.GridConfig(**_grid_kw(args, {**causal.DEFAULTS, **_default_len(args)}))
-    grid.check()
-    engine_kw = _check_model_args(args)
-    scores = load_scores(args.scores) if args.scores else None
-    selected = _select_heads(args, args.scores)
-    if selected is None and (args.scores or args.controls):
-        raise ValueError("--scores/--controls need heads to switch off: give --tau or --topk (with --scores) or "
-                         "--heads")
-    models.check_heads(args.model, selected)
-    controls = []
-    if selected is not None:
-        default = "random,non-retrieval" if scores is not None else "random"
-        controls = [c.strip() for c in (default if args.controls is None else args.controls).split(",") if c.strip()]
-        for c in controls:
-            if c not in ("random", "non-retrieval"):
-                raise ValueError(f"--controls: unknown control {c!r}; use random and/or non-retrieval")
-        if scores is None and "non-retrieval" in controls:
-            raise ValueError("--controls non-retrieval needs the score table the heads came from (--scores)")
-        if scores is None and controls:  # `random` draws from every head of the model
-            c = models.config(args.model)
-            scores = {(l, h): 0.0 for l in range(c.num_hidden_layers) for h in range(c.num_attention_heads)}
-    scopes = [c for c in args.scopes.split(",") if c.strip()]
-    policies = causal.make_policies(selected, scores, controls=controls, scopes=scopes)
-    for p in policies:
-        models.check_heads(args.model, p.heads)
-    if args.plan:
-        return _niah_plan(args, grid, policies, engine_kw)
-    out = Path(args.out or f"runs/niah/{models.display_name(args.model)}")
-    device = _dist_init(args.device) or args.device  # under torchrun: every rank takes a share of the prompts
-    # refuse an existing run (or an unwritable folder) before loading the model
-    causal.prepare_run(out, args.model, grid, policies, resume=args.resume, overwrite=args.overwrite)
-    model, tok = models.load(args.model, dtype=args.dtype, device=device)
-    res = causal.run_niah(model, tok, grid, policies, progress=not args.no_progress, out=out, resume=True,
-                          model_name=args.model, **engine_kw)
-    if not res:  # not rank 0: it reports
-        return 0
-    print(tabulate(causal.table_rows(res), tablefmt="github",
-                   headers=["policy", "heads off", "scope", "ROUGE-1 recall %", "pass %"], disable_numparse=True))
-    paths = causal.write(res, out, args.model)
-    print(f"wrote {paths[0]} and {len(paths) - 1} heatmaps")
-    return 0
-
-
-def _select_heads(args, scores_path):
-    from .heads import HeadSet
-
-    if args.heads is not None:
-        hs = HeadSet.from_list(args.heads)
-        if not len(hs):
-            raise ValueError(f"--heads {args.heads!r}: give at least one head, e.g. '15-30,24-27'")
-        return hs
-    if args.tau is None and args.topk is None:
-        return None
-    if not scores_path:
-        raise ValueError("--tau/--topk need --scores (a head score file from `retmask detect`)")
-    return HeadSet.from_scores(scores_path, tau=args.tau, topk=args.topk, control=getattr(args, "control", None),
-                               seed=args.seed)
-
-
-def _pairs(args) -> int:
-    from pathlib import Path
-
-    from . import models, runs, toy
-    from .data import load_instructions
-    from .pairs import PairJob, PairsConfig, check_edges, prepare
-
-    if args.control and args.tau is None and args.topk is None:
-        raise ValueError(f"--control {args.control}: a control is drawn the size of a selection; give --scores "
-                         "with --tau or --topk")
-    hs = _select_heads(args, args.scores)
-    if hs is None and not args.reject_model:
-        raise ValueError("give the heads to switch off (--scores with --tau/--topk, or --heads) or --reject-model")
-    engine_kw = _check_model_args(args, args.model, *([args.reject_model] if args.reject_model else []))
-    out = Path(args.out or f"runs/pairs/{models.display_name(args.model)}")
-    kw = {"temperature": args.temperature, "top_p": args.top_p, "scope": args.mask_scope, "seed": args.seed}
-    if args.max_new_tokens is not None:
-        kw["max_new_tokens"] = args.max_new_tokens
-    if args.max_prompt_tokens is not None:
-        kw["max_prompt_tokens"] = args.max_prompt_tokens
-    if args.thinking:
-        kw["thinking"] = args.thinking == "on"
-    cfg = PairsConfig.paper(args.model, **kw)
-    try:
-        edges = [int(x) for x in args.length_buckets.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--length-buckets {args.length_buckets!r}: give token counts, e.g. '512' or "
-                         "'256,1024' ('' for none)") from None
-    edges = check_edges(edges, f"--length-buckets {args.length_buckets!r}")
-    models.check_heads(args.model, hs)
-    runs.check_writable(out)
-    data = args.data or str(toy.ASSET_DIR.parent / "instructions.jsonl")
-    ins = load_instructions(data, split=args.split, start=args.start, end=args.end, limit=args.limit)
-    if int(os.environ.get("RANK", "0")) == 0:  # one process speaks
-        print(f"{len(ins.items)} instructions from {data} (schema {ins.schema!r}); skipped "
-              f"{dict(ins.skipped) or 'none'}")
-    device = _dist_init(args.device) or args.device
-    prepare(out, ins.items, cfg, args.model, hs, args.reject_model, resume=args.resume,
-            overwrite=args.overwrite)  # refuse an existing run before the model loads
-    model, tok = models.load(args.model, dtype=args.dtype, device=device)
-    reject = models.load(args.reject_model, dtype=args.dtype, device=device) if args.reject_model else None
-    job = PairJob(model, tok, hs, cfg, model_name=args.model, reject=reject, reject_name=args.reject_model,
-                  length_buckets=edges, **engine_kw)
-    s = job.run(ins, out, resume=True, progress=not args.no_progress)
-    if s:
-        print(f"{s['pairs']} pairs kept of {s['instructions']}; dropped {s['dropped'] or 'none'}; "
-              f"{s['generated_tokens']} tokens generated" +
-              (f", {s['tokens_per_s']} tok/s this run" if s["tokens_per_s"] else "") +
-              (f", decode slots {100 * s['slot_utilization']:.0f} % busy" if s.get("slot_utilization") else "") +
-              (f", {s['prefill_passes']} prefill passes in {s['decode_steps']} decode steps (summed over "
-               "ranks)" if s.get("decode_steps") else "") +
-              (f", {s['prompt_tokens_reused']} prompt tokens reused from shared prefixes"
-               if s.get("prompt_tokens_reused") else ""))
-        print(f"wrote {out}/{s['shards'][0]} ... and {out}/summary.json")
-    return 0
-
-
-def _train(args) -> int:
-    from pathlib import Path
-
-    from . import models, toy
-    from .train import TrainConfig, train
-
-    path = str(toy.ASSET_DIR) if args.model == toy.NAME else args.model
-    preset = args.preset or ("toy" if args.model == toy.NAME else "paper")
-    over = {k: v for k, v in {"max_length": args.max_length, "learning_rate": args.lr, "epochs": args.epochs,
-                              "effective_batch": args.effective_batch, "per_device_batch": args.per_device_batch}.items()
-            if v is not None}
-    cfg = TrainConfig.preset(preset, lora=args.lora, precompute_ref=args.precompute_ref, liger=args.liger, **over)
-    from .pairs import pair_files
-
-    pair_files(args.pairs)  # fails early with a clear message when there are none
-    if args.model != toy.NAME:
-        models.check_trainable(args.model)  # a folder without a model or tokenizer, an unreachable hub name
-    out = Path(args.out or f"runs/train/{models.display_name(args.model)}")
-    res = train(path, args.pairs, out, cfg, resume=args.resume, overwrite=args.overwrite)
-    if "metrics" not in res:  # not the main process (accelerate launch): rank 0 reports
-        return 0
-    m = res["metrics"]
-    if m:
-        print(f"final loss {m.get('loss', float('nan')):.4f}, reward margin {m.get('rewards/margins', float('nan')):.4f}")
-    print(f"wrote {res['final']} (loads with transformers' from_pretrained)")
-    return 0
-
-
-def _heads(args) -> int:
-    from pathlib import Path
-
-    from tabulate import tabulate
-
-    from .heads import HeadSet, load_scores, score_stats
-
-    scores = load_scores(args.scores)
-    if args.tau is None and args.topk is None and (args.control or args.out):
-        raise ValueError(f"{'--control' if args.control else '--out'} needs a selection: give --tau or --topk")
-    print(tabulate(score_stats(scores).as_rows(), tablefmt="github", headers=["statistic", "value"],
-                   disable_numparse=True))
-    if args.tau is None and args.topk is None:
-        return 0
-    hs = HeadSet.from_scores(args.scores, tau=args.tau, topk=args.topk, control=args.control, seed=args.seed)
-    print(f"\n{len(hs)} heads selected (lowest layer {hs.lowest_layer}): {','.join(hs.names())}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(hs.to_json())
-        print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

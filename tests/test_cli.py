@@ -28,16 +28,16 @@ def test_engine_flags_reach_the_engine():
     """--admit-rows and the other engine flags of every model command become Engine arguments."""
     import argparse
 
-    from retmask import cli
+    from retmask import cli, commands
 
     p = argparse.ArgumentParser()
     cli._model_args(p)
     args = p.parse_args(["--admit-rows", "6", "--slots", "12", "--prefill-tokens", "999", "--chunk", "64",
                          "--reuse-prefix", "0"])
-    assert cli._engine_kw(args) == {"chunk": 64, "decode": "auto", "prefill_tokens": 999, "slots": 12,
+    assert commands._engine_kw(args) == {"chunk": 64, "decode": "auto", "prefill_tokens": 999, "slots": 12,
                                     "admit_rows": 6, "reuse_prefix": 0}
-    assert cli._engine_kw(p.parse_args([]))["reuse_prefix"] == 128
-    assert "admit_rows" not in cli._engine_kw(p.parse_args([]))
+    assert commands._engine_kw(p.parse_args([]))["reuse_prefix"] == 128
+    assert "admit_rows" not in commands._engine_kw(p.parse_args([]))
 
 
 
