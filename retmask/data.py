@@ -53,6 +53,11 @@ def _open(source: str, split: str, streaming: bool | None):
     if "/" not in source or source.startswith(("/", ".", "~")) or p.suffix in LOCAL_FORMATS:
         raise ValueError(f"dataset {source!r}: no such file; give a local .jsonl/.json/.parquet or a hub name "
                          "such as lmsys/lmsys-chat-1m")
+    from .models import hub_reachable
+
+    if not hub_reachable() and streaming is not False:  # streamed from the hub: nothing local to fall back on
+        raise ValueError(f"dataset {source!r}: the hub cannot be reached from here (no network, or HF_HUB_OFFLINE=1); "
+                         "give a local .jsonl/.json/.parquet")
     try:
         return load_dataset(source, split=split, streaming=True if streaming is None else streaming)
     except (ConnectionError, OSError, DatasetsError) as e:  # offline, a wrong name, a gated set without a login

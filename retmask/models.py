@@ -130,12 +130,39 @@ def check_trainable(name: str) -> None:
     check_tokenizer(name)
 
 
+@lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) accepts a connection, asked once per process. False under
+    HF_HUB_OFFLINE=1; True behind a proxy (the proxy decides). Offline, the libraries would otherwise retry
+    each file for half a minute before failing."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _hub(name: str, what: str, load, **kw):
     """`load(name, **kw)`, with an error that names the model when its files cannot be had (offline, a
-    wrong name, a gated model without a login)."""
+    wrong name, a gated model without a login). When the hub cannot be reached, only the local cache is
+    read (at once, instead of retrying)."""
+    offline = not hub_reachable()
     try:
-        return load(name, **kw)
+        return load(name, **kw, **({"local_files_only": True} if offline else {}))
     except OSError as e:
+        if offline:
+            raise ValueError(f"model {name!r}: the hub cannot be reached from here (no network, or HF_HUB_OFFLINE=1) "
+                             f"and its {what} is not in the local cache; give a local folder (save_pretrained) or "
+                             "run where the hub is reachable") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"model {name!r}: could not load its {what} ({first[:300]}); give a local folder, or "
                          "check the name, the network and `hf auth login`") from None

@@ -101,3 +101,27 @@ def test_malformed_rows_and_shards_name_the_file(tmp_path):
 
     with pytest.raises(ValueError, match=r"pairs shard .*pairs-00000.jsonl.gz"):  # not datasets' wrapper
         dpo_dataset(tmp_path, tmp_path / "cache")
+
+
+def test_an_unreachable_hub_fails_at_once_and_a_model_falls_back_to_the_cache(monkeypatch):
+    """Offline, the hub libraries retry every file for half a minute: the loaders ask once whether the hub
+    answers, then read only the local cache (a model) or refuse at once (a streamed dataset)."""
+    from retmask import models
+
+    models.hub_reachable.cache_clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert models.hub_reachable() is False
+    models.hub_reachable.cache_clear()
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    seen = {}
+
+    def fake_load(name, **kw):
+        seen.update(kw)
+        raise OSError("not in the cache")
+
+    with pytest.raises(ValueError, match="the hub cannot be reached from here .* its config is not in the local cache"):
+        models._hub("org/model", "config", fake_load)
+    assert seen == {"local_files_only": True}
+    assert models._hub("org/model", "config", lambda name, **kw: (name, kw)) == ("org/model", {"local_files_only": True})
+    with pytest.raises(ValueError, match="'org/chats': the hub cannot be reached"):
+        load_instructions("org/chats")
