@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,7 @@ def as_head(h) -> Head:
     if isinstance(h, str):
         return parse_head(h)
     if (isinstance(h, (tuple, list)) and len(h) == 2
-            and all(isinstance(x, int) and not isinstance(x, bool) for x in h)):
+            and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in h)):
         if h[0] < 0 or h[1] < 0:
             raise ValueError(f"head {tuple(h)}: layer and head must be >= 0")
         return int(h[0]), int(h[1])
@@ -69,10 +71,10 @@ def load_scores(path: str | Path) -> dict[Head, float]:
 
 
 def _number(name: str, v) -> float:
-    """A real, finite number (not a bool or NaN)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+    """A real, finite number (Python or numpy; not a bool, NaN or infinite)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
         raise ValueError(f"{name}={v!r}: expected a finite number")
-    return v
+    return float(v)
 
 
 def file_sha256(path: str | Path) -> str:
