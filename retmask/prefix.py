@@ -71,7 +71,10 @@ def token_key(ids) -> bytes:
 def prefix_ids(g: Group) -> np.ndarray:
     """The prompt tokens a group prefills (all but the last), as an int64 copy (a segment keeps it: the
     caller may refill its own buffer)."""
-    return np.array(g.prompt[:-1], dtype=np.int64)
+    p = g.prompt
+    if not isinstance(p, (list, tuple, np.ndarray)):  # a torch tensor (numpy would warn converting it)
+        p = p.detach().cpu().numpy()
+    return np.array(p[:-1], dtype=np.int64)
 
 
 def common_prefix(a, b) -> int:
