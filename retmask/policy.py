@@ -3,6 +3,7 @@ and a row per policy), generation settings, and results."""
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -145,7 +146,7 @@ def check_request(groups: list, cfg, vocab: int) -> None:
 
 def is_int(v) -> bool:
     """An int (Python or numpy), not a bool."""
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _items(name: str, v) -> tuple:

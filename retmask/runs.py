@@ -155,6 +155,18 @@ def holds_data(p: Path) -> bool:
     return p.is_file() and p.stat().st_size > 0
 
 
+def check_same_config(out: Path, old: dict, config: dict, what: str = "a run") -> None:
+    """Refuse to resume the run in `out` (configuration `old`) under another configuration, naming the keys
+    that differ."""
+    if old == config:
+        return
+    diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+    unrecorded = [k for k in diff if k not in old]
+    raise ValueError(f"{out} holds {what} with a different configuration ({', '.join(diff)})" +
+                     (f"; {', '.join(unrecorded)} not recorded there: an older retmask wrote it" if unrecorded else "")
+                     + "; use another --out or --overwrite")
+
+
 def prepare_out(out: Path, config: dict, *, resume: bool, overwrite: bool, names: tuple[str, ...]) -> None:
     """Make `out` ready: refuse to mix with an existing run unless told how (resume / overwrite)."""
     if resume and overwrite:
@@ -175,13 +187,8 @@ def prepare_out(out: Path, config: dict, *, resume: bool, overwrite: bool, names
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
             barrier()
         elif resume:
-            old = json.loads(old_cfg) if old_cfg is not None else None
-            if old is not None and old != config:
-                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                unrecorded = [k for k in diff if k not in old]
-                raise ValueError(f"{out} holds a run with a different configuration ({', '.join(diff)})" +
-                                 (f"; {', '.join(unrecorded)} not recorded there: an older retmask wrote it"
-                                  if unrecorded else "") + "; use another --out or --overwrite")
+            if old_cfg is not None:
+                check_same_config(out, json.loads(old_cfg), config)
         else:
             raise ValueError(f"{out} already holds results; pass --resume to continue them or --overwrite "
                              "to start over")

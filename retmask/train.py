@@ -110,11 +110,7 @@ def prepare_out(out: Path, config: dict, *, resume: bool, overwrite: bool) -> No
                          "continue it from its newest checkpoint or --overwrite to start over")
     cfg_path = out / "config.json"
     if resume and held and cfg_path.is_file():
-        old = json.loads(cfg_path.read_text())
-        if old != config:
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            raise ValueError(f"{out} holds a training run with a different configuration ({', '.join(diff)}); use "
-                             "another --out or --overwrite")
+        runs.check_same_config(out, json.loads(cfg_path.read_text()), config, "a training run")
     if int(os.environ.get("RANK", "0")) == 0:
         for p in held if overwrite else ():
             shutil.rmtree(p) if p.is_dir() else p.unlink()

@@ -255,7 +255,7 @@ def test_bad_inputs(family):
     for rows, msg in ((HEADS, "got HeadSet"), ([], "got an empty list"), (["1-2"], r"rows\[0\]: expected a HeadSet")):
         with pytest.raises(ValueError, match=msg):
             with hf.policies(m, rows):
-                pass
+                raise AssertionError(f"rows {rows!r} were accepted")
     with Engine(m, slots=2, max_len=16, on_too_long="skip") as skip:
         out = list(skip.generate([Group(list(range(3, 13)), [ORIGINAL]), Group([5, 6], [ORIGINAL], key="ok")],
                                  GenConfig(max_new_tokens=8)))
