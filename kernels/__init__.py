@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_decode_flags
 from ._launch import on_device
 from .backend import BACKEND_ENV, backend_choice, resolve_backend
 from .reference import gumbel_argmax_reference, masked_attention_reference, masked_decode_reference
@@ -88,12 +89,7 @@ def masked_decode(
     Returns:
         `out (B, Hq, D)`, or `(out, pos (B, Hq) int64, score (B, Hq) float32)` with return_argmax.
     """
-    if not isinstance(return_argmax, bool):
-        raise ValueError(f"return_argmax: expected True or False, got {return_argmax!r}")
-    if max_group_rows is not None and (isinstance(max_group_rows, bool) or not isinstance(max_group_rows, int)
-                                       or max_group_rows < 1):
-        raise ValueError(f"max_group_rows: expected None or an int >= 1 (rows sharing one segment), got "
-                         f"{max_group_rows!r}")
+    check_decode_flags(return_argmax, max_group_rows)
     fn = _pick("masked_decode", q)
     kw = dict(window=window, scale=scale, return_argmax=return_argmax, shared_k=shared_k, shared_v=shared_v,
               shared_lens=shared_lens, row_seg=row_seg, seg_layout=seg_layout, check_values=check_values)

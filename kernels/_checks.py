@@ -254,6 +254,15 @@ def _integer(t: torch.Tensor) -> bool:
     return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
 
 
+def check_decode_flags(return_argmax, max_group_rows) -> None:
+    """The decode flags the backends read differently (the reference ignores max_group_rows)."""
+    if not isinstance(return_argmax, bool):
+        _fail(f"return_argmax: expected True or False, got {return_argmax!r}")
+    m = max_group_rows
+    if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1):
+        _fail(f"max_group_rows: expected None or an int >= 1 (rows sharing one segment), got {max_group_rows!r}")
+
+
 def check_sampling(logits, seed, step, inv_t, floor):
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.dtype.is_floating_point:
         got = f"{tuple(logits.shape)} {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__

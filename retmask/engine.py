@@ -28,6 +28,7 @@ re-exports the public names, so `from retmask.engine import Engine, Group, Polic
 
 from __future__ import annotations
 
+import numbers
 from collections import deque
 from collections.abc import Iterable
 from typing import Iterator, Sequence
@@ -144,7 +145,7 @@ class Engine(PrefillMixin, DecodeMixin):
                         ("admit_rows", admit_rows), ("reuse_prefix", reuse_prefix)):
             if v is not None and not is_int(v):
                 raise ValueError(f"{name}={v!r}: expected an int")
-        if kv_budget_gb is not None and (isinstance(kv_budget_gb, bool) or not isinstance(kv_budget_gb, (int, float))
+        if kv_budget_gb is not None and (isinstance(kv_budget_gb, bool) or not isinstance(kv_budget_gb, numbers.Real)
                                          or not 0 < kv_budget_gb < float("inf")):
             raise ValueError(f"kv_budget_gb={kv_budget_gb!r}: must be a finite number > 0")
         if max_slots is not None and max_slots < 1:

@@ -10,6 +10,7 @@ device.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ class Sampling:
     top_k: int = 0  # 0 = no limit
 
     def __post_init__(self):
-        real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)  # noqa: E731
         if not real(self.temperature) or not 0 <= self.temperature < math.inf:
             raise ValueError(f"temperature={self.temperature!r}: must be a finite number >= 0 (0 = greedy)")
         if self.temperature > 0 and not 1 / self.temperature < math.inf:
