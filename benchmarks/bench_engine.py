@@ -6,7 +6,9 @@ and ablated rows together; the baseline is `generate` (SDPA, static cache) on th
 then on the copy with the heads' `o_proj` columns zeroed. Reported: output tokens per second of both
 policies together, the engine's mean decode step against the bandwidth floor (weights + KV bytes per
 step over the measured copy bandwidth), and peak memory. At `--sampled-pairs` the engine also
-samples (temperature 0.6, as `retmask pairs`), to show what sampling adds to a step.
+samples (temperature 0.6, as `retmask pairs`), to show what sampling adds to a step; at
+`--serial-pairs` it also runs with overlap off (each step's tokens collected before the next launch),
+to show what hiding the host's work behind the GPU's buys; at `--eager-pairs`, without CUDA graphs.
 Sweep `long`: one pair on a 32K prompt, 256 new tokens, scope `all` and scope `generated`.
 
     python benchmarks/bench_engine.py
@@ -66,12 +68,12 @@ def _peak_gb(device) -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
 
 
-def run_engine(model, groups, cfg, slots, max_len, device, decode="auto"):
+def run_engine(model, groups, cfg, slots, max_len, device, decode="auto", overlap=None):
     """Seconds, decode steps, tokens and peak GB of one engine run, and the decode mode it ran in.
     The cache is sized for the groups' policies, as `retmask pairs` sizes it."""
     # reuse_prefix=0: the warm-up runs the timed run's first prompt, whose KV a timed group would otherwise copy
     with Engine(model, slots=slots, max_len=max_len, chunk=4096, decode=decode, policies=groups[0].policies,
-                private_len=cfg.max_new_tokens, reuse_prefix=0) as eng:
+                private_len=cfg.max_new_tokens, reuse_prefix=0, overlap=overlap) as eng:
         # warm-up (Triton compiles incl. the sampler's, allocator, graph), with the timed run's sampling
         list(eng.generate(groups[:1], GenConfig(max_new_tokens=4, sampling=cfg.sampling)))
         _sync(device)
@@ -82,6 +84,7 @@ def run_engine(model, groups, cfg, slots, max_len, device, decode="auto"):
         _sync(device)
         sec = time.perf_counter() - t
         mode = eng.decode if not eng.graph_errors else "static (capture failed: " + eng.graph_errors[0][:80] + ")"
+        mode += " + overlap" if eng.overlap else ""
     return sec, steps[0], sum(len(r.tokens) for g in out for r in g.rows), _peak_gb(device), mode
 
 
@@ -123,6 +126,9 @@ def main(argv=None) -> int:
     ap.add_argument("--long-new", type=int, default=256)
     ap.add_argument("--eager-pairs", default="1,32",
                     help="pair counts also run with decode='eager' (no CUDA graph), to show what the graph buys")
+    ap.add_argument("--serial-pairs", default="1,32",
+                    help="pair counts also run with overlap=False (each step collected before the next launch), "
+                         "to show what overlapping the host's work with the GPU's buys")
     ap.add_argument("--sampled-pairs", default="256",
                     help="pair counts where the engine also samples (temperature 0.6, the pairs job's default) "
                          "instead of greedy, to show what sampling adds to a step")
@@ -134,7 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny Llama")
     args = ap.parse_args(argv)
     device = benchlib.resolve_mode(args, "engine", dict(
-        pairs="1,3", eager_pairs="1", sampled_pairs="3", prompt=16, new=8, long_prompt=200, long_new=4, heads=3), interpreter=False)
+        pairs="1,3", eager_pairs="1", serial_pairs="3", sampled_pairs="3", prompt=16, new=8, long_prompt=200, long_new=4, heads=3), interpreter=False)
     if device is None:
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -154,16 +160,18 @@ def main(argv=None) -> int:
         cfg = GenConfig(max_new_tokens=args.new)
         mean_ctx = args.prompt + args.new / 2
         floor_ms = 1e3 * (w_bytes + 2 * n * mean_ctx * kv_tok) / (copy_gbs * 1e9)  # bytes read per step / bandwidth
-        runs = [("engine (both policies, one pass)", "auto", cfg)]
+        runs = [("engine (both policies, one pass)", "auto", cfg, None)]
         if str(n) in args.eager_pairs.split(","):
-            runs.append(("engine, decode eager (no CUDA graph)", "eager", cfg))
+            runs.append(("engine, decode eager (no CUDA graph)", "eager", cfg, None))
+        if str(n) in args.serial_pairs.split(","):
+            runs.append(("engine, host in the step (overlap off)", "auto", cfg, False))
         if str(n) in args.sampled_pairs.split(","):
             runs.append(("engine, sampled (temperature 0.6)", "auto",
-                         GenConfig(max_new_tokens=args.new, sampling=Sampling(temperature=0.6))))
+                         GenConfig(max_new_tokens=args.new, sampling=Sampling(temperature=0.6)), None))
         timed = []
-        for name, decode, c_run in runs:
+        for name, decode, c_run, overlap in runs:
             sec, steps, toks, peak, mode = run_engine(model, groups, c_run, 2 * n, args.prompt + args.new, device,
-                                                      decode)
+                                                      decode, overlap)
             timed.append((name, mode, sec, toks, peak, 1e3 * sec / max(1, steps)))
         b_sec, b_toks, b_peak = run_generate_twice(model, hs, prompts, args.new, device)
         timed.append(("generate x2 (sdpa, static cache)", "hf eager", b_sec, b_toks, b_peak, None))

@@ -88,7 +88,7 @@ def gumbel_argmax_triton(logits, seed, step, inv_t: float, floor=None, *, block:
     fl = floor.to(dev, torch.float64).contiguous() if floor is not None else best
     _gumbel_split[(b, splits)](
         logits, seed.to(dev, torch.int64).contiguous(), step.to(dev, torch.int64).contiguous(), fl,
-        torch.tensor([float(inv_t)], dtype=torch.float64, device=dev), best, idx,
+        torch.tensor([float(inv_t)], dtype=torch.float64).to(dev, non_blocking=True), best, idx,  # no host sync
         logits.stride(0), v, split_len, HAS_FLOOR=floor is not None, BLOCK=block,
     )
     # the first split holding the row's maximum (argmax keeps the first), then its token

@@ -1,6 +1,7 @@
 """The engine's decode step: the attention context of one step over all slots, its static form
-(fixed buffers, captured as a CUDA graph), the host-side state of the slots, and the step itself
-(sampling, stop rules, finished rows).
+(fixed buffers, captured as a CUDA graph), the host-side state of the slots, and the step in two
+halves: its launch (inputs, forward, sampling, copies to the host; no host sync) and its collection
+(tokens to the rows, stop rules, finished rows), which the engine may run a step later (`overlap`).
 
 `DecodeMixin` is part of `Engine` (it reads the engine's cache and settings).
 """
@@ -121,7 +122,11 @@ class StaticStep:
 
 class Slots:
     """Host-side state of the decode slots: per-slot numpy arrays, so a step's bookkeeping is a few
-    vector operations whatever the slot count (a Python loop runs only over the rows that end)."""
+    vector operations whatever the slot count (a Python loop runs only over the rows that end).
+
+    What a launch needs is known before the previous step's tokens reach the host: positions, step
+    counts and bitmaps follow from the steps launched (`n_run`); only the tokens themselves are
+    read on the device (`Launched.tok`). `n_gen` counts the tokens collected."""
 
     def __init__(self, n: int, n_layers: int, n_heads: int, n_segments: int, max_new: int, device):
         self.n = n
@@ -130,16 +135,20 @@ class Slots:
         self.row = [0] * n
         self.policy = [None] * n
         self.seed = np.zeros(n, dtype=np.int64)
-        self.next_in = np.zeros(n, dtype=np.int64)
-        self.pos = np.zeros(n, dtype=np.int64)
-        self.n_gen = np.zeros(n, dtype=np.int64)
-        self.in_prompt = np.zeros(n, dtype=bool)
+        self.next_in = np.zeros(n, dtype=np.int64)  # a row's first input (its last prompt token)
+        self.pos = np.zeros(n, dtype=np.int64)  # position of the next launch's input
+        self.n_run = np.zeros(n, dtype=np.int64)  # steps launched for the row
+        self.n_gen = np.zeros(n, dtype=np.int64)  # tokens collected for the row
+        self.serial = np.zeros(n, dtype=np.int64)  # which row a slot holds (a launch's tokens are its rows')
+        self._serials = 0
+        self.in_prompt = np.zeros(n, dtype=bool)  # not launched yet: its first step reads the prompt bitmap
         self.tokens = np.zeros((n, max(1, max_new)), dtype=np.int32)  # row's tokens: tokens[slot, :n_gen[slot]]
         self.argmax = [[] for _ in range(n)]
         self.logits = [[] for _ in range(n)]
         self.keep_prompt = torch.ones(n, n_layers, n_heads, dtype=torch.bool)  # at the last prompt token
         self.keep_gen = torch.ones(n, n_layers, n_heads, dtype=torch.bool)  # at generated tokens
         self.keep = torch.zeros(n, n_layers, n_heads, dtype=torch.bool, device=device)  # the step's bitmap
+        self.keep_host = torch.zeros(n, n_layers, n_heads, dtype=torch.bool)  # its copy on the host
         self.keep_all_on: list[bool] | None = None  # per layer: every head of every slot on (eager steps)
         self.changed: set[int] = set()  # slots whose row of `keep` must be rewritten before the next step
         self.free_segs = list(range(n_segments))
@@ -167,6 +176,9 @@ class Slots:
     def start(self, slot, gid, row, policy, seed, first_in, pos):
         self.active[slot], self.group[slot], self.row[slot], self.policy[slot] = True, gid, row, policy
         self.seed[slot], self.next_in[slot], self.pos[slot], self.n_gen[slot] = seed, int(first_in), pos, 0
+        self.n_run[slot] = 0
+        self._serials += 1
+        self.serial[slot] = self._serials
         self.in_prompt[slot] = True
         self.argmax[slot], self.logits[slot] = [], []
         self.changed.add(slot)
@@ -177,6 +189,20 @@ class Slots:
         self.free_slots.append(slot)
         self.free_slots.sort()
         self.changed.add(slot)
+
+
+class Launched:
+    """A decode step launched and not yet collected: its tokens on the device (the next launch's
+    inputs) and on their way to the host, with the argmax and logits when asked; which rows it ran."""
+
+    def __init__(self, tok, tok_host, argmax, logits, event, live, serial):
+        self.tok, self.tok_host, self.argmax, self.logits = tok, tok_host, argmax, logits
+        self.event, self.live, self.serial = event, live, serial
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A copy on the host; from a GPU, asynchronous (into pinned memory: read it after the step's event)."""
+    return t.to("cpu", non_blocking=True, copy=True)
 
 
 class DecodeMixin:
@@ -194,7 +220,10 @@ class DecodeMixin:
         return self._steps[key]
 
     @torch.no_grad()
-    def _step(self, st: "Slots", cfg: GenConfig):
+    def _launch(self, st: "Slots", cfg: GenConfig, prev: "Launched | None") -> Launched:
+        """Queue one decode step over every slot, and its outputs' copies to the host, with no host sync:
+        the inputs are the rows' host-known positions and bitmaps and, for a row past its first step, the
+        token the previous launch (`prev`) left on the device. Host state advances as launched."""
         dev = self.device
         if st.changed:  # rows that joined, left or take their first step: only their bitmap rows change
             idx = sorted(st.changed)
@@ -202,39 +231,58 @@ class DecodeMixin:
             new = torch.zeros(len(idx), *st.keep.shape[1:], dtype=torch.bool)  # idle slots: every head off
             if rows:
                 new[torch.from_numpy(st.active[idx])] = torch.stack(rows)
-            st.keep[torch.tensor(idx, device=dev)] = new.to(dev)
+            st.keep_host[idx] = new
+            st.keep.index_copy_(0, torch.tensor(idx).to(dev, non_blocking=True), new.to(dev, non_blocking=True))
             st.keep_all_on = None
-            st.changed = set(np.flatnonzero(st.in_prompt).tolist())  # their generated-token bitmap comes next
-        ids = torch.from_numpy(st.next_in)[:, None]
-        pos = torch.from_numpy(st.pos)[:, None]
+            st.changed = set(np.flatnonzero(st.in_prompt & st.active).tolist())  # their generated-token bitmap next
+        live = st.active.copy()
+        fresh = st.in_prompt & live  # first step: the input is the last prompt token, from the host
+        ids = torch.from_numpy(st.next_in).to(dev, non_blocking=True)
+        if prev is not None and not fresh[live].all():  # the others' inputs: the tokens of the step before
+            ids = torch.where(torch.from_numpy(fresh).to(dev, non_blocking=True), ids, prev.tok)
+        ids = ids[:, None]
+        pos = torch.from_numpy(st.pos).to(dev, non_blocking=True)[:, None]
         if self.decode == "eager":
             if st.keep_all_on is None:
-                st.keep_all_on = st.keep.all(-1).all(0).tolist()  # layers whose launches skip the bitmap
+                st.keep_all_on = st.keep_host.all(-1).all(0).tolist()  # layers whose launches skip the bitmap
             ctx = DecodeContext(self, st.keep, st.keep_all_on, cfg.return_argmax, self._group_max)
             with hf.active(ctx):
-                logits = self.model(input_ids=ids.to(dev), position_ids=pos.to(dev),
-                                    use_cache=False).logits[:, -1]  # (S, V)
+                logits = self.model(input_ids=ids, position_ids=pos, use_cache=False).logits[:, -1]  # (S, V)
         else:
             step = self._static_step(cfg.return_argmax)
             logits = step.run(ids, pos, st.keep)
             ctx = step.ctx
-        self.kv_len += torch.from_numpy(st.active).to(dev, torch.int32)[None, :]
-        tok = next_tokens(logits, cfg.sampling, torch.from_numpy(st.seed), torch.from_numpy(st.n_gen)).cpu().numpy()
-        # one transfer per step; a copy even on CPU, where the static step reuses its output buffers
-        am = ctx.argmax.to("cpu", copy=True) if cfg.return_argmax else None
-        lg = logits.to("cpu", torch.float32, copy=True) if cfg.keep_logits else None
-        rows = np.flatnonzero(st.active)
+        self.kv_len += torch.from_numpy(live).to(dev, torch.int32, non_blocking=True)[None, :]
+        tok = next_tokens(logits, cfg.sampling, torch.from_numpy(st.seed).to(dev, non_blocking=True),
+                          torch.from_numpy(st.n_run).to(dev, non_blocking=True))
+        # copies, as the static step reuses its output buffers and the next launch may come first
+        out = Launched(tok, _to_host(tok), _to_host(ctx.argmax) if cfg.return_argmax else None,
+                       _to_host(logits.float()) if cfg.keep_logits else None, None, live, st.serial.copy())
+        if dev.type == "cuda":
+            out.event = torch.cuda.Event()
+            out.event.record()
+        st.pos[live] += 1
+        st.n_run[live] += 1
+        st.in_prompt[live] = False
+        return out
+
+    @torch.no_grad()
+    def _collect(self, step: Launched, st: "Slots", cfg: GenConfig) -> tuple[list, int]:
+        """The tokens of a launched step, for its rows that are still running (a row that ended at the
+        step before rode along this one): stop rules, finished rows and their slots freed. Returns the
+        (slot, RowResult) of the rows that ended and the count of tokens collected."""
+        if step.event is not None:
+            step.event.synchronize()
+        tok = step.tok_host.numpy()
+        rows = np.flatnonzero(step.live & st.active & (st.serial == step.serial))
         t = tok[rows]
         st.tokens[rows, st.n_gen[rows]] = t
         st.n_gen[rows] += 1
-        st.next_in[rows] = t
-        st.pos[rows] += 1
-        st.in_prompt[rows] = False
         for slot in rows.tolist() if (cfg.return_argmax or cfg.keep_logits) else ():
             if cfg.return_argmax:
-                st.argmax[slot].append(am[slot])
+                st.argmax[slot].append(step.argmax[slot])
             if cfg.keep_logits:
-                st.logits[slot].append(lg[slot])
+                st.logits[slot].append(step.logits[slot])
         eos = np.isin(t, cfg.eos_ids)
         length = st.n_gen[rows] >= cfg.max_new_tokens
         done = []
@@ -256,10 +304,10 @@ class DecodeMixin:
         for slot, _ in done:
             self.kv_len[:, slot] = 0
             self._idle[slot] = True
-            self.row_seg[:, slot] = -1
+            self._row_seg_host[:, slot] = -1
         if done:
             self._refresh_layout()
-        return done
+        return done, len(rows)
 
     def _hit_stop(self, tail_tokens: list[int], stops: tuple[str, ...]) -> bool:
         """Whether the text of a row's last tokens (16 are given) contains a stop string."""

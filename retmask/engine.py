@@ -33,13 +33,14 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from retmask.kernels import SegmentLayout, segment_layout
 from retmask.kernels._launch import next_pow2, on_device
 
 from . import hf
-from .decoding import DecodeMixin, Slots, StaticStep
+from .decoding import DecodeMixin, Launched, Slots, StaticStep
 from .policy import (ORIGINAL, SCOPES, GenConfig, Group, GroupResult, Policy, RowResult, check_request, is_int,
                      n_streams)
 from .prefill import PrefillMixin
@@ -132,13 +133,20 @@ class Engine(PrefillMixin, DecodeMixin):
             a CUDA graph captures). "graph": the static step captured once as a CUDA graph per
             (argmax on/off, largest group) and replayed (CUDA only). "auto" (default): "graph" on
             CUDA, "eager" elsewhere. All give the same tokens.
+        overlap: collect each step's tokens after launching the next one, so that the host's work on
+            them (stop rules, finished rows, admitting waiting groups) runs while the GPU computes. A
+            launch needs no token on the host: positions and bitmaps follow from the steps launched, and
+            each row's input is the token the step before left on the device. A row that ends rides
+            along one more step (its output dropped) and its slot is refilled a step later; every
+            row's tokens are the same. None (default): on for CUDA, off elsewhere (on a CPU the host
+            is the device, so there is nothing to hide).
     """
 
     def __init__(self, model, tokenizer=None, *, slots: int | None = None, kv_budget_gb: float | None = None,
                  max_len: int = 4096, chunk: int = 1024, sharing: bool = True, on_too_long: str = "error",
                  private_len: int | None = None, decode: str = "auto", policies: Sequence[Policy] | None = None,
                  max_slots: int | None = None, segments: int | None = None, prefill_tokens: int = 32768,
-                 admit_rows: int | None = None, reuse_prefix: int = 128):
+                 admit_rows: int | None = None, reuse_prefix: int = 128, overlap: bool | None = None):
         hf.check_supported(model)  # attached (hf.attach) only once every argument is checked
         for name, v in (("slots", slots), ("max_len", max_len), ("chunk", chunk), ("private_len", private_len),
                         ("max_slots", max_slots), ("segments", segments), ("prefill_tokens", prefill_tokens),
@@ -176,6 +184,9 @@ class Engine(PrefillMixin, DecodeMixin):
         if decode == "graph" and self.device.type != "cuda":
             raise ValueError(f"decode='graph' needs a CUDA model (this one is on {self.device}); use 'auto'")
         self.decode = ("graph" if self.device.type == "cuda" else "eager") if decode == "auto" else decode
+        if overlap is not None and not isinstance(overlap, bool):
+            raise ValueError(f"overlap={overlap!r}: expected True, False or None (on for CUDA)")
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._steps: dict[tuple[bool, int], StaticStep] = {}
         self._group_max = 1
         self._busy = False
@@ -313,6 +324,7 @@ class Engine(PrefillMixin, DecodeMixin):
         self.row_seg = torch.full((d.n_layers, s), -1, dtype=torch.int32, device=dev)
         # rows grouped by segment per layer, kept in step with row_seg (fixed buffers: a CUDA graph reads them)
         self.seg_layout = SegmentLayout(*(torch.zeros(d.n_layers, n, dtype=torch.int32, device=dev) for n in (s, g, g)))
+        self._row_seg_host = np.full((d.n_layers, s), -1, dtype=np.int32)  # row_seg is written from this copy
         self._refresh_layout()
         self._slot_ids = torch.arange(s, device=dev)
         # for prefix reuse: the prompt whose KV each segment holds (below its depth) and each slot holds
@@ -385,7 +397,7 @@ class Engine(PrefillMixin, DecodeMixin):
             self._busy = False
             self.kv_len.zero_()
             self._idle.fill_(True)
-            self.row_seg.fill_(-1)
+            self._row_seg_host.fill(-1)
             self._refresh_layout()
 
     def _run(self, groups: list[Group], cfg: GenConfig, progress) -> Iterator[GroupResult]:
@@ -401,7 +413,11 @@ class Engine(PrefillMixin, DecodeMixin):
         st = Slots(S, d.n_layers, d.n_heads, self.n_segments, cfg.max_new_tokens, self.device)
         results: dict[int, list] = {}
         queued_rows = sum(len(g.policies) for g in queue if not self._too_long(g, cfg))  # rows still to admit
-        while queue or st.active_count:
+        # With `overlap`, step k's tokens are collected after step k+1 is launched, so the host's work on
+        # them (and on the admissions they allow) runs while the GPU computes step k+1.
+        pending: Launched | None = None  # launched, not collected
+        prev: Launched | None = None  # the latest launch (its tokens are the next launch's inputs)
+        while queue or st.active_count or pending is not None:
             admitted = []
             # Admit when enough rows can be taken to make the prefill pass worth its fixed cost (or the
             # queue's rows all fit, or nothing decodes). A group needs its rows' slots and one pool
@@ -428,14 +444,19 @@ class Engine(PrefillMixin, DecodeMixin):
                     self._prefill(admitted, st, cfg)
                 for g, rows, _ in admitted:
                     results[id(g)] = [None] * len(rows)
-            if not st.active_count:
+            launched = None
+            # launch unless every running row has had its last step (it then only waits to be collected)
+            if (st.active & (st.n_run < cfg.max_new_tokens)).any():
+                with on_device(self.device):  # the graph replays and kernels launch on the model's GPU
+                    launched = prev = self._launch(st, cfg, prev)
+                self.stats["steps"] += 1
+                self.stats["slot_steps"] += self.slots
+            step, pending = (pending, launched) if self.overlap else (launched, None)
+            if step is None:
                 continue
-            produced = st.active_count  # every active row gets one token this step
-            with on_device(self.device):  # the graph replays and kernels launch on the model's GPU
-                done = self._step(st, cfg)
-            self.stats["steps"] += 1
+            with on_device(self.device):
+                done, produced = self._collect(step, st, cfg)
             self.stats["row_steps"] += produced
-            self.stats["slot_steps"] += self.slots
             if progress is not None:
                 progress(produced)
             for slot, res in done:
@@ -521,11 +542,13 @@ class Engine(PrefillMixin, DecodeMixin):
         return keep
 
     def _refresh_layout(self):
-        """After row_seg changed (rows joined or left): the per-layer segment layout, in its fixed
-        buffers, and which layers have a row on a segment (eager steps skip the pool elsewhere)."""
+        """After rows joined or left (their segments in `_row_seg_host`): row_seg and the per-layer
+        segment layout, in their fixed buffers, and which layers have a row on a segment (eager steps
+        skip the pool elsewhere). No host sync: this runs while a launched step may still be running."""
+        self.row_seg.copy_(torch.from_numpy(self._row_seg_host).to(self.device, non_blocking=True))
         for buf, val in zip(self.seg_layout, segment_layout(self.row_seg, self.n_segments)):
             buf.copy_(val)
-        self.layer_shared = (self.row_seg >= 0).any(1).tolist()
+        self.layer_shared = (self._row_seg_host >= 0).any(1).tolist()
 
     def _free_group(self, st: "Slots", gid: int):
         st.free_segs = sorted(st.free_segs + st.group_seg.pop(gid))

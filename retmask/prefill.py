@@ -313,7 +313,7 @@ class PrefillMixin:
                 st.keep_gen[slot] = self._keep_row(pol, prompt=False)
                 self.kv_len[:, slot] = torch.tensor([0 if l < hi else n for l in range(L)], dtype=torch.int32)
                 self._idle[slot] = False
-                self.row_seg[:, slot] = torch.tensor([(segs[0] if l < lsh else stream_seg[si]) if l < hi and n > 0
-                                                      else -1 for l in range(L)], dtype=torch.int32)
+                self._row_seg_host[:, slot] = [(segs[0] if l < lsh else stream_seg[si]) if l < hi and n > 0 else -1
+                                               for l in range(L)]
             r0 += len(rows)
         self._refresh_layout()

@@ -1,9 +1,11 @@
 """Host time of an engine decode step outside the model's forward, on CPU.
 
-Between two decode steps the GPU waits for the host (sampling result to the host, bookkeeping,
-the next step's inputs), so this time adds to every step. A Llama with the layer and head counts
-of Llama-3.1-8B but tiny widths runs `--pairs` RetMask pairs at once; the script times each
-`Engine._step` and subtracts the forward it contains.
+A step's host work is its launch (inputs, bitmap rows that changed, the queued forward and copies)
+and its collection (tokens to the rows, stop rules, finished rows). Collected before the next launch
+(`overlap=False`), both add to every step on a GPU; with `overlap=True` (CUDA's default) step k is
+collected after step k+1 is launched, so the GPU waits only when launch + collection outlast a step.
+A Llama with the layer and head counts of Llama-3.1-8B but tiny widths runs `--pairs` RetMask pairs
+at once; the script times each `Engine._launch` (less the forward it contains) and `Engine._collect`.
 
     python scripts/engine_host_time.py               # 256 pairs (512 slots), 32 layers x 32 heads
 """
@@ -38,14 +40,20 @@ def main(argv=None) -> None:
     g = torch.Generator().manual_seed(0)
     groups = [Group(torch.randint(3, 97, (16,), generator=g).tolist(), [ORIGINAL, Policy(heads)], key=i)
               for i in range(args.pairs)]
-    spent = {"step": 0.0, "forward": 0.0, "n": 0}
-    step, run = Engine._step, E.StaticStep.run
+    spent = {"launch": 0.0, "forward": 0.0, "collect": 0.0, "n": 0}
+    launch, collect, run = Engine._launch, Engine._collect, E.StaticStep.run
 
-    def timed_step(self, st, c):
+    def timed_launch(self, *a):
         t = time.perf_counter()
-        out = step(self, st, c)
-        spent["step"] += time.perf_counter() - t
+        out = launch(self, *a)
+        spent["launch"] += time.perf_counter() - t
         spent["n"] += 1
+        return out
+
+    def timed_collect(self, *a):
+        t = time.perf_counter()
+        out = collect(self, *a)
+        spent["collect"] += time.perf_counter() - t
         return out
 
     def timed_run(self, *a):
@@ -54,15 +62,16 @@ def main(argv=None) -> None:
         spent["forward"] += time.perf_counter() - t
         return out
 
-    Engine._step, E.StaticStep.run = timed_step, timed_run
+    Engine._launch, Engine._collect, E.StaticStep.run = timed_launch, timed_collect, timed_run
     with Engine(model, slots=2 * args.pairs, max_len=16 + args.new, decode="static",
                 policies=groups[0].policies) as eng:
         list(eng.generate(groups[:1], GenConfig(max_new_tokens=2)))  # warm-up
-        spent.update(step=0.0, forward=0.0, n=0)
+        spent.update(launch=0.0, forward=0.0, collect=0.0, n=0)
         list(eng.generate(groups, GenConfig(max_new_tokens=args.new)))
-    ms = 1e3 * (spent["step"] - spent["forward"]) / spent["n"]
-    print(f"{2 * args.pairs} slots, {args.layers} layers x {args.heads} heads, {spent['n']} steps: "
-          f"{ms:.2f} ms of host time per step outside the forward")
+    ms = {k: 1e3 * spent[k] / spent["n"] for k in ("launch", "forward", "collect")}
+    print(f"{2 * args.pairs} slots, {args.layers} layers x {args.heads} heads, {spent['n']} steps: host time per "
+          f"step outside the forward {ms['launch'] - ms['forward'] + ms['collect']:.2f} ms (launch "
+          f"{ms['launch'] - ms['forward']:.2f} ms, collection {ms['collect']:.2f} ms)")
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch, model_bench
 def test_engine_benchmark_tiny(model_benches):
     _, rows, _ = model_benches
     assert {r["provider"] for r in rows} == {"engine (both policies, one pass)", "engine, decode eager (no CUDA graph)",
+                                             "engine, host in the step (overlap off)",
                                              "engine, sampled (temperature 0.6)", "generate x2 (sdpa, static cache)",
                                              "engine, scope all", "engine, scope generated"}
     assert all(float(r["tok_per_s"]) > 0 for r in rows)
@@ -142,7 +143,8 @@ def test_engine_host_time_script_runs():
                         "--heads", "4", "--new", "3"], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "8 slots, 2 layers x 4 heads, 3 steps" in p.stdout and "ms of host time per step" in p.stdout
+    assert "8 slots, 2 layers x 4 heads, 3 steps: host time per step outside the forward" in p.stdout
+    assert "ms (launch" in p.stdout and "ms, collection" in p.stdout
 
 
 def test_host_benchmark_tiny(tmp_path):

@@ -117,6 +117,30 @@ def test_default_seeds_differ_across_the_rows_of_a_call(family):
         assert [r.tokens for r in res[i].rows] == [r.tokens for r in explicit[i].rows]
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_sampled_tokens_are_the_rows_own_draws(family, overlap):
+    """Token t of a sampled row is the Gumbel-max draw of (its seed, step t) from its own logits at step t
+    under the top-k / top-p cut (the documented sampler, replayed here from the row's logits), for rows
+    that join the batch at different steps."""
+    from retmask.kernels.reference import gumbel_argmax_reference
+    from retmask.sampling import score_floor
+
+    _, m, *_ = family
+    samp = Sampling(temperature=0.8, top_k=40, top_p=0.95)
+    cfg = GenConfig(max_new_tokens=NEW, keep_logits=True, sampling=samp, seed=7)
+    ps = prompts(5, (9, 4, 15, 6))
+    with Engine(m, slots=3, max_len=48, chunk=8, overlap=overlap) as eng:  # 3 slots for 8 rows: refills
+        res = {r.key: r for r in eng.generate([Group(p, [ORIGINAL, Policy(HEADS)], key=i)
+                                               for i, p in enumerate(ps)], cfg)}
+    for i in range(len(ps)):
+        for j, row in enumerate(res[i].rows):
+            n = len(row.tokens)
+            seed = torch.full((n,), 7 + 2 * i + j, dtype=torch.int64)  # GenConfig.seed + the row's index
+            want = gumbel_argmax_reference(row.logits.double(), seed, torch.arange(n), 1 / samp.temperature,
+                                           score_floor(row.logits.double(), samp))
+            assert row.tokens == want.tolist(), f"group {i}, row {j}"
+
+
 def test_argmax_stream_matches_eager_attention(family):
     name, m, ref, zeroed = family
     p = prompts(9, (15,))[0]
@@ -146,10 +170,12 @@ def test_stops_and_finish_reasons(family):
     assert r.rows[0].tokens == free[:cut] and r.rows[0].finish == "eos"
 
 
-def test_stop_strings_end_rows_where_their_text_appears():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stop_strings_end_rows_where_their_text_appears(overlap):
     """A stop string ends a row at the first token whose decoded tail contains it (oracle: the
     unstopped greedy tokens, decoded prefix by prefix), with finish "stop"; rows of the same batch
-    that never see it run to their length; many slots at once (the vectorized bookkeeping)."""
+    that never see it run to their length; many slots at once (the vectorized bookkeeping); also with
+    the host a step behind the launches (overlap)."""
     from retmask import toy
 
     tok = toy.build_tokenizer()
@@ -164,7 +190,7 @@ def test_stop_strings_end_rows_where_their_text_appears():
         n = next((i for i in range(1, new + 1) if stop in tok.decode(f[max(0, i - 16):i])), None)
         want.append((f[:n], "stop") if n else (f, "length"))
     assert want[0][1] == "stop" and any(w[1] == "length" for w in want)
-    with Engine(m, tok, slots=8, max_len=40) as eng:  # 12 groups through 8 slots: refills mid-run
+    with Engine(m, tok, slots=8, max_len=40, overlap=overlap) as eng:  # 12 groups through 8 slots: refills
         got = {r.key: r.rows[0] for r in eng.generate([Group(p, [ORIGINAL], key=i) for i, p in enumerate(ps)],
                                                        GenConfig(max_new_tokens=new, stop_strings=(stop,)))}
     assert [(got[i].tokens, got[i].finish) for i in range(len(ps))] == want
@@ -349,20 +375,54 @@ def test_short_private_cache_for_rows_that_share_the_prompt(family):
         Engine(m, slots=1, max_len=48, private_len=0)
 
 
-def _mixed_run(m, decode, ps, new=NEW, info=None):
+def _mixed_run(m, decode, ps, new=NEW, info=None, overlap=None, eos=(), sampling=Sampling(temperature=0.7, top_k=30)):
     """Groups of 1, 2 and 4 rows (sharing depths 4, 1 and 0), argmax and logits on; slots refill.
-    `info` (a dict) receives the engine's decode mode, capture errors and which steps were captured."""
+    `info` (a dict) receives the engine's decode mode, overlap, capture errors, which steps were captured
+    and the engine's stats."""
     pols = [[ORIGINAL], [ORIGINAL, Policy(HEADS)],
             [Policy(HEADS, "generated"), ORIGINAL, Policy(HeadSet.from_list("0-1")), Policy(HEADS)]]
     groups = [Group(p, pols[i % 3], key=i) for i, p in enumerate(ps)]
-    cfg = GenConfig(max_new_tokens=new, return_argmax=True, keep_logits=True,
-                    sampling=Sampling(temperature=0.7, top_k=30))
-    with Engine(m, slots=6, max_len=48, chunk=8, decode=decode) as eng:
+    cfg = GenConfig(max_new_tokens=new, return_argmax=True, keep_logits=True, eos_ids=eos, sampling=sampling)
+    with Engine(m, slots=6, max_len=48, chunk=8, decode=decode, overlap=overlap) as eng:
         out = {r.key: r for r in eng.generate(groups, cfg)}
         if info is not None:
-            info.update(decode=eng.decode, errors=eng.graph_errors,
-                        captured=[s.graph is not None for s in eng._steps.values()])
+            info.update(decode=eng.decode, overlap=eng.overlap, errors=eng.graph_errors,
+                        captured=[s.graph is not None for s in eng._steps.values()], stats=dict(eng.stats))
     return out
+
+
+def _same_rows(a: dict, b: dict, logits_tol=0.0):
+    assert sorted(a) == sorted(b)
+    for i in a:
+        for x, y in zip(a[i].rows, b[i].rows, strict=True):
+            assert (x.tokens, x.finish) == (y.tokens, y.finish), f"group {i}, {x.policy}"
+            assert torch.equal(x.argmax, y.argmax)
+            torch.testing.assert_close(x.logits, y.logits, atol=logits_tol, rtol=logits_tol)
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_overlapped_steps_equal_serial_steps(family, decode, greedy):
+    """overlap=True (CUDA's default: step k's tokens reach the host after step k+1 is launched, so the
+    host's work on them hides behind the GPU's) gives every row the tokens, argmax, logits and finish
+    reason of overlap=False: rows of 1-, 2- and 4-row groups ending on EOS and on length at different
+    steps, slots refilled mid-run. A row that ended on EOS rides along one more step and its slot is
+    refilled a step later, so the overlapped run launches more steps for the same tokens."""
+    _, m, *_ = family
+    ps = prompts(21, (14, 6, 22, 3, 17, 9, 2))
+    samp = Sampling() if greedy else Sampling(temperature=0.7, top_k=30)
+    free = _mixed_run(m, decode, ps, sampling=samp, overlap=False)
+    eos = (free[1].rows[1].tokens[2], free[4].rows[0].tokens[4])  # rows end on EOS at different steps
+    serial, over = {}, {}
+    want = _mixed_run(m, decode, ps, sampling=samp, overlap=False, eos=eos, info=serial)
+    got = _mixed_run(m, decode, ps, sampling=samp, overlap=True, eos=eos, info=over)
+    finishes = [r.finish for g in want.values() for r in g.rows]
+    assert "eos" in finishes and "length" in finishes
+    _same_rows(want, got, logits_tol=1e-5)  # the batch differs by a step: eager layers may take other paths
+    assert (serial["overlap"], over["overlap"]) == (False, True)
+    assert over["stats"]["row_steps"] == serial["stats"]["row_steps"] == sum(
+        len(r.tokens) for g in want.values() for r in g.rows)
+    assert over["stats"]["steps"] > serial["stats"]["steps"]
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -396,8 +456,10 @@ def test_decode_mode_checks():
         Engine(m, slots=1, max_len=8, decode="fast")
     with pytest.raises(ValueError, match="decode='graph' needs a CUDA model"):
         Engine(m, slots=1, max_len=8, decode="graph")
+    with pytest.raises(ValueError, match="overlap='yes': expected True, False or None"):
+        Engine(m, slots=1, max_len=8, overlap="yes")
     with Engine(m, slots=1, max_len=8) as eng:
-        assert eng.decode == "eager"  # auto on CPU
+        assert eng.decode == "eager" and eng.overlap is False  # auto on CPU
 
 
 @pytest.mark.cuda
@@ -412,6 +474,36 @@ def test_cuda_graph_decode_equals_eager():
         for a, b in zip(eager[i].rows, graph[i].rows):
             assert a.tokens == b.tokens, f"group {i}, {a.policy}"
             assert torch.equal(a.argmax, b.argmax)
+
+
+@pytest.mark.cuda
+def test_cuda_launches_never_wait_for_the_gpu(monkeypatch):
+    """On CUDA the host works a step behind the GPU (overlap, the default): after a call's first launch
+    (which captures the graph), launching a step and its copies to the host makes no synchronizing
+    call (torch's sync debug mode raises on one), and the tokens, argmax and finish reasons equal a run
+    that collects each step before launching the next."""
+    m = tiny("llama", dtype=torch.bfloat16).cuda()
+    ps = prompts(13, (30, 7, 19, 2, 25, 11))
+    launch, checked = Engine._launch, []
+
+    def strict(self, st, cfg, prev):
+        if prev is None:
+            return launch(self, st, cfg, prev)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(self, st, cfg, prev)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            checked.append(1)
+
+    serial = _mixed_run(m, "auto", ps, overlap=False)
+    eos = (serial[1].rows[1].tokens[2],)
+    want = _mixed_run(m, "auto", ps, overlap=False, eos=eos)
+    monkeypatch.setattr(Engine, "_launch", strict)
+    info = {}
+    got = _mixed_run(m, "auto", ps, eos=eos, info=info)
+    assert info["overlap"] is True and info["decode"] == "graph" and info["errors"] == [] and len(checked) >= NEW
+    _same_rows(want, got, logits_tol=1e-2)
 
 
 @pytest.mark.cuda
