@@ -168,6 +168,22 @@ def _hub(name: str, what: str, load, **kw):
                          "check the name, the network and `hf auth login`") from None
 
 
+def load_path(name: str) -> str:
+    """What to give a library that loads the model itself (TRL's DPOTrainer, the LoRA merge): a local folder
+    as it is; a hub name as it is where the hub answers, else its snapshot folder in the local cache, so that
+    nothing retries the network for half a minute per file."""
+    if Path(name).exists() or hub_reachable():
+        return name
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # noqa: BLE001  (not cached, or not a valid repo id: one message either way)
+        raise ValueError(f"model {name!r}: the hub cannot be reached from here (no network, or HF_HUB_OFFLINE=1) "
+                         "and the model is not in the local cache; give a local folder (save_pretrained) or run "
+                         "where the hub is reachable") from None
+
+
 def display_name(name: str) -> str:
     return Path(name).name if Path(name).exists() else name.replace("/", "--")
 

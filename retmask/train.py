@@ -16,6 +16,8 @@ import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from .models import load_path
+
 PRESETS = {
     "paper": dict(beta=0.1, loss_type="sigmoid", learning_rate=5e-7, min_lr=5e-8, warmup_ratio=0.1, weight_decay=0.1,
                   adam_beta2=0.95, epochs=2.0, effective_batch=512, per_device_batch=1, bf16=True,
@@ -157,14 +159,15 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
     log(f"DPO: {len(ds)} pairs, max_length={cfg.max_length} tokens (longer pairs are truncated), "
         f"beta={cfg.beta} {cfg.loss_type}, lr {cfg.learning_rate:g} -> {cfg.min_lr:g}, effective batch "
         f"{cfg.effective_batch} ({cfg.per_device_batch} x {world} x {args.gradient_accumulation_steps} accumulation)")
-    tok = AutoTokenizer.from_pretrained(model_path)
+    load = load_path(str(model_path))  # offline, a hub name's cached snapshot (the record keeps the name)
+    tok = AutoTokenizer.from_pretrained(load)
     peft_config = None
     if cfg.lora:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules="all-linear",
                                  task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model_path, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
+    trainer = DPOTrainer(model=load, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
                          peft_config=peft_config)
     log(f"parallelism: {parallel_mode(trainer.accelerator)}")
     if quiet:  # one progress bar, no per-step log dicts on stdout (they stay in train.json)
@@ -193,7 +196,7 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
         # sharded layer's collectives on rank 0 alone, which fails or hangs under FSDP and ZeRO-3.
         trainer.save_model(str(out / "adapter"))
         if trainer.is_world_process_zero():
-            merge_adapter(model_path, out / "adapter", final)
+            merge_adapter(load, out / "adapter", final)
     else:
         trainer.save_model(str(final))  # gathers ZeRO-3 / FSDP shards into one checkpoint
     trainer.accelerator.wait_for_everyone()

@@ -125,3 +125,50 @@ def test_an_unreachable_hub_fails_at_once_and_a_model_falls_back_to_the_cache(mo
     assert models._hub("org/model", "config", lambda name, **kw: (name, kw)) == ("org/model", {"local_files_only": True})
     with pytest.raises(ValueError, match="'org/chats': the hub cannot be reached"):
         load_instructions("org/chats")
+
+
+def test_offline_training_reads_a_hub_name_from_its_cached_snapshot(monkeypatch, tmp_path):
+    """TRL's DPOTrainer loads the model itself and would retry the hub for every file: offline, `train` hands it
+    (and the tokenizer) the cached snapshot folder of a hub name, while its record keeps the name. A name that
+    is not cached is refused at once, naming it; a local folder, or any name while the hub answers, is given
+    as it is."""
+    import gzip
+    from pathlib import Path
+
+    import huggingface_hub.constants as hub_constants
+    import transformers
+
+    from retmask import models
+    from retmask.train import TrainConfig, train
+
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap = repo / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert Path(models.load_path("org/tiny")) == snap
+    with pytest.raises(ValueError, match="'org/other': the hub cannot be reached .* not in the local cache"):
+        models.load_path("org/other")
+    assert models.load_path(str(tmp_path)) == str(tmp_path)
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    turn = [{"role": "user", "content": "q"}]
+    (pairs / "pairs-00000.jsonl.gz").write_bytes(gzip.compress(b"".join(
+        json.dumps({"id": i, "prompt": turn, "chosen": turn, "rejected": turn}).encode() + b"\n" for i in range(4))))
+    seen = []
+
+    def tokenizer_from(name, *a, **k):
+        seen.append(name)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer_from)
+    with pytest.raises(RuntimeError, match="stop here"):
+        train("org/tiny", pairs, tmp_path / "out", TrainConfig.preset("toy"), log=lambda *a, **k: None)
+    assert [Path(s) for s in seen] == [snap]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model"] == "org/tiny"
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
+    assert models.load_path("org/other") == "org/other"
