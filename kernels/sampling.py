@@ -68,6 +68,20 @@ def _gumbel_split(
     tl.store(IDX + b * tl.num_programs(1) + s, first)
 
 
+_INV_T: dict[tuple, torch.Tensor] = {}
+
+
+def _inv_t_tensor(inv_t: float, dev: torch.device) -> torch.Tensor:
+    """1/T as a float64 device tensor (the kernel scales in float64), made once per value and device: a
+    fresh one would be a host-to-device copy that waits for the GPU at every decode step."""
+    key = (inv_t, dev)
+    if key not in _INV_T:
+        if len(_INV_T) > 64:
+            _INV_T.clear()
+        _INV_T[key] = torch.tensor([inv_t], dtype=torch.float64, device=dev)
+    return _INV_T[key]
+
+
 def gumbel_argmax_triton(logits, seed, step, inv_t: float, floor=None, *, block: int = 1024) -> torch.Tensor:
     """Triton launcher of `gumbel_argmax`; inputs as there."""
     check_sampling(logits, seed, step, inv_t, floor)
@@ -88,7 +102,7 @@ def gumbel_argmax_triton(logits, seed, step, inv_t: float, floor=None, *, block:
     fl = floor.to(dev, torch.float64).contiguous() if floor is not None else best
     _gumbel_split[(b, splits)](
         logits, seed.to(dev, torch.int64).contiguous(), step.to(dev, torch.int64).contiguous(), fl,
-        torch.tensor([float(inv_t)], dtype=torch.float64).to(dev, non_blocking=True), best, idx,  # no host sync
+        _inv_t_tensor(float(inv_t), dev), best, idx,
         logits.stride(0), v, split_len, HAS_FLOOR=floor is not None, BLOCK=block,
     )
     # the first split holding the row's maximum (argmax keeps the first), then its token

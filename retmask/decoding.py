@@ -149,11 +149,29 @@ class Slots:
         self.keep_gen = torch.ones(n, n_layers, n_heads, dtype=torch.bool)  # at generated tokens
         self.keep = torch.zeros(n, n_layers, n_heads, dtype=torch.bool, device=device)  # the step's bitmap
         self.keep_host = torch.zeros(n, n_layers, n_heads, dtype=torch.bool)  # its copy on the host
+        self.slot_ids = torch.arange(n)
         self.keep_all_on: list[bool] | None = None  # per layer: every head of every slot on (eager steps)
         self.changed: set[int] = set()  # slots whose row of `keep` must be rewritten before the next step
         self.free_segs = list(range(n_segments))
         self.groups, self.group_seg, self.reused = {}, {}, {}
         self.free_slots = list(range(n))
+        self.launches = 0
+        self._pin = torch.device(device).type == "cuda"
+        self._staged = self._pin or self.STAGE_ON_CPU
+        self._stage: dict[str, torch.Tensor] = {}
+
+    STAGE_ON_CPU = False  # tests: the staging buffers on a CPU engine too (unpinned)
+
+    def stage(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        """This launch's host buffer `name` (pinned), shaped and typed like `like`; None off CUDA. Two per
+        name, used by alternate launches: a launch's copies are read (by its collection) before the launch
+        after next reuses its buffer, since at most one launch is ever left uncollected."""
+        if not self._staged:
+            return None
+        buf = self._stage.get(name)
+        if buf is None or buf.shape[1:] != like.shape or buf.dtype != like.dtype:
+            buf = self._stage[name] = torch.empty(2, *like.shape, dtype=like.dtype, pin_memory=self._pin)
+        return buf[self.launches % 2]
 
     @property
     def active_count(self) -> int:
@@ -186,6 +204,7 @@ class Slots:
     def release(self, slot):
         self.active[slot] = False
         self.group[slot] = None
+        self.argmax[slot], self.logits[slot] = [], []
         self.free_slots.append(slot)
         self.free_slots.sort()
         self.changed.add(slot)
@@ -200,9 +219,14 @@ class Launched:
         self.event, self.live, self.serial = event, live, serial
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A copy on the host; from a GPU, asynchronous (into pinned memory: read it after the step's event)."""
-    return t.to("cpu", non_blocking=True, copy=True)
+def to_device(a, device: torch.device) -> torch.Tensor:
+    """A copy of host data (a numpy array or a CPU tensor) on `device`. To a GPU it goes through pinned
+    memory, without waiting for the GPU: the caching host allocator keeps the pinned block until the
+    copy is done, so the host may change `a` at once."""
+    t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+    if device.type != "cuda":
+        return t.clone()
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class DecodeMixin:
@@ -225,6 +249,12 @@ class DecodeMixin:
         the inputs are the rows' host-known positions and bitmaps and, for a row past its first step, the
         token the previous launch (`prev`) left on the device. Host state advances as launched."""
         dev = self.device
+
+        def up(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+            """`t` to the device through a pinned staging buffer shaped like `like` (default `t`): its first rows."""
+            buf = st.stage(name, t if like is None else like)
+            return t.to(dev) if buf is None else buf[: len(t)].copy_(t).to(dev, non_blocking=True)
+
         if st.changed:  # rows that joined, left or take their first step: only their bitmap rows change
             idx = sorted(st.changed)
             rows = [st.keep_prompt[i] if st.in_prompt[i] else st.keep_gen[i] for i in idx if st.active[i]]
@@ -232,16 +262,18 @@ class DecodeMixin:
             if rows:
                 new[torch.from_numpy(st.active[idx])] = torch.stack(rows)
             st.keep_host[idx] = new
-            st.keep.index_copy_(0, torch.tensor(idx).to(dev, non_blocking=True), new.to(dev, non_blocking=True))
+            st.keep.index_copy_(0, up("keep_idx", torch.tensor(idx), like=st.slot_ids),
+                                up("keep_rows", new, like=st.keep_host))
             st.keep_all_on = None
             st.changed = set(np.flatnonzero(st.in_prompt & st.active).tolist())  # their generated-token bitmap next
         live = st.active.copy()
         fresh = st.in_prompt & live  # first step: the input is the last prompt token, from the host
-        ids = torch.from_numpy(st.next_in).to(dev, non_blocking=True)
+        # the step's host inputs in one copy: first inputs, positions, seeds, step counts, fresh, live
+        ids, pos, seed, n_run, fresh_d, live_d = up("inputs", torch.from_numpy(
+            np.stack([st.next_in, st.pos, st.seed, st.n_run, fresh, live]).astype(np.int64)))
         if prev is not None and not fresh[live].all():  # the others' inputs: the tokens of the step before
-            ids = torch.where(torch.from_numpy(fresh).to(dev, non_blocking=True), ids, prev.tok)
-        ids = ids[:, None]
-        pos = torch.from_numpy(st.pos).to(dev, non_blocking=True)[:, None]
+            ids = torch.where(fresh_d.bool(), ids, prev.tok)
+        ids, pos = ids[:, None], pos[:, None]
         if self.decode == "eager":
             if st.keep_all_on is None:
                 st.keep_all_on = st.keep_host.all(-1).all(0).tolist()  # layers whose launches skip the bitmap
@@ -252,15 +284,18 @@ class DecodeMixin:
             step = self._static_step(cfg.return_argmax)
             logits = step.run(ids, pos, st.keep)
             ctx = step.ctx
-        self.kv_len += torch.from_numpy(live).to(dev, torch.int32, non_blocking=True)[None, :]
-        tok = next_tokens(logits, cfg.sampling, torch.from_numpy(st.seed).to(dev, non_blocking=True),
-                          torch.from_numpy(st.n_run).to(dev, non_blocking=True))
-        # copies, as the static step reuses its output buffers and the next launch may come first
-        out = Launched(tok, _to_host(tok), _to_host(ctx.argmax) if cfg.return_argmax else None,
-                       _to_host(logits.float()) if cfg.keep_logits else None, None, live, st.serial.copy())
+        self.kv_len += live_d.to(torch.int32)[None, :]
+        tok = next_tokens(logits, cfg.sampling, seed, n_run)
+        def down(name: str, t: torch.Tensor) -> torch.Tensor:  # to the host: a copy (the static step reuses
+            buf = st.stage(name, t)  # its output buffers, and the next launch may come first), asynchronous
+            return t.to("cpu", copy=True) if buf is None else buf.copy_(t, non_blocking=True)  # from a GPU
+
+        out = Launched(tok, down("tokens", tok), down("argmax", ctx.argmax) if cfg.return_argmax else None,
+                       down("logits", logits.float()) if cfg.keep_logits else None, None, live, st.serial.copy())
         if dev.type == "cuda":
             out.event = torch.cuda.Event()
             out.event.record()
+        st.launches += 1
         st.pos[live] += 1
         st.n_run[live] += 1
         st.in_prompt[live] = False
@@ -278,11 +313,15 @@ class DecodeMixin:
         t = tok[rows]
         st.tokens[rows, st.n_gen[rows]] = t
         st.n_gen[rows] += 1
-        for slot in rows.tolist() if (cfg.return_argmax or cfg.keep_logits) else ():
+        # the rows' argmax and logits, copied out of the step's pinned buffers (which are then let go)
+        sel = torch.from_numpy(rows)
+        am = step.argmax[sel] if cfg.return_argmax else None
+        lg = step.logits[sel] if cfg.keep_logits else None
+        for i, slot in enumerate(rows.tolist()) if (cfg.return_argmax or cfg.keep_logits) else ():
             if cfg.return_argmax:
-                st.argmax[slot].append(step.argmax[slot])
+                st.argmax[slot].append(am[i])
             if cfg.keep_logits:
-                st.logits[slot].append(step.logits[slot])
+                st.logits[slot].append(lg[i])
         eos = np.isin(t, cfg.eos_ids)
         length = st.n_gen[rows] >= cfg.max_new_tokens
         done = []

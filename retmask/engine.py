@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import numbers
 from collections import deque
+from contextlib import ExitStack
 from collections.abc import Iterable
 from typing import Iterator, Sequence
 
@@ -40,7 +41,7 @@ from retmask.kernels import SegmentLayout, segment_layout
 from retmask.kernels._launch import next_pow2, on_device
 
 from . import hf
-from .decoding import DecodeMixin, Launched, Slots, StaticStep
+from .decoding import DecodeMixin, Launched, Slots, StaticStep, to_device
 from .policy import (ORIGINAL, SCOPES, GenConfig, Group, GroupResult, Policy, RowResult, check_request, is_int,
                      n_streams)
 from .prefill import PrefillMixin
@@ -186,6 +187,8 @@ class Engine(PrefillMixin, DecodeMixin):
         self.decode = ("graph" if self.device.type == "cuda" else "eager") if decode == "auto" else decode
         if overlap is not None and not isinstance(overlap, bool):
             raise ValueError(f"overlap={overlap!r}: expected True, False or None (on for CUDA)")
+        if overlap and self.device.type not in ("cuda", "cpu"):
+            raise ValueError(f"overlap=True: runs on CUDA (or CPU, for checks), not on {self.device.type}; use None")
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._steps: dict[tuple[bool, int], StaticStep] = {}
         self._group_max = 1
@@ -256,6 +259,7 @@ class Engine(PrefillMixin, DecodeMixin):
                       "reused_tokens": 0}
         self.skipped = 0
         self._ctx = None
+        self._stream = None  # a generate() call's CUDA stream
         hf.attach(model)
         self._hooks = [layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
                        for i, layer in enumerate(model.model.layers)]
@@ -313,7 +317,8 @@ class Engine(PrefillMixin, DecodeMixin):
     def _alloc(self):
         d, s, g, dev = self.d, self.slots, self.n_segments, self.device
         kv = lambda n, length: torch.zeros(n, d.n_kv_heads, length, d.head_dim, dtype=self.dtype, device=dev)  # noqa: E731
-        self.k = [kv(s, self.private_cap[l] + 1) for l in range(d.n_layers)]  # + 1: idle slots write there
+        # + 1: idle slots write there, and so does a row's step past its last (overlap: it rides along one)
+        self.k = [kv(s, self.private_cap[l] + 1) for l in range(d.n_layers)]
         self.v = [kv(s, self.private_cap[l] + 1) for l in range(d.n_layers)]
         self._idle = torch.ones(s, dtype=torch.bool, device=dev)  # slots without a row
         pool = [self.max_len if l < self.pool_layers else 0 for l in range(d.n_layers)]  # no pool: 0 keys
@@ -391,14 +396,28 @@ class Engine(PrefillMixin, DecodeMixin):
     def _generate(self, groups: list[Group], cfg: GenConfig, progress) -> Iterator[GroupResult]:
         self._usable()  # again when the work starts: another generate() may have started since the call
         self._busy = True
+        # every launch, collection and prefill of the call on the stream current at its start, whichever
+        # stream is current when the caller resumes the iterator: a step may be in flight at each yield
+        self._stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         try:
             yield from self._run(groups, cfg, progress)
         finally:  # also when the caller stops early: no stale row may stay in the cache or a segment
             self._busy = False
-            self.kv_len.zero_()
-            self._idle.fill_(True)
-            self._row_seg_host.fill(-1)
-            self._refresh_layout()
+            with self._on_stream():
+                self.kv_len.zero_()
+                self._idle.fill_(True)
+                self._row_seg_host.fill(-1)
+                self._refresh_layout()
+
+    def _on_stream(self):
+        """The model's GPU and the call's stream current (Triton launches, graph replays and copies use the
+        current ones); a no-op on CPU."""
+        if self._stream is None:
+            return on_device(self.device)
+        stack = ExitStack()
+        stack.enter_context(on_device(self.device))
+        stack.enter_context(torch.cuda.stream(self._stream))
+        return stack
 
     def _run(self, groups: list[Group], cfg: GenConfig, progress) -> Iterator[GroupResult]:
         # rows of one group in the decode kernel's shared-segment tile: fixed per call so the static step
@@ -440,21 +459,21 @@ class Engine(PrefillMixin, DecodeMixin):
                 queued_rows -= len(g.policies)
                 admitted.append((g, st.take(len(g.policies)), segs))
             if admitted:
-                with on_device(self.device):
+                with self._on_stream():
                     self._prefill(admitted, st, cfg)
                 for g, rows, _ in admitted:
                     results[id(g)] = [None] * len(rows)
             launched = None
             # launch unless every running row has had its last step (it then only waits to be collected)
             if (st.active & (st.n_run < cfg.max_new_tokens)).any():
-                with on_device(self.device):  # the graph replays and kernels launch on the model's GPU
+                with self._on_stream():  # the graph replays and kernels launch on the model's GPU
                     launched = prev = self._launch(st, cfg, prev)
                 self.stats["steps"] += 1
                 self.stats["slot_steps"] += self.slots
             step, pending = (pending, launched) if self.overlap else (launched, None)
             if step is None:
                 continue
-            with on_device(self.device):
+            with self._on_stream():
                 done, produced = self._collect(step, st, cfg)
             self.stats["row_steps"] += produced
             if progress is not None:
@@ -545,7 +564,7 @@ class Engine(PrefillMixin, DecodeMixin):
         """After rows joined or left (their segments in `_row_seg_host`): row_seg and the per-layer
         segment layout, in their fixed buffers, and which layers have a row on a segment (eager steps
         skip the pool elsewhere). No host sync: this runs while a launched step may still be running."""
-        self.row_seg.copy_(torch.from_numpy(self._row_seg_host).to(self.device, non_blocking=True))
+        self.row_seg.copy_(to_device(self._row_seg_host, self.device))
         for buf, val in zip(self.seg_layout, segment_layout(self.row_seg, self.n_segments)):
             buf.copy_(val)
         self.layer_shared = (self._row_seg_host >= 0).any(1).tolist()

@@ -15,6 +15,7 @@ import torch
 from retmask.kernels import masked_attention
 
 from . import hf
+from .decoding import to_device
 from .policy import GenConfig, n_streams, stream_keys
 from .prefix import common_prefix, heads_below, prefix_ids, prefix_order
 
@@ -29,12 +30,14 @@ class PrefillPass:
     owns_masks = True
 
     def __init__(self, eng: "Engine", n_groups: int, rows: int, lsh: int, plen: int, keep: torch.Tensor,
-                 row2group: torch.Tensor, hi: int = 0, segs: list[int] | None = None):
-        # rows: the streams computed from layer `lsh` on (a group's rows with the same prompt bitmap are one)
+                 row2group: list[int], hi: int = 0, segs: list[int] | None = None):
+        # rows: the streams computed from layer `lsh` on (a group's rows with the same prompt bitmap are one);
+        # keep (R, L, Hq) on the host
         d, dev = eng.d, eng.device
         self.eng, self.lsh, self.plen = eng, lsh, plen
-        self.n_groups, self.rows, self.row2group = n_groups, rows, row2group
-        self.keep = keep  # (R, L, Hq)
+        self.n_groups, self.rows = n_groups, rows
+        self.row2group = to_device(np.asarray(row2group, dtype=np.int64), dev)
+        self.keep = to_device(keep, dev)  # (R, L, Hq)
         self.layer_all_on = keep.all(-1).all(0).tolist()  # (L,)
         shape = lambda n: (n, d.n_kv_heads, plen + 1, d.head_dim)  # noqa: E731  (+1: a trash slot for pads)
         # One group (`segs`, a run of consecutive segments): the layers below `hi` its segments hold are
@@ -232,8 +235,8 @@ class PrefillMixin:
         ctx = None
         if slen > 0:
             self.stats["prefills"] += 1  # passes that run the model (a 1-token prompt runs none)
-            ctx = PrefillPass(self, len(batch), len(streams), lsh, plen, keep.to(dev),
-                           torch.tensor(stream2group, device=dev), hi, segs=batch[0][2] if len(batch) == 1 else None)
+            ctx = PrefillPass(self, len(batch), len(streams), lsh, plen, keep, stream2group, hi,
+                              segs=batch[0][2] if len(batch) == 1 else None)
         # the reused prefixes, into the staging or else into the group's own segments (unless already there)
         stage = ctx is not None and not ctx.in_place
         base_moves = [(gi, pre[gi], s, batch[gi][2][0]) for gi, s in enumerate(base_src) if pre[gi] and s >= 0]
@@ -253,12 +256,14 @@ class PrefillMixin:
                 ctx.k[l][si, :, :c] = self.k[l][slot, :, :c]
                 ctx.v[l][si, :, :c] = self.v[l][slot, :, :c]
         if ctx is not None:
-            pads = torch.tensor([slen - n for n in todo], device=dev)
-            pre_t = torch.tensor(pre, device=dev)
-            ids = torch.zeros(len(batch), slen, dtype=torch.long, device=dev)
+            # the host's inputs in one copy to the GPU (pinned; no wait for a decode step in flight)
+            host = np.zeros((len(batch), slen + 2), dtype=np.int64)  # ids, then left pads and reused prefix
             for gi, (a, c) in enumerate(zip(full, pre)):
                 if len(a) > c:
-                    ids[gi, slen - (len(a) - c):] = torch.as_tensor(a[c:], dtype=torch.long, device=dev)
+                    host[gi, slen - (len(a) - c): slen] = a[c:]
+                host[gi, slen:] = slen - todo[gi], c
+            host = to_device(host, dev)
+            ids, pads, pre_t = host[:, :slen], host[:, slen], host[:, slen + 1]
             pos = (pre_t[:, None] + torch.arange(slen, device=dev)[None, :] - pads[:, None]).clamp(min=0)
             self._ctx = ctx
             chunk = max(1, min(self.chunk, self.prefill_tokens // len(streams)))  # streams x chunk within the budget
@@ -271,12 +276,13 @@ class PrefillMixin:
                                          position_ids=pos[:, start : start + size], use_cache=False)
             finally:
                 self._ctx = None
-            base_t = torch.tensor([segs[0] for _, _, segs in batch], device=dev)
-            seg_t = torch.tensor(stream_seg, device=dev)
-            slot_t = torch.tensor(slots, device=dev)
+            base_t = to_device(np.array([segs[0] for _, _, segs in batch], dtype=np.int64), dev)
+            seg_t = to_device(np.array(stream_seg, dtype=np.int64), dev)
+            slot_t = to_device(np.array(slots, dtype=np.int64), dev)
             # each stream's KV to the slots of its rows (broadcast: no rows x prompt temporary)
             by_stream = [] if len(streams) == len(slots) else [
-                (s, slot_t[torch.tensor([r == s for r in row_stream], device=dev)]) for s in range(len(streams))]
+                (s, to_device(np.array([slot for slot, r in zip(slots, row_stream) if r == s], dtype=np.int64), dev))
+                for s in range(len(streams))]
             for l in range(L):
                 if l < hi:
                     if not ctx.in_place:
@@ -311,7 +317,7 @@ class PrefillMixin:
                 st.start(slot, gid, r, pol, seed, g.prompt[-1], n)
                 st.keep_prompt[slot] = self._keep_row(pol, prompt=True)
                 st.keep_gen[slot] = self._keep_row(pol, prompt=False)
-                self.kv_len[:, slot] = torch.tensor([0 if l < hi else n for l in range(L)], dtype=torch.int32)
+                self.kv_len[:, slot] = to_device(np.array([0 if l < hi else n for l in range(L)], dtype=np.int32), dev)
                 self._idle[slot] = False
                 self._row_seg_host[:, slot] = [(segs[0] if l < lsh else stream_seg[si]) if l < hi and n > 0 else -1
                                                for l in range(L)]

@@ -117,6 +117,21 @@ def test_default_seeds_differ_across_the_rows_of_a_call(family):
         assert [r.tokens for r in res[i].rows] == [r.tokens for r in explicit[i].rows]
 
 
+def test_staging_buffers_are_read_before_they_are_reused(family, monkeypatch):
+    """On CUDA a launch's inputs and outputs pass through two host buffers per kind, used by alternate
+    launches, and a launch's outputs are read when it is collected, a launch later with overlap. Run
+    here on the CPU (unpinned), overlapped, every row equals the serial run without the buffers."""
+    from retmask.decoding import Slots
+
+    _, m, *_ = family
+    ps = prompts(21, (14, 6, 22, 3, 17, 9, 2))
+    free = _mixed_run(m, "static", ps, overlap=False)
+    eos = (free[1].rows[1].tokens[2], free[4].rows[0].tokens[4])
+    want = _mixed_run(m, "static", ps, overlap=False, eos=eos)
+    monkeypatch.setattr(Slots, "STAGE_ON_CPU", True)
+    _same_rows(want, _mixed_run(m, "static", ps, overlap=True, eos=eos), logits_tol=1e-5)
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_sampled_tokens_are_the_rows_own_draws(family, overlap):
     """Token t of a sampled row is the Gumbel-max draw of (its seed, step t) from its own logits at step t
@@ -480,7 +495,8 @@ def test_cuda_graph_decode_equals_eager():
 def test_cuda_launches_never_wait_for_the_gpu(monkeypatch):
     """On CUDA the host works a step behind the GPU (overlap, the default): after a call's first launch
     (which captures the graph), launching a step and its copies to the host makes no synchronizing
-    call (torch's sync debug mode raises on one), and the tokens, argmax and finish reasons equal a run
+    call (torch's sync debug mode raises on one) and does not wait for the GPU (work queued before the
+    launch is still running when it returns), and the tokens, argmax and finish reasons equal a run
     that collects each step before launching the next."""
     m = tiny("llama", dtype=torch.bfloat16).cuda()
     ps = prompts(13, (30, 7, 19, 2, 25, 11))
@@ -489,12 +505,17 @@ def test_cuda_launches_never_wait_for_the_gpu(monkeypatch):
     def strict(self, st, cfg, prev):
         if prev is None:
             return launch(self, st, cfg, prev)
+        torch.cuda._sleep(100_000_000)  # tens of milliseconds of GPU work queued before the launch
+        busy = torch.cuda.Event()
+        busy.record()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return launch(self, st, cfg, prev)
+            out = launch(self, st, cfg, prev)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-            checked.append(1)
+        assert not busy.query(), "the launch waited for the GPU"
+        checked.append(1)
+        return out
 
     serial = _mixed_run(m, "auto", ps, overlap=False)
     eos = (serial[1].rows[1].tokens[2],)
