@@ -163,7 +163,7 @@ class Slots:
     STAGE_ON_CPU = False  # tests: the staging buffers on a CPU engine too (unpinned)
 
     def stage(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
-        """This launch's host buffer `name` (pinned), shaped and typed like `like`; None off CUDA. Two per
+        """This launch's host buffer `name` (pinned on CUDA), shaped and typed like `like`; None on a CPU. Two per
         name, used by alternate launches: a launch's copies are read (by its collection) before the launch
         after next reuses its buffer, since at most one launch is ever left uncollected."""
         if not self._staged:
@@ -286,9 +286,12 @@ class DecodeMixin:
             ctx = step.ctx
         self.kv_len += live_d.to(torch.int32)[None, :]
         tok = next_tokens(logits, cfg.sampling, seed, n_run)
-        def down(name: str, t: torch.Tensor) -> torch.Tensor:  # to the host: a copy (the static step reuses
-            buf = st.stage(name, t)  # its output buffers, and the next launch may come first), asynchronous
-            return t.to("cpu", copy=True) if buf is None else buf.copy_(t, non_blocking=True)  # from a GPU
+
+        def down(name: str, t: torch.Tensor) -> torch.Tensor:
+            """`t` to the host: a copy (the static step reuses its output buffers, and the next launch may
+            come first); from a GPU, an asynchronous one into a pinned staging buffer."""
+            buf = st.stage(name, t)
+            return t.to("cpu", copy=True) if buf is None else buf.copy_(t, non_blocking=True)
 
         out = Launched(tok, down("tokens", tok), down("argmax", ctx.argmax) if cfg.return_argmax else None,
                        down("logits", logits.float()) if cfg.keep_logits else None, None, live, st.serial.copy())
@@ -313,7 +316,7 @@ class DecodeMixin:
         t = tok[rows]
         st.tokens[rows, st.n_gen[rows]] = t
         st.n_gen[rows] += 1
-        # the rows' argmax and logits, copied out of the step's pinned buffers (which are then let go)
+        # the rows' argmax and logits, copied out of the step's buffers (the launch after next reuses them)
         sel = torch.from_numpy(rows)
         am = step.argmax[sel] if cfg.return_argmax else None
         lg = step.logits[sel] if cfg.keep_logits else None
