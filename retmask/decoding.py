@@ -225,7 +225,7 @@ def to_device(a, device: torch.device) -> torch.Tensor:
     copy is done, so the host may change `a` at once."""
     t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
     if device.type != "cuda":
-        return t.clone()
+        return t.to(device, copy=True)
     return t.pin_memory().to(device, non_blocking=True)
 
 
@@ -316,15 +316,13 @@ class DecodeMixin:
         t = tok[rows]
         st.tokens[rows, st.n_gen[rows]] = t
         st.n_gen[rows] += 1
-        # the rows' argmax and logits, copied out of the step's buffers (the launch after next reuses them)
-        sel = torch.from_numpy(rows)
-        am = step.argmax[sel] if cfg.return_argmax else None
-        lg = step.logits[sel] if cfg.keep_logits else None
-        for i, slot in enumerate(rows.tolist()) if (cfg.return_argmax or cfg.keep_logits) else ():
+        # each row's argmax and logits, its own copy out of the step's buffers (the launch after next reuses
+        # them; a view would keep the whole step's rows alive as long as this row runs)
+        for slot in rows.tolist() if (cfg.return_argmax or cfg.keep_logits) else ():
             if cfg.return_argmax:
-                st.argmax[slot].append(am[i])
+                st.argmax[slot].append(step.argmax[slot].clone())
             if cfg.keep_logits:
-                st.logits[slot].append(lg[i])
+                st.logits[slot].append(step.logits[slot].clone())
         eos = np.isin(t, cfg.eos_ids)
         length = st.n_gen[rows] >= cfg.max_new_tokens
         done = []

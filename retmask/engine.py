@@ -259,7 +259,8 @@ class Engine(PrefillMixin, DecodeMixin):
                       "reused_tokens": 0}
         self.skipped = 0
         self._ctx = None
-        self._stream = None  # a generate() call's CUDA stream
+        # the CUDA stream of the cache's allocation, then of the latest generate() call
+        self._stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         hf.attach(model)
         self._hooks = [layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
                        for i, layer in enumerate(model.model.layers)]
@@ -357,6 +358,8 @@ class Engine(PrefillMixin, DecodeMixin):
         """Remove the engine's hooks from the model (the model stays attached to retmask attention),
         drop its captured decode steps and free its KV cache, so a later engine in the same process
         gets the memory even while this object is still referenced. A closed engine cannot generate."""
+        if self._stream is not None and not self._closed:
+            self._stream.synchronize()  # a step of an abandoned call may still write the cache about to be freed
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -397,8 +400,13 @@ class Engine(PrefillMixin, DecodeMixin):
         self._usable()  # again when the work starts: another generate() may have started since the call
         self._busy = True
         # every launch, collection and prefill of the call on the stream current at its start, whichever
-        # stream is current when the caller resumes the iterator: a step may be in flight at each yield
-        self._stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        # stream is current when the caller resumes the iterator: a step may be in flight at each yield;
+        # after what an earlier call (or the allocation) queued on its own stream
+        if self.device.type == "cuda":
+            s = torch.cuda.current_stream(self.device)
+            if self._stream is not None and self._stream != s:
+                s.wait_stream(self._stream)
+            self._stream = s
         try:
             yield from self._run(groups, cfg, progress)
         finally:  # also when the caller stops early: no stale row may stay in the cache or a segment

@@ -579,3 +579,15 @@ def test_cuda_sampling_matches_cpu_and_stays_on_the_device():
     cpu = next_tokens(logits, cfg, seeds, steps)
     gpu = next_tokens(logits.cuda(), cfg, seeds, steps)
     assert gpu.device.type == "cuda" and (gpu.cpu() == cpu).float().mean() >= 0.98  # exact but for float near-ties
+
+
+def test_host_inputs_reach_the_engine_device_as_copies():
+    """`to_device` (the prefill's and the layout's host-to-device copies) lands on the given device, any
+    type, and never aliases the host array the engine goes on changing."""
+    from retmask.decoding import to_device
+
+    a = np.arange(4, dtype=np.int64)
+    t = to_device(a, torch.device("cpu"))
+    a[0] = 9
+    assert t.tolist() == [0, 1, 2, 3]
+    assert to_device(a, torch.device("meta")).device.type == "meta"
