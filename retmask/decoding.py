@@ -9,6 +9,7 @@ halves: its launch (inputs, forward, sampling, copies to the host; no host sync)
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -149,7 +150,6 @@ class Slots:
         self.keep_gen = torch.ones(n, n_layers, n_heads, dtype=torch.bool)  # at generated tokens
         self.keep = torch.zeros(n, n_layers, n_heads, dtype=torch.bool, device=device)  # the step's bitmap
         self.keep_host = torch.zeros(n, n_layers, n_heads, dtype=torch.bool)  # its copy on the host
-        self.slot_ids = torch.arange(n)
         self.keep_all_on: list[bool] | None = None  # per layer: every head of every slot on (eager steps)
         self.changed: set[int] = set()  # slots whose row of `keep` must be rewritten before the next step
         self.free_segs = list(range(n_segments))
@@ -162,15 +162,15 @@ class Slots:
 
     STAGE_ON_CPU = False  # tests: the staging buffers on a CPU engine too (unpinned)
 
-    def stage(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
-        """This launch's host buffer `name` (pinned on CUDA), shaped and typed like `like`; None on a CPU. Two per
+    def stage(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor | None:
+        """This launch's host buffer `name` (pinned on CUDA) of `shape` and `dtype`; None on a CPU. Two per
         name, used by alternate launches: a launch's copies are read (by its collection) before the launch
         after next reuses its buffer, since at most one launch is ever left uncollected."""
         if not self._staged:
             return None
         buf = self._stage.get(name)
-        if buf is None or buf.shape[1:] != like.shape or buf.dtype != like.dtype:
-            buf = self._stage[name] = torch.empty(2, *like.shape, dtype=like.dtype, pin_memory=self._pin)
+        if buf is None or buf.shape[1:] != shape or buf.dtype != dtype:
+            buf = self._stage[name] = torch.empty(2, *shape, dtype=dtype, pin_memory=self._pin)
         return buf[self.launches % 2]
 
     @property
@@ -210,13 +210,19 @@ class Slots:
         self.changed.add(slot)
 
 
+@dataclass
 class Launched:
     """A decode step launched and not yet collected: its tokens on the device (the next launch's
-    inputs) and on their way to the host, with the argmax and logits when asked; which rows it ran."""
+    inputs) and on their way to the host, with the argmax and logits when asked; which rows it ran
+    (`live`, and the rows' `serial` numbers then); the CUDA event after its copies."""
 
-    def __init__(self, tok, tok_host, argmax, logits, event, live, serial):
-        self.tok, self.tok_host, self.argmax, self.logits = tok, tok_host, argmax, logits
-        self.event, self.live, self.serial = event, live, serial
+    tok: torch.Tensor
+    tok_host: torch.Tensor
+    argmax: torch.Tensor | None
+    logits: torch.Tensor | None
+    live: np.ndarray
+    serial: np.ndarray
+    event: "torch.cuda.Event | None" = None
 
 
 def to_device(a, device: torch.device) -> torch.Tensor:
@@ -250,9 +256,10 @@ class DecodeMixin:
         token the previous launch (`prev`) left on the device. Host state advances as launched."""
         dev = self.device
 
-        def up(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
-            """`t` to the device through a pinned staging buffer shaped like `like` (default `t`): its first rows."""
-            buf = st.stage(name, t if like is None else like)
+        def up(name: str, t: torch.Tensor, per_slot: bool = False) -> torch.Tensor:
+            """`t` to the device through a pinned staging buffer (its first rows; `per_slot`: one row per slot
+            at most, so the buffer has a row per slot)."""
+            buf = st.stage(name, (st.n, *t.shape[1:]) if per_slot else tuple(t.shape), t.dtype)
             return t.to(dev) if buf is None else buf[: len(t)].copy_(t).to(dev, non_blocking=True)
 
         if st.changed:  # rows that joined, left or take their first step: only their bitmap rows change
@@ -262,8 +269,8 @@ class DecodeMixin:
             if rows:
                 new[torch.from_numpy(st.active[idx])] = torch.stack(rows)
             st.keep_host[idx] = new
-            st.keep.index_copy_(0, up("keep_idx", torch.tensor(idx), like=st.slot_ids),
-                                up("keep_rows", new, like=st.keep_host))
+            st.keep.index_copy_(0, up("keep_idx", torch.tensor(idx), per_slot=True),
+                                up("keep_rows", new, per_slot=True))
             st.keep_all_on = None
             st.changed = set(np.flatnonzero(st.in_prompt & st.active).tolist())  # their generated-token bitmap next
         live = st.active.copy()
@@ -290,11 +297,11 @@ class DecodeMixin:
         def down(name: str, t: torch.Tensor) -> torch.Tensor:
             """`t` to the host: a copy (the static step reuses its output buffers, and the next launch may
             come first); from a GPU, an asynchronous one into a pinned staging buffer."""
-            buf = st.stage(name, t)
+            buf = st.stage(name, tuple(t.shape), t.dtype)
             return t.to("cpu", copy=True) if buf is None else buf.copy_(t, non_blocking=True)
 
         out = Launched(tok, down("tokens", tok), down("argmax", ctx.argmax) if cfg.return_argmax else None,
-                       down("logits", logits.float()) if cfg.keep_logits else None, None, live, st.serial.copy())
+                       down("logits", logits.float()) if cfg.keep_logits else None, live, st.serial.copy())
         if dev.type == "cuda":
             out.event = torch.cuda.Event()
             out.event.record()
