@@ -494,36 +494,46 @@ def test_cuda_graph_decode_equals_eager():
 @pytest.mark.cuda
 def test_cuda_launches_never_wait_for_the_gpu(monkeypatch):
     """On CUDA the host works a step behind the GPU (overlap, the default): after a call's first launch
-    (which captures the graph), launching a step and its copies to the host makes no synchronizing
-    call (torch's sync debug mode raises on one) and does not wait for the GPU (work queued before the
-    launch is still running when it returns), and the tokens, argmax and finish reasons equal a run
-    that collects each step before launching the next."""
+    (which captures the graph), launching a step and its copies to the host, and prefilling the groups
+    admitted while a step is in flight, make no synchronizing call (torch's sync debug mode raises on
+    one) and do not wait for the GPU (work queued before them is still running when they return); the
+    tokens, argmax and finish reasons equal a run that collects each step before launching the next."""
     m = tiny("llama", dtype=torch.bfloat16).cuda()
     ps = prompts(13, (30, 7, 19, 2, 25, 11))
-    launch, checked = Engine._launch, []
+    launch, prefill, checked = Engine._launch, Engine._prefill, {"launch": 0, "prefill": 0}
 
-    def strict(self, st, cfg, prev):
-        if prev is None:
-            return launch(self, st, cfg, prev)
-        torch.cuda._sleep(100_000_000)  # tens of milliseconds of GPU work queued before the launch
+    def no_wait(what, fn, cycles):
+        torch.cuda._sleep(cycles)  # GPU work queued before the call, longer than the call's host time
         busy = torch.cuda.Event()
         busy.record()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            out = launch(self, st, cfg, prev)
+            out = fn()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        assert not busy.query(), "the launch waited for the GPU"
-        checked.append(1)
+        assert not busy.query(), f"the {what} waited for the GPU"
+        checked[what] += 1
         return out
+
+    def strict_launch(self, st, cfg, prev):
+        if prev is None:
+            return launch(self, st, cfg, prev)
+        return no_wait("launch", lambda: launch(self, st, cfg, prev), 100_000_000)  # tens of milliseconds
+
+    def strict_prefill(self, admitted, st, cfg):
+        if not st.launches:  # the call's first admission: nothing is in flight yet
+            return prefill(self, admitted, st, cfg)
+        return no_wait("prefill", lambda: prefill(self, admitted, st, cfg), 2_000_000_000)  # about a second
 
     serial = _mixed_run(m, "auto", ps, overlap=False)
     eos = (serial[1].rows[1].tokens[2],)
-    want = _mixed_run(m, "auto", ps, overlap=False, eos=eos)
-    monkeypatch.setattr(Engine, "_launch", strict)
+    want = _mixed_run(m, "auto", ps, overlap=False, eos=eos)  # also compiles the kernels the run below needs
+    monkeypatch.setattr(Engine, "_launch", strict_launch)
+    monkeypatch.setattr(Engine, "_prefill", strict_prefill)
     info = {}
     got = _mixed_run(m, "auto", ps, eos=eos, info=info)
-    assert info["overlap"] is True and info["decode"] == "graph" and info["errors"] == [] and len(checked) >= NEW
+    assert info["overlap"] is True and info["decode"] == "graph" and info["errors"] == []
+    assert checked["launch"] >= NEW and checked["prefill"] >= 1, checked
     _same_rows(want, got, logits_tol=1e-2)
 
 
