@@ -87,7 +87,8 @@ class StaticStep:
 
     def _forward(self) -> torch.Tensor:
         with hf.active(self.ctx):
-            self.logits = self.eng.model(input_ids=self.ids, position_ids=self.pos, use_cache=False).logits[:, -1]
+            self.logits = self.eng.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.eng._mask,
+                                         use_cache=False).logits[:, -1]
         return self.logits
 
     def _capture(self):
@@ -286,7 +287,8 @@ class DecodeMixin:
                 st.keep_all_on = st.keep_host.all(-1).all(0).tolist()  # layers whose launches skip the bitmap
             ctx = DecodeContext(self, st.keep, st.keep_all_on, cfg.return_argmax, self._group_max)
             with hf.active(ctx):
-                logits = self.model(input_ids=ids, position_ids=pos, use_cache=False).logits[:, -1]  # (S, V)
+                logits = self.model(input_ids=ids, position_ids=pos, attention_mask=self._mask,
+                                    use_cache=False).logits[:, -1]  # (S, V)
         else:
             step = self._static_step(cfg.return_argmax)
             logits = step.run(ids, pos, st.keep)

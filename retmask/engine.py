@@ -333,6 +333,7 @@ class Engine(PrefillMixin, DecodeMixin):
         self._row_seg_host = np.full((d.n_layers, s), -1, dtype=np.int32)  # row_seg is written from this copy
         self._refresh_layout()
         self._slot_ids = torch.arange(s, device=dev)
+        self._mask = hf.engine_mask(dev)  # every forward's attention_mask: transformers prepares none
         # for prefix reuse: the prompt whose KV each segment holds (below its depth) and each slot holds
         # (its private prompt KV, from its group's depth on, under its prompt bitmap)
         self._segs = Held(g, self.reuse_prefix)

@@ -57,6 +57,15 @@ def _mask_fn(*args, **kwargs):
     return sdpa_mask(*args, **kwargs)
 
 
+def engine_mask(device) -> torch.Tensor:
+    """The `attention_mask` the engine passes to every forward it runs: an empty 4D mask, which
+    transformers takes as already prepared and hands to the layers untouched (the engine's attention
+    ignores it and applies its own masks). Without it, a forward given `position_ids` and no mask looks
+    for packed sequences in them, and `if (...).all()` there reads the GPU: a sync in every prefill
+    pass and eager decode step."""
+    return torch.empty(0, 0, 0, 0, dtype=torch.bool, device=device)
+
+
 def _attention_fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                   **kwargs):
     """query (B, Hq, S, D) after RoPE; key/value (B, Hkv, Skv, D) after the cache update.

@@ -273,7 +273,8 @@ class PrefillMixin:
                         size = min(chunk, slen - start)
                         ctx.set_chunk(start, size, pads, pre_t)
                         self.model.model(input_ids=ids[:, start : start + size],
-                                         position_ids=pos[:, start : start + size], use_cache=False)
+                                         position_ids=pos[:, start : start + size], attention_mask=self._mask,
+                                         use_cache=False)
             finally:
                 self._ctx = None
             base_t = to_device(np.array([segs[0] for _, _, segs in batch], dtype=np.int64), dev)
