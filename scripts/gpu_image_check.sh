@@ -27,7 +27,7 @@ done
 'transformers', transformers.__version__)"
 TRITON_INTERPRET=0 "$V/bin/python" -m retmask.kernels.aot 90 80 | tail -n 1
 "$V/bin/python" -m pytest -q -p no:cacheprovider -m cuda tests | tail -n 1  # collection works without those packages
-"$V/bin/python" -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_heads.py tests/test_niah.py \
+"$V/bin/python" -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_engine_host.py tests/test_heads.py tests/test_niah.py \
   tests/test_scoring.py -k "not triton and not rouge" | tail -n 1  # ROUGE needs rouge-score
 out=$(mktemp -d)
 "$V/bin/python" benchmarks/bench_engine.py --tiny --out "$out/engine.csv" | tail -n 2
