@@ -226,14 +226,19 @@ class Launched:
     event: "torch.cuda.Event | None" = None
 
 
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor `t` on `device`: from pinned memory queued without waiting for the GPU (the host must
+    not write `t` before the copy is done), otherwise an ordinary copy. Every host input of the engine's
+    steps and prefill passes reaches the device here."""
+    return t.to(device, non_blocking=t.is_pinned())
+
+
 def to_device(a, device: torch.device) -> torch.Tensor:
     """A copy of host data (a numpy array or a CPU tensor) on `device`. To a GPU it goes through pinned
     memory, without waiting for the GPU: the caching host allocator keeps the pinned block until the
     copy is done, so the host may change `a` at once."""
     t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
-    if device.type != "cuda":
-        return t.to(device, copy=True)
-    return t.pin_memory().to(device, non_blocking=True)
+    return upload(t.pin_memory() if device.type == "cuda" else t.clone(), device)
 
 
 class DecodeMixin:
@@ -261,7 +266,7 @@ class DecodeMixin:
             """`t` to the device through a pinned staging buffer (its first rows; `per_slot`: one row per slot
             at most, so the buffer has a row per slot)."""
             buf = st.stage(name, (st.n, *t.shape[1:]) if per_slot else tuple(t.shape), t.dtype)
-            return t.to(dev) if buf is None else buf[: len(t)].copy_(t).to(dev, non_blocking=True)
+            return upload(t if buf is None else buf[: len(t)].copy_(t), dev)
 
         if st.changed:  # rows that joined, left or take their first step: only their bitmap rows change
             idx = sorted(st.changed)
