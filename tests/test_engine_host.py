@@ -105,21 +105,24 @@ def _watched_run(monkeypatch, m, groups, cfg, **engine_kw):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-@pytest.mark.parametrize("decode", ["eager", "static"])
-def test_launches_and_prefills_read_no_device_values(name, decode, monkeypatch):
+@pytest.mark.parametrize("decode,reuse,slots", [("eager", 0, 5), ("static", 0, 5), ("static", 8, 12)])
+def test_launches_and_prefills_read_no_device_values(name, decode, reuse, slots, monkeypatch):
     """Llama, Qwen3 and OLMo-3 (sliding layers); eager and static decode steps; left-padded, chunked
-    prefill batches; groups of 1 to 3 rows sharing 0 to all layers; sampling with top-k and top-p
-    cuts; slots refilled while steps run (overlap on): no host read of device data in any launch or
-    prefill. transformers' mask preparation holds one (its packed-sequence check reads `.all()` of
-    the position ids) unless the engine hands it a prepared mask."""
+    prefill batches; groups of 1 to 3 rows sharing 0 to all layers; prompts sharing prefixes, with
+    prefix reuse off and on (KV taken from segments and slots); sampling with top-k and top-p cuts; slots refilled while steps run
+    (overlap on): no host read of device data in any launch or prefill. transformers' mask
+    preparation holds one (its packed-sequence check reads `.all()` of the position ids) unless the
+    engine hands it a prepared mask."""
     _, m, *_ = family_models(name)
     pols = [[ORIGINAL, Policy(HEADS)], [ORIGINAL], [Policy(HEADS, "generated"), ORIGINAL, Policy(HeadSet.from_list("0-1"))]]
-    ps = prompts(5, (17, 4, 11, 2, 9, 14))
-    groups = [Group(p, pols[i % 3], key=i) for i, p in enumerate(ps)]
+    hay, *tails = prompts(5, (20, 3, 5, 2, 4, 6))
+    ps = [hay[:cut] + tail for cut, tail in zip((9, 14, 14, 20, 3), tails)] + [hay[:11]]
+    groups = [Group(p, pols[i % 3], key=i) for i, p in enumerate(sorted(ps))]
     cfg = GenConfig(max_new_tokens=4, return_argmax=True, sampling=Sampling(temperature=0.7, top_k=20, top_p=0.9))
-    res, stats, seen = _watched_run(monkeypatch, m, groups, cfg, slots=5, max_len=40, chunk=6, decode=decode,
-                                    overlap=True)
-    assert len(res) == len(ps) and stats["prefills"] >= 3 and stats["steps"] >= 8
+    res, stats, seen = _watched_run(monkeypatch, m, groups, cfg, slots=slots, max_len=40, chunk=6, decode=decode,
+                                    overlap=True, reuse_prefix=reuse)
+    assert len(res) == len(ps) and stats["prefills"] >= 3 and (stats["steps"] >= 8 or reuse)  # slots refilled
+    assert (stats["reused_tokens"] > 0) == (reuse > 0)
     assert seen == [], f"{len(seen)} host reads of device data, first: {seen[:3]}"
 
 
