@@ -227,10 +227,10 @@ class Launched:
 
 
 def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor `t` on `device`: from pinned memory queued without waiting for the GPU (the host must
-    not write `t` before the copy is done), otherwise an ordinary copy. Every host input of the engine's
-    steps and prefill passes reaches the device here."""
-    return t.to(device, non_blocking=t.is_pinned())
+    """Host tensor `t` on `device`. To a GPU `t` must be pinned: the copy is queued without waiting for
+    the GPU, and the host must not write `t` before it is done. Elsewhere an ordinary copy (none to the
+    CPU). Every host input of the engine's steps and prefill passes reaches the device here."""
+    return t.to(device, non_blocking=device.type == "cuda")
 
 
 def to_device(a, device: torch.device) -> torch.Tensor:
