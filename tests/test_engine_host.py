@@ -4,7 +4,7 @@ On a GPU such a read (`.item()`, `bool(t)`, `nonzero`, ...) waits for every kern
 so a decode launch or a prefill pass that holds one stalls the host behind the step in flight and
 loses the overlap of host and GPU. On CPU it costs nothing and passes unseen, and the CUDA test that
 catches it needs a GPU. So here a dispatch mode follows which tensors hold device data (the model's
-weights, the engine's cache and state, whatever `upload` / `to_device` bring up, and everything
+weights, the engine's cache and state, whatever `upload` brings up, and everything
 computed from them) and records each host read of one while the engine launches a decode step
 (forward, sampler, copies) or prefills, transformers' code included. The kernels are left out: on a
 GPU they are the Triton launchers (no value reads by design), on CPU the PyTorch references, which
@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from engine_common import HEADS, family_models, prompts
-from retmask import decoding, engine, prefill, sampling
+from retmask import decoding, prefill, sampling
 from retmask.engine import ORIGINAL, Engine, GenConfig, Group, Policy
 from retmask.heads import HeadSet
 from retmask.sampling import Sampling
@@ -89,9 +89,7 @@ def _watched_run(monkeypatch, m, groups, cfg, **engine_kw):
 
         return run
 
-    for mod in (decoding, engine, prefill):
-        monkeypatch.setattr(mod, "to_device", brought_up(decoding.to_device))
-    monkeypatch.setattr(decoding, "upload", brought_up(decoding.upload))
+    monkeypatch.setattr(decoding, "upload", brought_up(decoding.upload))  # to_device's copies go through it too
     monkeypatch.setattr(decoding, "masked_decode", scoped(decoding.masked_decode, False))  # the kernels
     monkeypatch.setattr(prefill, "masked_attention", scoped(prefill.masked_attention, False))
     monkeypatch.setattr(sampling, "gumbel_argmax", scoped(sampling.gumbel_argmax, False))
