@@ -148,9 +148,10 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
             streams = eng.group_streams if eng.pool_layers == eng.d.n_layers else len(policies)
         bar.close()
         if progress and comp + reused:
+            n_pol = len(policies)
             print(f"prompt tokens: {comp:,} computed, {reused:,} ({reused / (comp + reused):.0%}) reused from the KV "
-                  f"of prompts with the same prefix; each prompt's KV held {streams} time(s) for {len(policies)} "
-                  "policies" + (" (this rank)" if world > 1 else ""))
+                  f"of prompts with the same prefix; each prompt's KV held {streams} time{'s' * (streams != 1)} for "
+                  f"{n_pol} polic{'ies' if n_pol != 1 else 'y'}" + (" (this rank)" if world > 1 else ""))
     else:
         bar.close()
     if world > 1:

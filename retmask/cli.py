@@ -7,6 +7,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import toy
+
     parser = argparse.ArgumentParser(prog="retmask", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check-kernels", help="run the kernels against their references and print a table")
@@ -15,17 +17,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("heads", help="score-table statistics and a head selection (HeadSet JSON)")
-    p.add_argument("--scores", required=True, help="score file in the reference format {'L-H': [scores]}")
+    p.add_argument("--scores", required=True, help="score file in the reference format {'L-H': [scores]}, or a "
+                   "`retmask detect` folder or its tests.jsonl (both score rules)")
     sel = p.add_mutually_exclusive_group()
     sel.add_argument("--tau", type=float, help="select heads with mean score >= tau")
     sel.add_argument("--topk", type=int, help="select the k best heads")
     p.add_argument("--control", choices=["random", "non-retrieval"], help="a same-size control set instead")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", help="write the HeadSet JSON here")
+    p.add_argument("--score-rule", choices=["reference", "paper"], help="which retrieval-score rule to select by "
+                   "(default: the one the detect run chose); a head_scores.json holds only its own, a detect folder "
+                   "both, and with --tau both rules' selections are compared")
     p = sub.add_parser("detect", help="score every head with the needle-in-a-haystack retrieval score")
     _model_args(p)
     _grid_args(p, steps=50)
     p.add_argument("--preset", choices=["wu", "retmask", "128k"], help="grid lengths of a known run")
+    p.add_argument("--score-rule", choices=["reference", "paper"], default="reference",
+                   help="rule of head_scores.json and detect.json: reference = 1/|span| per hit step (the reference "
+                   "code; may exceed 1), paper = distinct span positions hit / |span| (in [0, 1]); tests.jsonl "
+                   "records both")
     p.add_argument("--out", help="output folder (default runs/detect/MODEL)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
@@ -68,10 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask-scope", choices=["all", "generated"], default="all")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, help="default 2048 (4096 for Qwen3 with thinking)")
+    p.add_argument("--max-new-tokens", type=int, help="new tokens per answer at most (default: the paper's 2048, 4096 "
+                   f"for Qwen3 with thinking; {toy.PAIRS_MAX_NEW_TOKENS} for the toy model, whose answers take a few). The "
+                   "longest prompt "
+                   "(--max-prompt-tokens) plus these must fit the model's context (max_position_embeddings)")
     p.add_argument("--thinking", choices=["on", "off"], help="Qwen3 thinking (paper: on)")
     p.add_argument("--max-prompt-tokens", type=int, help="drop (and count) longer prompts, in chat-templated "
-                   "tokens; the slots of a length bucket hold its longest prompt (default 2048; 0: no limit)")
+                   "tokens; the slots of a length bucket hold its longest prompt (default 2048; 0: none beyond the model's context, "
+                   "less --max-new-tokens)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--length-buckets", default="512", help="prompt-length edges (tokens, comma-separated; '' for "
                    "none): each bucket gets its own engine, with slots sized for its longest prompt")
@@ -83,10 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", required=True, help="folder written by `retmask pairs`")
     p.add_argument("--preset", choices=["paper", "toy"], help="default: toy for the toy model, else paper")
     p.add_argument("--max-length", type=int, help="longest pair in tokens (printed; paper preset 4096)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--effective-batch", type=int)
-    p.add_argument("--per-device-batch", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate (paper preset 5e-7, toy 2e-4)")
+    p.add_argument("--epochs", type=float, help="passes over the pairs (both presets 2)")
+    p.add_argument("--effective-batch", type=int, help="pairs per optimizer step, by gradient accumulation (paper "
+                   "preset 512, toy 8); a run of under 10 optimizer steps is warned about before it starts")
+    p.add_argument("--per-device-batch", type=int, help="pairs per forward pass on each process; divides "
+                   "--effective-batch together with the process count (paper preset 1, toy 8)")
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter (merged into the saved checkpoint)")
     p.add_argument("--precompute-ref", action="store_true", help="precompute the reference log-probs")
     p.add_argument("--liger", action="store_true", help="Liger fused kernels (where TRL offers them)")

@@ -80,6 +80,32 @@ def _check_model_args(args, *models_) -> dict:
     return kw
 
 
+def _check_model(args) -> None:
+    """The model first: a missing or unusable model is the mistake to name before any grid setting."""
+    from . import models
+
+    models.config(args.model)
+    models.check_tokenizer(args.model)
+
+
+def _warn_past_context(model: str, grid) -> None:
+    """One line on stderr when the grid's longest prompt and its decode steps run past the positions the
+    model was trained for: such tests measure extrapolation, and take long, without failing."""
+    import sys
+
+    from . import models, toy
+
+    need = grid.max_len + grid.steps
+    limit = getattr(models.config(model), "max_position_embeddings", None)
+    if limit and need > limit:
+        print(f"warning: --max {grid.max_len} + {grid.steps} decode steps runs past the model's "
+              f"max_position_embeddings {limit}; lower --max to stay within what it was trained for",
+              file=sys.stderr)
+    elif model == toy.NAME and grid.max_len > toy.TRAIN_LEN:
+        print(f"warning: --max {grid.max_len} is past the {toy.TRAIN_LEN} tokens the toy model was trained on (its "
+              f"max_position_embeddings is {limit}); expect it to miss the needle there", file=sys.stderr)
+
+
 def _default_len(args) -> dict:
     from . import toy
 
@@ -96,13 +122,15 @@ def run_detect(args) -> int:
     from . import models
     from .detect import DetectConfig, Detector, prepare
 
+    _check_model(args)
     base = _default_len(args)
     if args.preset:
         from .detect import PRESETS
 
         base.update(PRESETS[args.preset])
-    cfg = DetectConfig(**_grid_kw(args, base))
+    cfg = DetectConfig(**_grid_kw(args, base), score_rule=args.score_rule)
     cfg.check()
+    _warn_past_context(args.model, cfg)
     if args.plan:
         return _detect_plan(args, cfg)
     engine_kw = _check_model_args(args)
@@ -114,7 +142,7 @@ def run_detect(args) -> int:
     summary = det.run(out, resume=True, progress=not args.no_progress)
     if summary:
         print(f"{summary['tests']} tests, {summary['counted']} counted (ROUGE-1 recall > 50), "
-              f"mean recall {summary['mean_rouge']:.1f}")
+              f"mean recall {summary['mean_rouge']:.1f}; head scores by the {cfg.score_rule} rule")
         if summary["stats"]:
             print(tabulate(list(summary["stats"].items()), tablefmt="github", headers=["statistic", "value"],
                            disable_numparse=True))
@@ -159,15 +187,15 @@ def _detect_plan(args, cfg) -> int:
 def _niah_plan(args, grid, policies, engine_kw) -> int:
     """`retmask niah --plan`: the cache a group of the policies needs at the grid's longest prompt, and what
     a budget holds, by the engine's own sizing over the model's config (no weights load)."""
-    import torch
     from tabulate import tabulate
 
     from . import causal, models
 
     config, tok = models.config(args.model), models.tokenizer(args.model)
     needles, hays, tests = grid.load()
-    longest = max(len(p) for p, _ in grid.unique_prompts(tok, needles, hays, tests, progress=not args.no_progress))
-    dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(args.dtype, torch.bfloat16)
+    top = max(t.length for t in tests)  # the longest prompts come from the longest length: build only those
+    longest = max(len(p) for p, _ in grid.unique_prompts(tok, needles, hays, [t for t in tests if t.length == top]))
+    dtype = models.run_dtype(args.dtype, args.device or models.default_device())  # as the run itself loads
     r = causal.memory_plan(config, policies, longest + grid.steps, grid.steps, dtype=dtype, **engine_kw)
     gb = lambda b: f"{b / 1e9:,.1f} GB" if b >= 1e9 else f"{b / 1e6:,.2f} MB"  # noqa: E731
     rows = [("policies (rows) / prefill streams", f"{r['rows']} / {r['streams']}"),
@@ -198,8 +226,10 @@ def run_niah(args) -> int:
     from . import causal, models
     from .heads import load_scores
 
+    _check_model(args)
     grid = causal.GridConfig(**_grid_kw(args, {**causal.DEFAULTS, **_default_len(args)}))
     grid.check()
+    _warn_past_context(args.model, grid)
     engine_kw = _check_model_args(args)
     scores = load_scores(args.scores) if args.scores else None
     selected = _select_heads(args, args.scores)
@@ -236,6 +266,8 @@ def run_niah(args) -> int:
         return 0
     print(tabulate(causal.table_rows(res), tablefmt="github",
                    headers=["policy", "heads off", "scope", "ROUGE-1 recall %", "pass %"], disable_numparse=True))
+    print("ROUGE-1 recall %: the mean over the tests of the needle's ROUGE-1 recall in the answer; pass %: the share "
+          "of tests whose recall is above 50 (those detect counts)")
     paths = causal.write(res, out, args.model)
     print(f"wrote {paths[0]} and {len(paths) - 1} heatmaps")
     return 0
@@ -251,10 +283,17 @@ def _select_heads(args, scores_path):
         return hs
     if args.tau is None and args.topk is None:
         return None
+    _check_tau(args.tau)
     if not scores_path:
         raise ValueError("--tau/--topk need --scores (a head score file from `retmask detect`)")
     return HeadSet.from_scores(scores_path, tau=args.tau, topk=args.topk, control=getattr(args, "control", None),
                                seed=args.seed)
+
+
+def _check_tau(tau) -> None:
+    if tau is not None and not tau >= 0:
+        raise ValueError(f"--tau {tau:g}: must be >= 0 (heads with mean score >= tau are selected; a negative tau "
+                         "selects every head)")
 
 
 def run_pairs(args) -> int:
@@ -262,7 +301,7 @@ def run_pairs(args) -> int:
 
     from . import models, runs, toy
     from .data import load_instructions
-    from .pairs import PairJob, PairsConfig, check_edges, prepare
+    from .pairs import PairJob, PairsConfig, check_context, check_edges, prepare
 
     if args.control and args.tau is None and args.topk is None:
         raise ValueError(f"--control {args.control}: a control is drawn the size of a selection; give --scores "
@@ -280,6 +319,8 @@ def run_pairs(args) -> int:
     if args.thinking:
         kw["thinking"] = args.thinking == "on"
     cfg = PairsConfig.paper(args.model, **kw)
+    for m in (args.model, *([args.reject_model] if args.reject_model else [])):
+        check_context(cfg, models.config(m), m)  # from the config alone: before any weights load
     try:
         edges = [int(x) for x in args.length_buckets.split(",") if x.strip()]
     except ValueError:
@@ -306,11 +347,14 @@ def run_pairs(args) -> int:
               f"{s['generated_tokens']} tokens generated" +
               (f", {s['tokens_per_s']} tok/s this run" if s["tokens_per_s"] else "") +
               (f", decode slots {100 * s['slot_utilization']:.0f} % busy" if s.get("slot_utilization") else "") +
-              (f", {s['prefill_passes']} prefill passes in {s['decode_steps']} decode steps (summed over "
-               "ranks)" if s.get("decode_steps") else "") +
+              (f", {s['prefill_passes']} prefill passes in {s['decode_steps']} decode steps" +
+               (" (summed over ranks)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
+               if s.get("decode_steps") else "") +
               (f", {s['prompt_tokens_reused']} prompt tokens reused from shared prefixes"
                if s.get("prompt_tokens_reused") else ""))
-        print(f"wrote {out}/{s['shards'][0]} ... and {out}/summary.json")
+        sh = s["shards"]
+        print(f"wrote {out}/{sh[0]}" + (f" to {sh[-1]} ({len(sh)} shards)" if len(sh) > 1 else "") +
+              f" and {out}/summary.json")
     return 0
 
 
@@ -347,16 +391,33 @@ def run_heads(args) -> int:
 
     from tabulate import tabulate
 
-    from .heads import HeadSet, load_scores, score_stats
+    from .heads import HeadSet, file_sha256, load_score_source, score_stats
 
-    scores = load_scores(args.scores)
+    _check_tau(args.tau)
     if args.tau is None and args.topk is None and (args.control or args.out):
         raise ValueError(f"{'--control' if args.control else '--out'} needs a selection: give --tau or --topk")
+    if args.out and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: is a folder; give the HeadSet JSON file to write, e.g. "
+                         f"{Path(args.out) / 'heads.json'}")
+    src = load_score_source(args.scores)
+    rule = args.score_rule or src.rule
+    scores = src.scores(rule)
+    hs = None
+    if args.tau is not None or args.topk is not None:  # a selection that fails does so before the table
+        hs = HeadSet.from_scores(scores, tau=args.tau, topk=args.topk, control=args.control, seed=args.seed)
+        hs = HeadSet(hs.heads, {"file": str(src.file), "sha256": file_sha256(src.file), "score_rule": rule,
+                                **hs.source})
+    print(f"{rule}-rule scores from {src.file}")
     print(tabulate(score_stats(scores).as_rows(), tablefmt="github", headers=["statistic", "value"],
                    disable_numparse=True))
-    if args.tau is None and args.topk is None:
+    if args.tau is not None and len(src.by_rule) > 1:
+        ref, pap = ({h for h, v in src.by_rule[r].items() if v >= args.tau} for r in ("reference", "paper"))
+        union = ref | pap
+        jac = f"{len(ref & pap) / len(union):.2f}" if union else "-"
+        print(f"\ntau {args.tau:g}: reference {len(ref)} heads, paper {len(pap)} heads, {len(ref & pap)} in both "
+              f"(Jaccard {jac})")
+    if hs is None:
         return 0
-    hs = HeadSet.from_scores(args.scores, tau=args.tau, topk=args.topk, control=args.control, seed=args.seed)
     print(f"\n{len(hs)} heads selected (lowest layer {hs.lowest_layer}): {','.join(hs.names())}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,8 @@ def _open(source: str, split: str, streaming: bool | None):
         try:
             return load_dataset(fmt, data_files=files, split="train", streaming=bool(streaming))
         except (StopIteration, ValueError, OSError, DatasetsError) as e:
-            raise ValueError(f"dataset {source}: could not read it as {fmt} ({_cause(e)})") from None
+            where = _first_bad_json(files) if fmt == "json" else None
+            raise ValueError(f"dataset {where or f'{source}: could not read it as {fmt} ({_cause(e)})'}") from None
     if "/" not in source or source.startswith(("/", ".", "~")) or p.suffix in LOCAL_FORMATS:
         raise ValueError(f"dataset {source!r}: no such file; give a local .jsonl/.json/.parquet or a hub name "
                          "such as lmsys/lmsys-chat-1m")
@@ -63,6 +64,33 @@ def _open(source: str, split: str, streaming: bool | None):
     except (ConnectionError, OSError, DatasetsError) as e:  # offline, a wrong name, a gated set without a login
         raise ValueError(f"dataset {source!r}: could not load it from the hub ({_cause(e)}); check the name, the "
                          "network and `hf auth login`, or give a local .jsonl/.json/.parquet") from None
+
+
+def _first_bad_json(files: list[str]) -> str | None:
+    """`file:line: not JSON (why)` for the first line of a JSON Lines file (or the first .json file) that
+    does not parse, or None when every one does: the parser's own message names neither."""
+    import gzip
+    import json
+
+    for f in files:
+        opener = gzip.open if f.endswith(".gz") else open
+        try:
+            with opener(f, "rt", encoding="utf-8") as fh:
+                if f.endswith(".json"):
+                    try:
+                        json.load(fh)
+                    except json.JSONDecodeError as e:
+                        return f"{f}:{e.lineno}: not JSON ({e.msg}, column {e.colno})"
+                    continue
+                for n, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            json.loads(line.rstrip())
+                        except json.JSONDecodeError as e:
+                            return f"{f}:{n}: not JSON ({e.msg}, column {e.colno}); each line must be one JSON object"
+        except (OSError, UnicodeDecodeError) as e:
+            return f"{f}: cannot be read as UTF-8 JSON ({type(e).__name__}: {e})"
+    return None
 
 
 def _cause(e: BaseException) -> str:

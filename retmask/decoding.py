@@ -212,6 +212,23 @@ class Slots:
 
 
 @dataclass
+class Flight:
+    """Where the latest generate() call stands, from the host's own bookkeeping (no device sync), as of
+    the step just collected: rows decoding now, the most tokens any row of the call has had so far, and
+    the rows that ended at max_new_tokens so far (a row that never says EOS runs to the cap)."""
+
+    rows: int = 0
+    longest: int = 0
+    at_cap: int = 0
+
+    def note(self, st: "Slots", done: list) -> None:
+        """After a collection: `done`, its (slot, RowResult) of the rows that ended (not yet released)."""
+        self.rows = st.active_count - len(done)
+        self.longest = max(self.longest, int(st.n_gen.max(initial=0)))
+        self.at_cap += sum(r.finish == "length" for _, r in done)
+
+
+@dataclass
 class Launched:
     """A decode step launched and not yet collected: its tokens on the device (the next launch's
     inputs) and on their way to the host, with the argmax and logits when asked; which rows it ran

@@ -7,9 +7,10 @@ placement) are computed once and recorded once per test. Every finished test is 
 shard file at once (`tests-RRRRR.jsonl`, one per rank under torchrun), so a crash loses only the
 tests in flight and `resume=True` continues. The merge writes:
 
-    head_scores.json   reference format {"layer-head": [score of each counted test]}
-    detect.json        configuration, statistics, NIAH table and the per-head mean scores
-    tests.jsonl        every test in grid order (response, ROUGE, counted, per-head scores)
+    head_scores.json   reference format {"layer-head": [score of each counted test]}, chosen rule
+    detect.json        configuration, score rule, statistics, NIAH table and the per-head mean scores
+    tests.jsonl        every test in grid order (response, ROUGE, counted, per-head scores under both
+                       rules: "scores" the reference rule, "scores_paper" the paper rule)
     heads.png          layer x head heatmap of the mean scores
     niah.png           length x depth heatmap of ROUGE-1 recall
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -26,10 +27,22 @@ import torch
 from . import niah, scoring
 from .runs import append_record, barrier, dist, done_keys, prepare_out, read_jsonl
 from .engine import ORIGINAL, Engine, GenConfig, Group, common_prefix, default_size, prefix_order
-from .heads import head_name, score_stats
+from .heads import RULE_KEYS, head_name, score_stats
 
 PRESETS = niah.GRID_PRESETS
-DetectConfig = niah.GridConfig  # detection runs a grid with the reference's defaults (50 steps)
+
+
+@dataclass(frozen=True)
+class DetectConfig(niah.GridConfig):
+    """A grid with the reference's defaults (50 steps), and the rule whose scores head_scores.json and
+    detect.json report (`scoring.RULES`; tests.jsonl holds both)."""
+
+    score_rule: str = "reference"
+
+    def check(self) -> None:
+        if self.score_rule not in scoring.RULES:
+            raise ValueError(f"score_rule={self.score_rule!r} (--score-rule): use one of {scoring.RULES}")
+        super().check()
 
 
 NAMES = ("head_scores.json", "detect.json", "tests.jsonl", "heads.png", "niah.png")
@@ -40,7 +53,8 @@ def prepare(out: str | Path, model_name: str, cfg: DetectConfig, *, resume: bool
     """Make `out` ready for a detection run (refusing an existing one unless `resume` with the same
     configuration, or `overwrite`). Cheap: call it before loading a model."""
     out = Path(out)
-    prepare_out(out, {"model": model_name, **asdict(cfg)}, resume=resume, overwrite=overwrite, names=NAMES)
+    prepare_out(out, {"model": model_name, **asdict(cfg)}, resume=resume, overwrite=overwrite, names=NAMES,
+                unrecorded={"score_rule": "reference"})  # a run from before the rule was a setting
     return out
 
 
@@ -128,12 +142,12 @@ class Detector:
                 needle = self.needles[tests[0].needle_idx]
                 span = niah.find_span(prompt, answers[tests[0].needle_idx])
                 rouge = scoring.rouge1_recall(needle.real_needle, response)
-                sc = scoring.retrieval_scores(prompt, span, row.tokens, row.argmax)  # (L, H)
+                sc = scoring.retrieval_scores_by_rule(prompt, span, row.tokens, row.argmax)  # rule -> (L, H)
+                by_rule = {RULE_KEYS[k]: [[round(x, 6) for x in r] for r in v.tolist()] for k, v in sc.items()}
                 for t in tests:
                     append_record(f, {"key": t.key, "needle_idx": t.needle_idx, "length": t.length, "depth": t.depth,
                                 "prompt_tokens": len(prompt), "span": list(span), "response": response,
-                                "rouge": rouge, "counted": scoring.counted(rouge), "tokens": row.tokens,
-                                "scores": [[round(x, 6) for x in r] for r in sc.tolist()]})
+                                "rouge": rouge, "counted": scoring.counted(rouge), "tokens": row.tokens, **by_rule})
                 bar.update(len(tests))
             comp, reused = eng.stats["prompt_tokens"], eng.stats["reused_tokens"]
         self.prefill = {"prompt_tokens": comp, "reused_tokens": reused}
@@ -152,15 +166,17 @@ class Detector:
         with (out / "tests.jsonl").open("w") as f:
             for r in ordered:
                 f.write(json.dumps(r) + "\n")
-        counted = [torch.tensor(r["scores"]) for r in ordered if r["counted"]]
-        L, H = torch.tensor(ordered[0]["scores"]).shape
+        key = RULE_KEYS[self.cfg.score_rule]
+        counted = [torch.tensor(r[key]) for r in ordered if r["counted"]]
+        L, H = torch.tensor(ordered[0][key]).shape
         ref = {head_name((l, h)): [float(c[l, h]) for c in counted] for l in range(L) for h in range(H)}
         if counted:
             (out / "head_scores.json").write_text(json.dumps(ref) + "\n")
         means = scoring.head_means(counted) if counted else torch.zeros(L, H)
         stats = score_stats({(l, h): float(means[l, h]) for l in range(L) for h in range(H)}) if counted else None
         summary = {
-            "config": {"model": self.model_name, **asdict(self.cfg)}, "tests": len(ordered), "counted": len(counted),
+            "config": {"model": self.model_name, **asdict(self.cfg)}, "score_rule": self.cfg.score_rule,
+            "tests": len(ordered), "counted": len(counted),
             "mean_rouge": sum(r["rouge"] for r in ordered) / len(ordered),
             "niah": niah.niah_table(ordered), "mean_scores": means.tolist(),
             "stats": dict(stats.as_rows()) if stats else None,
@@ -168,7 +184,8 @@ class Detector:
         (out / "detect.json").write_text(json.dumps(summary, indent=1) + "\n")
         from . import plots
 
-        plots.head_heatmap(means, out / "heads.png", f"retrieval scores: {self.model_name}")
+        plots.head_heatmap(means, out / "heads.png",
+                           f"retrieval scores ({self.cfg.score_rule} rule): {self.model_name}")
         plots.niah_heatmap(summary["niah"], out / "niah.png", f"NIAH ROUGE-1 recall: {self.model_name}")
         return summary
 

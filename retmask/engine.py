@@ -41,14 +41,14 @@ from retmask.kernels import SegmentLayout, segment_layout
 from retmask.kernels._launch import next_pow2, on_device
 
 from . import hf
-from .decoding import DecodeMixin, Launched, Slots, StaticStep, to_device
+from .decoding import DecodeMixin, Flight, Launched, Slots, StaticStep, to_device
 from .policy import (ORIGINAL, SCOPES, GenConfig, Group, GroupResult, Policy, RowResult, check_request, is_int,
                      n_streams)
 from .prefill import PrefillMixin
 from .prefix import Held, common_prefix, prefix_ids, prefix_order
 
-__all__ = ["DECODE_MODES", "ORIGINAL", "SCOPES", "Engine", "GenConfig", "Group", "GroupResult", "Policy", "RowResult",
-           "common_prefix", "default_size", "prefix_order"]
+__all__ = ["DECODE_MODES", "ORIGINAL", "SCOPES", "Engine", "Flight", "GenConfig", "Group", "GroupResult", "Policy",
+           "RowResult", "common_prefix", "default_size", "prefix_order"]
 
 DECODE_MODES = ("auto", "eager", "static", "graph")
 
@@ -258,6 +258,7 @@ class Engine(PrefillMixin, DecodeMixin):
         self.stats = {"steps": 0, "row_steps": 0, "slot_steps": 0, "prefills": 0, "prompt_tokens": 0,
                       "reused_tokens": 0}
         self.skipped = 0
+        self.flight = Flight()  # the latest generate() call's rows decoding, longest row, rows at the cap
         self._ctx = None
         # the CUDA stream of the cache's allocation, then of the latest generate() call
         self._stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
@@ -379,7 +380,9 @@ class Engine(PrefillMixin, DecodeMixin):
         """Yield each group's result as soon as all its rows finish (not in input order).
 
         The groups and `cfg` are checked at the call (a ValueError names what is wrong); the work runs as
-        the iterator is consumed. `progress(n_tokens)` is called after each step with the tokens it produced."""
+        the iterator is consumed. `progress(n_tokens)` is called after each step with the tokens it produced;
+        `self.flight` then holds the call's rows decoding, its longest row so far and its rows ended at
+        max_new_tokens (host bookkeeping: reading it costs no device sync)."""
         self._usable()
         if isinstance(groups, Group) or not isinstance(groups, Iterable):
             raise ValueError(f"groups: expected a list of Group, got {type(groups).__name__} (one group: [group])")
@@ -440,6 +443,7 @@ class Engine(PrefillMixin, DecodeMixin):
         d, S = self.d, self.slots
         st = Slots(S, d.n_layers, d.n_heads, self.n_segments, cfg.max_new_tokens, self.device)
         results: dict[int, list] = {}
+        fl = self.flight = Flight()
         queued_rows = sum(len(g.policies) for g in queue if not self._too_long(g, cfg))  # rows still to admit
         # With `overlap`, step k's tokens are collected after step k+1 is launched, so the host's work on
         # them (and on the admissions they allow) runs while the GPU computes step k+1.
@@ -485,6 +489,7 @@ class Engine(PrefillMixin, DecodeMixin):
             with self._on_stream():
                 done, produced = self._collect(step, st, cfg)
             self.stats["row_steps"] += produced
+            fl.note(st, done)
             if progress is not None:
                 progress(produced)
             for slot, res in done:

@@ -1,9 +1,11 @@
 """HeadSet: a set of query heads (`L-H`) with where it came from, and statistics of a score table.
 
 Score files use the reference format `{"layer-head": [per-test scores, ...]}`; a head's score is the
-mean of its list. Selections: threshold tau (mean >= tau), top-k, an explicit list ("15-30,24-27"),
-and the paper's controls of the same size: `random` (from all heads) and `non-retrieval` (from the
-heads below tau, or outside the top-k), both seeded.
+mean of its list. A detect run's folder or its `tests.jsonl` holds each counted test's scores under
+both retrieval-score rules (`scoring.RULES`); `load_score_source` reads any of the three. Selections:
+threshold tau (mean >= tau), top-k, an explicit list ("15-30,24-27"), and the paper's controls of the
+same size: `random` (from all heads) and `non-retrieval` (from the heads below tau, or outside the
+top-k), both seeded.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numbers
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 Head = tuple[int, int]  # (layer, query head)
 
@@ -70,6 +73,78 @@ def load_scores(path: str | Path) -> dict[Head, float]:
     return out
 
 
+RULE_KEYS = {"reference": "scores", "paper": "scores_paper"}  # each rule's per-test scores in tests.jsonl
+
+
+class ScoreSource(NamedTuple):
+    """Mean score per head under each rule an input holds, the file they came from, and the rule its detect
+    run chose (the one to use when none is asked for)."""
+
+    file: Path
+    by_rule: dict  # rule -> {head: mean score}
+    rule: str
+
+    def scores(self, rule: str | None = None) -> dict[Head, float]:
+        rule = rule or self.rule
+        if rule in self.by_rule:
+            return self.by_rule[rule]
+        if self.file.name == "tests.jsonl":
+            raise ValueError(f"--score-rule {rule}: {self.file} has no {rule}-rule scores (an older retmask wrote "
+                             "it); rerun `retmask detect` to record them")
+        raise ValueError(f"--score-rule {rule}: {self.file} holds {self.rule}-rule scores only; pass the detect "
+                         f"run's folder (or its tests.jsonl), which holds both rules")
+
+
+def _run_rule(folder: Path) -> str:
+    """The rule a detect run in `folder` chose (its detect.json or config.json); `reference` when neither names one."""
+    for name in ("detect.json", "config.json"):
+        try:
+            d = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        rule = d.get("score_rule", d.get("config", {}).get("score_rule")) if isinstance(d, dict) else None
+        if rule in RULE_KEYS:
+            return rule
+    return "reference"
+
+
+def load_score_source(path: str | Path) -> ScoreSource:
+    """Scores for selection from a reference-format file (its one rule: the rule its detect run names, else
+    `reference`), or from a detect run's folder or `tests.jsonl` (both rules, means over the counted tests)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "tests.jsonl").is_file():
+            raise ValueError(f"scores folder {path}: no tests.jsonl, so not a finished `retmask detect` run (finish "
+                             "it with --resume, or give a head_scores.json)")
+        path = path / "tests.jsonl"
+    if path.name != "tests.jsonl":
+        return ScoreSource(path, {_run_rule(path.parent): load_scores(path)}, _run_rule(path.parent))
+    if not path.is_file():
+        raise ValueError(f"scores file {path}: not found")
+    from .runs import read_jsonl
+
+    recs = [r for r in read_jsonl(path) if isinstance(r, dict) and r.get("counted")]
+    if not recs:
+        raise ValueError(f"scores file {path}: no counted test (or not a `retmask detect` tests.jsonl), so no "
+                         "head has a score")
+    by_rule = {}
+    for rule, key in RULE_KEYS.items():
+        if not all(key in r for r in recs):
+            continue
+        per_test = [r[key] for r in recs]  # each (layers, heads)
+        try:
+            L, H = len(per_test[0]), len(per_test[0][0])
+            by_rule[rule] = {(l, h): _number(f"{path}: {key}", sum(t[l][h] for t in per_test) / len(per_test))
+                             for l in range(L) for h in range(H)}
+        except (TypeError, IndexError) as e:
+            raise ValueError(f"scores file {path}: '{key}' is not a (layers, heads) table of numbers in every "
+                             f"counted record ({e}); give the tests.jsonl that `retmask detect` writes") from None
+    if not by_rule:
+        raise ValueError(f"scores file {path}: its records have no per-head scores ('scores'); give a "
+                         "`retmask detect` tests.jsonl")
+    return ScoreSource(path, by_rule, _run_rule(path.parent))
+
+
 def _number(name: str, v) -> float:
     """A real, finite number (Python or numpy; not a bool, NaN or infinite)."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
@@ -116,8 +191,9 @@ class HeadSet:
             scores = {as_head(h): _number(f"scores[{h!r}]", v) for h, v in scores.items()}
         if (tau is None) == (topk is None):
             raise ValueError("give exactly one of tau (mean score >= tau) or topk (the k best heads)")
-        if tau is not None:
-            _number("tau", tau)
+        if tau is not None and not _number("tau", tau) >= 0:
+            raise ValueError(f"tau={tau}: must be >= 0 (heads with mean score >= tau are selected; a negative tau "
+                             "selects every head)")
         if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int)):
             raise ValueError(f"topk={topk!r}: expected an int (the number of heads)")
         if control is not None and control not in ("random", "non-retrieval"):

@@ -21,10 +21,7 @@ def load(name: str, *, dtype: str | None = None, device: str | None = None):
     from . import toy
 
     device = device or default_device()
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}
-    if dtype not in dt:
-        raise ValueError(f"dtype={dtype!r}: use bf16, fp16 or fp32")
-    torch_dtype = dt[dtype] or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    torch_dtype = run_dtype(dtype, device)
     if name == toy.NAME or Path(name).resolve() == toy.ASSET_DIR.resolve():
         return toy.load(dtype=torch_dtype, device=device)
     from transformers import AutoModelForCausalLM
@@ -32,6 +29,17 @@ def load(name: str, *, dtype: str | None = None, device: str | None = None):
     tok = tokenizer(name)
     model = _hub(name, "weights", AutoModelForCausalLM.from_pretrained, dtype=torch_dtype, attn_implementation="eager")
     return model.to(device).eval(), tok
+
+
+def run_dtype(dtype: str | None, device: str):
+    """The torch dtype a run loads its weights in: `dtype` ("bf16", "fp16", "fp32"), or None for bf16 on CUDA
+    and fp32 elsewhere (what `load` and the plans that size a run both use)."""
+    import torch
+
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}
+    if dtype not in dt:
+        raise ValueError(f"dtype={dtype!r}: use bf16, fp16 or fp32")
+    return dt[dtype] or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
 
 
 def check_device(device: str | None) -> None:

@@ -76,6 +76,8 @@ class GridConfig:
         for flag, path in (("--needles-file", self.needles), ("--haystack", self.haystack)):
             if path is not None and not Path(path).exists():
                 raise ValueError(f"{flag} {path}: no such file or folder")
+        if self.needles is not None or self.haystack is not None:  # every needle's fields, every haystack's text:
+            load_source(self.needles, self.haystack, self.n_needles, seed=self.seed)  # before any model loads
 
     def load(self) -> tuple[list[Needle], list[str], list["Test"]]:
         """(needles, one haystack per needle, the tests in grid order), after checking the config."""
@@ -201,7 +203,7 @@ def load_haystacks(path: str | Path, n: int) -> list[str]:
     order and joined) or a folder of `*.txt` files shared by all needles."""
     p = Path(path)
     if p.is_file():
-        return [p.read_text(errors="replace")] * n
+        return [_nonempty(p.read_text(errors="replace"), p)] * n
     if not p.is_dir():
         raise ValueError(f"haystack {p} not found: give a text file or a folder of .txt files")
     parts = sorted((d for d in p.iterdir() if d.is_dir() and d.name.startswith("part")),
@@ -217,7 +219,14 @@ def _join_txt(d: Path) -> str:
     files = sorted(d.glob("*.txt"))
     if not files:
         raise ValueError(f"haystack folder {d} has no .txt files")
-    return "\n".join(f.read_text(errors="replace") for f in files)
+    return _nonempty("\n".join(f.read_text(errors="replace") for f in files), d)
+
+
+def _nonempty(text: str, source: Path) -> str:
+    if not text.strip():
+        raise ValueError(f"haystack {source} is empty (only whitespace): give a text long enough to hide the "
+                         "needle in (it is repeated up to each length)")
+    return text
 
 
 def synthetic_haystacks(n: int, n_words: int = 4000, seed: int = 0) -> list[str]:

@@ -62,9 +62,42 @@ class PairsConfig:
 
     @classmethod
     def paper(cls, model_name: str, **kw) -> "PairsConfig":
+        """The paper's settings for `model_name` (keywords override them); the toy model gets a short cap
+        instead of 2048 new tokens (its answers take a few tokens, and a row that never says EOS would
+        otherwise decode to 2048 on a CPU)."""
+        from . import toy
+
+        if model_name == toy.NAME:
+            return cls(**{"max_new_tokens": toy.PAIRS_MAX_NEW_TOKENS, **kw})
         if "qwen3" in model_name.lower():
             return cls(**{"thinking": True, "max_new_tokens": 4096, **kw})
         return cls(**kw)
+
+
+def context_len(config) -> int | None:
+    """The positions a model was built for (`max_position_embeddings` of its config, or of its text config)."""
+    config = getattr(config, "text_config", config)
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def check_context(cfg: PairsConfig, config, name: str) -> None:
+    """A clear error, cheap enough to run before any weights load, when the longest prompt a run admits
+    (`max_prompt_tokens`; one token without a cap) plus `max_new_tokens` runs past the model's context."""
+    ctx = context_len(config)
+    if ctx is None:
+        return
+    prompt = cfg.max_prompt_tokens or 1
+    if prompt + cfg.max_new_tokens <= ctx:
+        return
+    ctx_text = f"the context of model {name!r} ({ctx} tokens, max_position_embeddings)"
+    if not cfg.max_prompt_tokens:
+        raise ValueError(f"--max-new-tokens {cfg.max_new_tokens}: with a prompt it is more than {ctx_text}; give "
+                         f"--max-new-tokens {ctx - 1} or less")
+    fix = (f"give --max-new-tokens {ctx - prompt} or less, or a lower --max-prompt-tokens" if ctx > prompt else
+           f"give a --max-prompt-tokens below {ctx} and a --max-new-tokens that fits beside it")
+    raise ValueError(f"--max-new-tokens {cfg.max_new_tokens}: a prompt of up to {prompt} tokens (--max-prompt-tokens) "
+                     f"plus {cfg.max_new_tokens} new tokens is more than {ctx_text}; {fix}")
 
 
 def chat_prompt(tok, text: str, thinking: bool) -> list[int]:
@@ -140,6 +173,15 @@ class PairJob:
             heads.validate(d.n_layers, d.n_heads)
         self.model, self.tok, self.heads, self.cfg = model, tok, heads, cfg
         self.model_name, self.reject, self.reject_name = model_name, reject, reject_name
+        # room for a prompt beside max_new_tokens in every model's context (None: no model says): the
+        # prompt cap, or without one (max_prompt_tokens 0), what drops a prompt as too long
+        rooms = []
+        for m, name in ((model, model_name), (reject[0] if reject else None, reject_name)):
+            if getattr(m, "config", None) is not None:
+                check_context(cfg, m.config, name)
+                if context_len(m.config):
+                    rooms.append(context_len(m.config) - cfg.max_new_tokens)
+        self._room = min(rooms, default=None)
         self.engine_kw = engine_kw
 
     def config_dict(self) -> dict:
@@ -206,11 +248,21 @@ class PairJob:
                         key=i)
                   for i, _ in rows]
         bar = tqdm(total=len(groups), desc=desc, unit="pair", disable=not progress)
-        t0, n = time.perf_counter(), [0]
+        t0, n, shown = time.perf_counter(), [0], [0.0]
+        done = {"longest": 0, "at_cap": 0}  # over the buckets' engines before this one
+        eng = None
 
         def on_step(k):
+            # the engine's host bookkeeping (no device sync); shown at least once a second, so rows that never
+            # end (an ablated row without EOS decodes to the cap) are seen while no pair finishes
             n[0] += k
-            bar.set_postfix_str(f"{n[0] / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
+            f, now = eng.flight, time.perf_counter()
+            due = now - shown[0] >= 1.0
+            capped = done["at_cap"] + f.at_cap
+            bar.set_postfix_str(f"{n[0] / max(now - t0, 1e-9):.0f} tok/s, {f.rows} row{'s' * (f.rows != 1)} running, "
+                                f"longest {max(done['longest'], f.longest)} tok, {capped} row{'s' * (capped != 1)} hit "
+                                f"the {c.max_new_tokens} cap", refresh=due)
+            shown[0] = now if due else shown[0]
 
         buckets = length_buckets(groups, self.length_buckets)
         for edge, part in buckets:
@@ -222,15 +274,17 @@ class PairJob:
                 if progress and len(buckets) > 1:
                     bar.write(f"{desc}: {len(part)} prompts of {_span(edge, self.length_buckets)} tokens on "
                               f"{eng.slots} slots of {eng.max_len} tokens")
-                for res in eng.generate(part, gen, progress=on_step):
+                for res in eng.generate(part, gen, progress=on_step if progress else None):
                     bar.update(1)
                     yield res.key, len(prompts[res.key]), res.rows
                 for k in self._counts:
                     self._counts[k] += eng.stats[k]
+                done["longest"] = max(done["longest"], eng.flight.longest)
+                done["at_cap"] += eng.flight.at_cap
         bar.close()
 
     def _generate(self, items, mine, path: Path, progress, half: dict) -> int:
-        cap = self.cfg.max_prompt_tokens
+        cap = self.cfg.max_prompt_tokens or self._room  # checked to fit the context (__init__)
         prompts = {i: chat_prompt(self.tok, items[i][1], self.cfg.thinking) for i in mine}
         n_tok = 0
         with path.open("a") as f:

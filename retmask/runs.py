@@ -167,8 +167,10 @@ def check_same_config(out: Path, old: dict, config: dict, what: str = "a run") -
                      + "; use another --out or --overwrite")
 
 
-def prepare_out(out: Path, config: dict, *, resume: bool, overwrite: bool, names: tuple[str, ...]) -> None:
-    """Make `out` ready: refuse to mix with an existing run unless told how (resume / overwrite)."""
+def prepare_out(out: Path, config: dict, *, resume: bool, overwrite: bool, names: tuple[str, ...],
+                unrecorded: dict | None = None) -> None:
+    """Make `out` ready: refuse to mix with an existing run unless told how (resume / overwrite). `unrecorded`
+    gives the value of a setting that an existing run's config.json lacks (one added since it was written)."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     check_writable(out, keep=True)
@@ -188,7 +190,7 @@ def prepare_out(out: Path, config: dict, *, resume: bool, overwrite: bool, names
             barrier()
         elif resume:
             if old_cfg is not None:
-                check_same_config(out, json.loads(old_cfg), config)
+                check_same_config(out, {**(unrecorded or {}), **json.loads(old_cfg)}, config)
         else:
             raise ValueError(f"{out} already holds results; pass --resume to continue them or --overwrite "
                              "to start over")

@@ -13,6 +13,9 @@ from . import synth
 ASSET_DIR = Path(__file__).parent / "assets" / "toy"
 NAME = "toy"
 TRAIN_LEN = 512  # longest context the toy model was trained on (tokens)
+# `retmask pairs` on the toy: new tokens per answer (its answers take about 5; a row whose retrieval heads are
+# off may never say EOS, and would decode to the paper's 2048 on a CPU)
+PAIRS_MAX_NEW_TOKENS = 64
 SPECIALS = ["<unk>", "<pad>", "<|user|>", "<|assistant|>", "<|end|>"]
 ADDED = ["<book>", "</book>"]
 TEMPLATE_WORDS = ["based", "on", "the", "content", "of", "book", "question", "answer"]

@@ -10,6 +10,7 @@ Multi-GPU: `accelerate launch --config_file retmask/configs/zero3.yaml -m retmas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,8 +23,9 @@ PRESETS = {
     "paper": dict(beta=0.1, loss_type="sigmoid", learning_rate=5e-7, min_lr=5e-8, warmup_ratio=0.1, weight_decay=0.1,
                   adam_beta2=0.95, epochs=2.0, effective_batch=512, per_device_batch=1, bf16=True,
                   gradient_checkpointing=True, max_length=4096),
+    # effective batch 8: the 64 bundled instructions make 16 optimizer steps (see MIN_STEPS)
     "toy": dict(beta=0.1, loss_type="sigmoid", learning_rate=2e-4, min_lr=2e-5, warmup_ratio=0.1, weight_decay=0.0,
-                adam_beta2=0.95, epochs=2.0, effective_batch=16, per_device_batch=8, bf16=False,
+                adam_beta2=0.95, epochs=2.0, effective_batch=8, per_device_batch=8, bf16=False,
                 gradient_checkpointing=False, max_length=1024),
 }
 
@@ -76,8 +78,13 @@ class TrainConfig:
 
 
 def dpo_config(cfg: TrainConfig, out: Path, world: int, cpu: bool):
+    import dataclasses
+
     from trl import DPOConfig
 
+    # transformers 5.x renamed gradient checkpointing (the old name, which TRL's config sets, warns)
+    names = {f.name for f in dataclasses.fields(DPOConfig)}
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return DPOConfig(
         output_dir=str(out / "trainer"), beta=cfg.beta, loss_type=[cfg.loss_type], learning_rate=cfg.learning_rate,
         lr_scheduler_type="cosine_with_min_lr",
@@ -86,14 +93,55 @@ def dpo_config(cfg: TrainConfig, out: Path, world: int, cpu: bool):
         warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, adam_beta2=cfg.adam_beta2,
         num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.per_device_batch,
         gradient_accumulation_steps=cfg.grad_accum(world), bf16=cfg.bf16 and not cpu,
-        gradient_checkpointing=cfg.gradient_checkpointing, max_length=cfg.max_length,
+        **{ckpt: cfg.gradient_checkpointing}, max_length=cfg.max_length,
         precompute_ref_log_probs=cfg.precompute_ref, use_liger_kernel=cfg.liger, report_to="none",
         logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, seed=cfg.seed,
         use_cpu=cpu, dataloader_num_workers=0)
 
 
+def plan_steps(pairs: int, cfg: TrainConfig, world: int = 1) -> tuple[int, int]:
+    """(optimizer steps, warm-up steps) of a run over `pairs`, counted as transformers' Trainer counts them:
+    each rank's batches, a last partial accumulation per epoch, fractional epochs rounded up."""
+    import math
+
+    batches = math.ceil(pairs / (cfg.per_device_batch * world))
+    per_epoch = max(math.ceil(batches / cfg.grad_accum(world)), 1)
+    steps = math.ceil(cfg.epochs * per_epoch)
+    return steps, math.ceil(steps * cfg.warmup_ratio)
+
+
+MIN_STEPS = 10  # fewer optimizer steps than this barely move a model: warn before training
+
+
+def few_steps_warning(pairs: int, cfg: TrainConfig, world: int = 1) -> str | None:
+    """One line when a run would make too few optimizer steps to train (under MIN_STEPS, or none past its
+    warm-up, whose first step has learning rate 0), with its numbers and a fix; None otherwise."""
+    steps, warm = plan_steps(pairs, cfg, world)
+    if steps >= MIN_STEPS and steps > warm:
+        return None
+    procs = f" x {world} processes" if world > 1 else ""
+    # an example: the largest smaller effective batch that makes enough steps, a power of two (x processes) with
+    # a per-device batch that divides it, else a multiple of this per-device batch
+    per, top = cfg.per_device_batch * world, cfg.per_device_batch.bit_length() - 1
+    tries = [(world << i, 1 << min(i, top)) for i in reversed(range((cfg.effective_batch // world).bit_length()))
+             if world << i < cfg.effective_batch]
+    tries += [(eb, cfg.per_device_batch) for eb in range(cfg.effective_batch - per, 0, -per)]
+    hint = ""
+    for eb, pdb in tries:
+        n, w = plan_steps(pairs, replace(cfg, effective_batch=eb, per_device_batch=pdb), world)
+        if n >= MIN_STEPS and n > w:
+            hint = (f"; e.g. --effective-batch {eb}" + (f" --per-device-batch {pdb}" if pdb != cfg.per_device_batch
+                                                         else "") + f" makes {n} steps")
+            break
+    return (f"{pairs} pairs at effective batch {cfg.effective_batch} ({cfg.per_device_batch} per device{procs}) for "
+            f"{cfg.epochs:g} epochs make {steps} optimizer step{'s' * (steps != 1)}"
+            + (f", {warm} of them warm-up from learning rate 0" if warm else "") +
+            f": too few to train; give more pairs, a smaller --effective-batch (a multiple of --per-device-batch"
+            f"{procs}) or more --epochs{hint}")
+
+
 # what a training run writes in its folder (besides config.json and each rank's temporary Arrow copy)
-TRAIN_NAMES = ("trainer", "final", "adapter", "dataset", "train.json", "train.png")
+TRAIN_NAMES = ("trainer", "final", "adapter", "dataset", "train.json", "train.png", "log.jsonl")
 
 
 def prepare_out(out: Path, config: dict, *, resume: bool, overwrite: bool) -> None:
@@ -124,7 +172,81 @@ def prepare_out(out: Path, config: dict, *, resume: bool, overwrite: bool) -> No
 def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool = False,
           overwrite: bool = False, log=print, quiet: bool = False) -> dict:
     """Run DPO; returns {"final": path, "metrics": last logged values, "history": log history}. An existing run
-    in `out` is continued (`resume`, same configuration) or replaced (`overwrite`), never mixed in silently."""
+    in `out` is continued (`resume`, same configuration) or replaced (`overwrite`), never mixed in silently.
+    On the terminal: one progress bar ("dpo") and, unless `quiet`, one line per logged step (step, loss,
+    reward margin, learning rate); every log record goes whole to `out/log.jsonl` as it is logged."""
+    with _library_output():
+        return _train(model_path, pairs_dir, out, cfg, resume=resume, overwrite=overwrite, log=log, quiet=quiet)
+
+
+@contextlib.contextmanager
+def _library_output():
+    """The libraries' own output during a training run cut to what tells the user something: no bars for
+    steps of seconds (building the dataset, loading and saving weights; `_train` shows the tokenization's
+    bar on a large dataset), no FutureWarning about the gradient-checkpointing names the libraries use
+    among themselves, and no DeepSpeed note that a machine without a GPU runs on the CPU. Restored on exit."""
+    import logging
+    import warnings
+
+    import datasets
+    from transformers.utils import logging as tf_logging
+
+    ds_off, tf_on = datasets.are_progress_bars_disabled(), tf_logging.is_progress_bar_enabled()
+    cpu_note = lambda r: not str(r.msg).startswith("Setting accelerator to CPU")  # noqa: E731  (a logging filter)
+    ds_logger = logging.getLogger("DeepSpeed")  # its handler is set when deepspeed loads; a filter stays
+    datasets.disable_progress_bars()
+    tf_logging.disable_progress_bar()
+    ds_logger.addFilter(cpu_note)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        (datasets.disable_progress_bars if ds_off else datasets.enable_progress_bars)()
+        (tf_logging.enable_progress_bar if tf_on else tf_logging.disable_progress_bar)()
+        ds_logger.removeFilter(cpu_note)
+
+
+def progress_callback(path: Path, lines: bool = True):
+    """A trainer callback in place of transformers' bar and log printer: one bar labelled "dpo" and, with
+    `lines`, one compact line per log with a loss (step, loss, reward margin, learning rate) above it. Every
+    log record goes whole to `path` (JSON lines with the step, appended as logged); a resumed run first
+    drops the records past its checkpoint's step, which it logs again."""
+    from tqdm.auto import tqdm
+    from transformers.trainer_callback import ProgressCallback
+
+    class DPOProgress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.current_step = state.global_step
+            if not state.is_world_process_zero:
+                return
+            kept = []
+            for line in path.read_text().splitlines() if path.is_file() else ():
+                try:
+                    if json.loads(line)["step"] <= state.global_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):  # a line cut by a crash
+                    pass
+            path.write_text("".join(line + "\n" for line in kept))
+            self.training_bar = tqdm(total=state.max_steps, initial=state.global_step, desc="dpo", unit="step",
+                                     dynamic_ncols=True)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            with path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}, default=str) + "\n")
+            if lines and self.training_bar is not None and "loss" in logs:
+                nan = float("nan")
+                self.training_bar.write(
+                    f"dpo step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}, reward margin "
+                    f"{logs.get('rewards/margins', nan):.4f}, lr {logs.get('learning_rate', nan):.3g}")
+
+    return DPOProgress()
+
+
+def _train(model_path, pairs_dir, out, cfg: TrainConfig, *, resume: bool, overwrite: bool, log, quiet: bool) -> dict:
     import torch
     from transformers import AutoTokenizer
     from trl import DPOTrainer
@@ -156,9 +278,18 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
     shutil.rmtree(arrow, ignore_errors=True)
     ds = dpo_dataset(pairs_dir, arrow, out / "dataset" if cfg.precompute_ref else None)
     args.dataset_num_proc = tokenize_procs(len(ds))
+    if len(ds) >= TOKENIZE_BAR_ROWS:  # TRL's tokenization takes a while from here: its bar says how long
+        import datasets
+
+        datasets.enable_progress_bars()
+    steps, warm = plan_steps(len(ds), cfg, world)
     log(f"DPO: {len(ds)} pairs, max_length={cfg.max_length} tokens (longer pairs are truncated), "
         f"beta={cfg.beta} {cfg.loss_type}, lr {cfg.learning_rate:g} -> {cfg.min_lr:g}, effective batch "
-        f"{cfg.effective_batch} ({cfg.per_device_batch} x {world} x {args.gradient_accumulation_steps} accumulation)")
+        f"{cfg.effective_batch} ({cfg.per_device_batch} x {world} x {args.gradient_accumulation_steps} accumulation), "
+        f"{steps} optimizer steps ({warm} warm-up)")
+    few = few_steps_warning(len(ds), cfg, world)
+    if few:
+        log(f"warning: {few}")
     load = load_path(str(model_path))  # offline, a hub name's cached snapshot (the record keeps the name)
     tok = AutoTokenizer.from_pretrained(load)
     peft_config = None
@@ -170,16 +301,12 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
     trainer = DPOTrainer(model=load, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
                          peft_config=peft_config)
     log(f"parallelism: {parallel_mode(trainer.accelerator)}")
-    if quiet:  # one progress bar, no per-step log dicts on stdout (they stay in train.json)
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
+    from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        class _BarOnly(ProgressCallback):
-            on_log = TrainerCallback.on_log  # the bar, without writing each step's log dict under it
-
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(_BarOnly())
-        trainer.args.disable_tqdm = False
+    for cb in (PrinterCallback, ProgressCallback, DEFAULT_PROGRESS_CALLBACK):  # each step's log dict, printed
+        trainer.remove_callback(cb)
+    trainer.add_callback(progress_callback(out / "log.jsonl", lines=not quiet))
     ckpt = None
     if resume:
         cks = sorted((out / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -215,6 +342,9 @@ def train(model_path: str, pairs_dir: str | Path, out: str | Path, cfg: TrainCon
             plots.train_curves(steps, out / "train.png", f"DPO on {len(ds)} pairs: {Path(model_path).name}")
         return res
     return {"final": str(final)}
+
+
+TOKENIZE_BAR_ROWS = 10_000  # pairs from which TRL's tokenization takes long enough to show its bar
 
 
 def tokenize_procs(rows: int, min_rows: int = 10_000) -> int | None:

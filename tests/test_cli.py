@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from retmask.cli import main
 
 
@@ -16,6 +18,37 @@ def test_heads_command(tmp_path, capsys):
     assert json.loads(out.read_text())["heads"] == ["1-2"]
     assert main(["heads", "--scores", str(f), "--tau", "2"]) == 2
     assert "no head has a mean score >= tau" in capsys.readouterr().err
+
+
+def test_heads_command_on_a_detect_run_selects_by_either_rule(tmp_path, capsys):
+    """A detect folder holds both rules: --score-rule picks one, and --tau reports both selections and their overlap
+    (the sets and Jaccard index worked out by hand from the records below)."""
+    from retmask.heads import file_sha256
+
+    run = tmp_path / "run"
+    run.mkdir()
+    z = [0.0, 0.0, 0.0]
+    recs = [{"key": "a", "counted": True, "scores": [[2.0, 0.6, 0.0], [0.4, 0.0, 0.9], z],
+             "scores_paper": [[0.5, 0.6, 0.0], [0.4, 0.0, 0.9], z]},
+            {"key": "b", "counted": True, "scores": [[1.0, 0.6, 0.0], [0.8, 0.0, 0.1], z],
+             "scores_paper": [[0.5, 0.2, 0.0], [0.8, 0.0, 0.1], z]},
+            {"key": "c", "counted": False, "scores": [[5.0] * 3] * 3, "scores_paper": [[1.0] * 3] * 3}]
+    (run / "tests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    # mean reference [[1.5, .6, 0], [.6, 0, .5], 0]: 4 heads >= 0.5; paper [[.5, .4, 0], [.6, 0, .5], 0]: 3 heads
+    assert main(["heads", "--scores", str(run), "--tau", "0.5"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"reference-rule scores from {run / 'tests.jsonl'}")
+    assert "tau 0.5: reference 4 heads, paper 3 heads, 3 in both (Jaccard 0.75)" in text
+    assert "4 heads selected (lowest layer 0): 0-0,0-1,1-0,1-2" in text
+    out = tmp_path / "paper.json"
+    assert main(["heads", "--scores", str(run / "tests.jsonl"), "--tau", "0.5", "--score-rule", "paper",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "tau 0.5: reference 4 heads, paper 3 heads" in text and "3 heads selected (lowest layer 0): 0-0,1-0,1-2" in text
+    src = json.loads(out.read_text())["source"]
+    assert src["score_rule"] == "paper" and src["sha256"] == file_sha256(run / "tests.jsonl") and src["tau"] == 0.5
+    assert main(["heads", "--scores", str(run), "--topk", "1", "--score-rule", "paper"]) == 0
+    assert "Jaccard" not in capsys.readouterr().out  # the comparison is of thresholds
 
 
 def test_check_kernels_command(capsys):
@@ -81,6 +114,18 @@ def test_bad_input_is_refused_clearly_before_any_model_loads(tmp_path, capsys, m
     _refused(capsys, ["heads", "--scores", str(scores), "--out", str(tmp_path / "h.json")], "--out needs a selection")
     _refused(capsys, ["pairs", "--heads", "0-1", "--control", "random"], "--control random")
     _refused(capsys, ["niah", "--scores", str(scores)], "--tau or --topk")
+    # a negative tau selects every head; an --out that is a folder; a rule the score file does not hold
+    for cmd in (["heads", "--scores", str(scores)], ["niah", "--scores", str(scores)], ["pairs", "--scores", str(scores)]):
+        _refused(capsys, [*cmd, "--tau", "-1"], "--tau -1: must be >= 0")
+    _refused(capsys, ["heads", "--scores", str(scores), "--tau", "0.1", "--out", str(empty)],
+             f"--out {empty}: is a folder", "heads.json")
+    _refused(capsys, ["heads", "--scores", str(scores), "--tau", "0.1", "--score-rule", "paper"],
+             "s.json holds reference-rule scores only", "pass the detect run's folder")
+    _refused(capsys, ["heads", "--scores", str(empty), "--tau", "0.1"], "no tests.jsonl")
+    # a threshold above every score: the error, and no statistics table before it
+    assert main(["heads", "--scores", str(scores), "--tau", "1e9"]) == 2
+    cap = capsys.readouterr()
+    assert "no head has a mean score >= tau" in cap.err and cap.out == ""
     # heads outside the model come before anything about controls; non-retrieval needs the scores
     _refused(capsys, ["niah", "--heads", "9-9"], "9-9")
     _refused(capsys, ["niah", "--heads", " "], "give at least one head")
@@ -101,6 +146,12 @@ def test_bad_input_is_refused_clearly_before_any_model_loads(tmp_path, capsys, m
     # generation and training numbers
     _refused(capsys, ["pairs", "--heads", "0-1", "--max-new-tokens", "0"], "max_new_tokens=0: must be >= 1")
     _refused(capsys, ["pairs", "--heads", "0-1", "--max-prompt-tokens", "-1"], "max_prompt_tokens=-1")
+    # the prompt cap plus the new tokens past the model's context (the toy's max_position_embeddings: 32768)
+    _refused(capsys, ["pairs", "--heads", "0-1", "--max-new-tokens", "100000"],
+             "--max-new-tokens 100000: a prompt of up to 2048 tokens", "context of model 'toy' (32768 tokens",
+             "give --max-new-tokens 30720 or less")
+    _refused(capsys, ["pairs", "--heads", "0-1", "--max-new-tokens", "32768", "--max-prompt-tokens", "0"],
+             "give --max-new-tokens 32767 or less")
     with gzip.open(tmp_path / "pairs-00000.jsonl.gz", "wt") as f:
         f.write("{}\n")
     for flag in ("--effective-batch", "--per-device-batch", "--max-length", "--epochs"):
@@ -110,7 +161,7 @@ def test_bad_input_is_refused_clearly_before_any_model_loads(tmp_path, capsys, m
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{"prompt": \n')
     _refused(capsys, ["pairs", "--heads", "0-1", "--data", str(bad), "--out", str(tmp_path / "p")],
-             "bad.jsonl: could not read it as json")
+             "bad.jsonl:2: not JSON")
     # an existing run is refused before the model loads
     for cmd, extra, shard in (("detect", grid, "tests-00000.jsonl"), ("pairs", ["--heads", "0-1", "--limit", "4"],
                                                                       "pairs-00000.jsonl.gz")):
@@ -192,3 +243,53 @@ def test_detect_with_no_counted_test_says_no_scores_were_written(tmp_path, capsy
     out = capsys.readouterr().out
     assert "8 tests, 0 counted" in out and "head_scores.json is not written" in out
     assert "wrote" in out and "head_scores.json," not in out.splitlines()[-1]
+
+
+def test_grid_inputs_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """A missing model is named before any grid setting; a needles file with a missing field and an empty
+    haystack are refused before the weights load; a grid past the model's positions warns before the first test."""
+    from retmask import models
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(models, "load", no_load)
+    grid = ["--lengths", "2", "--depths", "2", "--needles", "1"]
+    for cmd in ("detect", "niah"):
+        # the buffer (200) does not fit --max 128 either: the model is the mistake to name first
+        _refused(capsys, [cmd, "--model", str(tmp_path / "nonexistent"), "--min", "128", "--max", "128"],
+                 "nonexistent': no such folder")
+    needles = tmp_path / "needles.jsonl"
+    needles.write_text('{"needle": "The code is 7.", "question": "What is the code?"}\n')
+    hay = tmp_path / "hay.txt"
+    hay.write_text(" \n\n")
+    extra = {"detect": [], "niah": ["--heads", "0-1"]}
+    for cmd in ("detect", "niah"):
+        _refused(capsys, [cmd, *extra[cmd], "--needles-file", str(needles), *grid, "--out", str(tmp_path / cmd)],
+                 "needles.jsonl:1: missing string field(s) ['real_needle']")
+        _refused(capsys, [cmd, *extra[cmd], "--haystack", str(hay), *grid, "--out", str(tmp_path / cmd)],
+                 "hay.txt is empty")
+    # past max_position_embeddings (the toy's is 32768): one warning line, before the (refused) model load
+    for cmd in ("detect", "niah"):
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([cmd, *extra[cmd], "--min", "40000", "--max", "40000", "--lengths", "1", "--depths", "1",
+                  "--needles", "1", "--out", str(tmp_path / f"{cmd}-long")])
+        err = capsys.readouterr().err
+        assert "runs past the model's max_position_embeddings 32768" in err and len(err.splitlines()) == 1
+
+
+def test_detect_score_rule_reaches_the_run(tmp_path, capsys, monkeypatch):
+    """`--score-rule` becomes the run's DetectConfig field (recorded in config.json before the model loads)."""
+    from retmask import detect, models
+
+    seen = {}
+    monkeypatch.setattr(models, "load", lambda *a, **k: (None, None))
+    monkeypatch.setattr(detect.Detector, "run", lambda self, out, **kw: seen.update(cfg=self.cfg) or {
+        "tests": 8, "counted": 0, "mean_rouge": 12.5, "stats": None})
+    grid = ["--lengths", "2", "--depths", "2", "--needles", "2"]
+    assert main(["detect", *grid, "--score-rule", "paper", "--out", str(tmp_path / "d")]) == 0
+    assert seen["cfg"].score_rule == "paper"
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["score_rule"] == "paper"
+    assert "head scores by the paper rule" in capsys.readouterr().out
+    assert main(["detect", *grid, "--out", str(tmp_path / "e")]) == 0
+    assert seen["cfg"].score_rule == "reference"

@@ -87,8 +87,16 @@ def test_malformed_rows_and_shards_name_the_file(tmp_path):
 
     bad = tmp_path / "mal.jsonl"
     bad.write_text('{"prompt": "a"}\n{"prompt": \n{"prompt": "c"}\n')
-    with pytest.raises(ValueError, match=r"mal.jsonl: could not read it as json \(\w+"):
+    with pytest.raises(ValueError, match=r"^dataset \S+/mal.jsonl:2: not JSON \(Expecting value, column 11\)"):
         load_instructions(str(bad))
+    torn = tmp_path / "torn.jsonl"  # a line cut inside a string, as a copy stopped short leaves it
+    torn.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "tor\n')
+    with pytest.raises(ValueError, match=r"torn.jsonl:3: not JSON \(Unterminated string"):
+        load_instructions(str(torn))
+    whole = tmp_path / "whole.json"
+    whole.write_text('[{"prompt": "a"},\n {"prompt": ]\n')
+    with pytest.raises(ValueError, match=r"whole.json:2: not JSON"):
+        load_instructions(str(whole))
     ins = load_instructions(_jsonl(tmp_path / "num.jsonl", [{"prompt": 1}, {"prompt": "text"}]))
     assert ins.items == [("1", "text")] and ins.skipped == {"not_text": 1}
     turn = [{"role": "user", "content": "q"}]

@@ -85,6 +85,51 @@ def test_records_agree_with_recomputed_scores(detected, toy_model):
         assert greedy == rec["tokens"], rec["key"]
         want = scoring.retrieval_scores(prompt, tuple(rec["span"]), rec["tokens"], am)
         torch.testing.assert_close(torch.tensor(rec["scores"]), want, atol=1e-5, rtol=0)
+        want = scoring.paper_retrieval_scores(prompt, tuple(rec["span"]), rec["tokens"], am)
+        torch.testing.assert_close(torch.tensor(rec["scores_paper"]), want, atol=1e-5, rtol=0)
+
+
+def test_paper_rule_run_reports_the_paper_scores(detected, toy_model, tmp_path):
+    """tests.jsonl records both rules whichever is chosen; head_scores.json and detect.json follow the chosen rule
+    (built here from the records of the counted tests)."""
+    ref, _ = detected
+    model, tok = toy_model
+    out = tmp_path / "paper"
+    s = Detector(model, tok, DetectConfig(**SMALL, score_rule="paper"), model_name="toy", slots=3).run(
+        out, progress=False)
+    assert (out / "tests.jsonl").read_text() == (ref / "tests.jsonl").read_text()
+    recs = [r for r in read_jsonl(out / "tests.jsonl") if r["counted"]]
+    L, H = toy.CONFIG["num_hidden_layers"], toy.CONFIG["num_attention_heads"]
+    for run, key in ((ref, "scores"), (out, "scores_paper")):
+        want = {f"{l}-{h}": [r[key][l][h] for r in recs] for l in range(L) for h in range(H)}
+        assert json.loads((run / "head_scores.json").read_text()) == want
+        summary = json.loads((run / "detect.json").read_text())
+        assert summary["score_rule"] == summary["config"]["score_rule"] == ("paper" if run == out else "reference")
+        means = torch.tensor([[sum(v) / len(v) for v in (want[f"{l}-{h}"] for h in range(H))] for l in range(L)])
+        torch.testing.assert_close(torch.tensor(summary["mean_scores"]), means)
+    paper, reference = (torch.tensor(json.loads((d / "detect.json").read_text())["mean_scores"]) for d in (out, ref))
+    assert paper.max() <= 1 and (paper <= reference + 1e-6).all() and (paper < reference).any()
+    assert s["score_rule"] == "paper"
+    with pytest.raises(ValueError, match="score_rule='other' \\(--score-rule\\): use one of"):
+        DetectConfig(**SMALL, score_rule="other").check()
+
+
+def test_a_run_from_before_the_rule_setting_resumes_as_reference(detected, toy_model, tmp_path):
+    import shutil
+
+    ref, _ = detected
+    model, tok = toy_model
+    old = tmp_path / "old"
+    shutil.copytree(ref, old)
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["score_rule"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"different configuration \(score_rule\)"):
+        Detector(model, tok, DetectConfig(**SMALL, score_rule="paper"), model_name="toy").run(old, resume=True,
+                                                                                               progress=False)
+    Detector(model, tok, DetectConfig(**SMALL), model_name="toy", slots=3).run(old, resume=True, progress=False)
+    assert (old / "head_scores.json").read_text() == (ref / "head_scores.json").read_text()
+    assert json.loads((old / "config.json").read_text())["score_rule"] == "reference"
 
 
 def test_existing_results_need_resume_or_overwrite(detected, toy_model):
@@ -230,7 +275,7 @@ def test_causal_check_on_toy(toy_model, detected, capsys):
     grid = causal.GridConfig(min_len=160, max_len=toy.TRAIN_LEN, n_lengths=3, n_depths=4, n_needles=2, buffer=32,
                              steps=8, seed=7)
     res = causal.run_niah(model, tok, grid, pols, progress=True, slots=8)
-    assert "each prompt's KV held 3 time(s) for 5 policies" in capsys.readouterr().out
+    assert "each prompt's KV held 3 times for 5 policies" in capsys.readouterr().out
     rec = {r["policy"]: r["recall"] for r in res["policies"]}
     assert rec["original"] >= 95
     assert rec["heads-all"] <= 20
@@ -252,7 +297,8 @@ def test_niah_command(detected, tmp_path, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "| original" in text and "heads-all" in text and "random-all" in text
     # the original reads the prompt intact, each scope-`all` ablation its own way: 3 copies for 3 policies
-    assert "reused from the KV of prompts with the same prefix; each prompt's KV held 3 time(s) for 3 policies" in text
+    assert "reused from the KV of prompts with the same prefix; each prompt's KV held 3 times for 3 policies" in text
+    assert "pass %: the share of tests whose recall is above 50" in text  # the table's columns explained
     res = json.loads((tmp_path / "niah.json").read_text())
     assert [p["policy"] for p in res["policies"]] == ["original", "heads-all", "random-all"]
     assert (tmp_path / "niah-heads-all.png").exists()
@@ -419,3 +465,8 @@ def test_niah_plan_sizes_the_cache_as_the_engine_does(toy_model, capsys, monkeyp
     text = capsys.readouterr().out
     assert "not one group fits" in text and "raise the budget" in text
     assert f"| {tb * L * (rows * 7 + streams * (longest + 6)) / 1e6:,.2f} MB" in text
+    # no --dtype: the plan sizes the dtype the run itself would load (fp32 on a CPU, bf16 on CUDA)
+    assert main(["niah", "--heads", "1-0,2-1", "--controls", "random", *grid, "--no-progress", "--device", "cpu",
+                 "--kv-budget-gb", "0.02", "--plan"]) == 0
+    text = capsys.readouterr().out
+    assert "(float32)" in text and f"{slots} slots, {at_once} group(s) at once" in text

@@ -3,6 +3,7 @@ greedy tokens against transformers on the plain and zeroed models, scope `genera
 seeds, stops, decode modes and CUDA graphs."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -235,6 +236,26 @@ def test_progress_counts_generated_tokens(family):
         out = list(eng.generate(groups, GenConfig(max_new_tokens=5, eos_ids=(7, 11, 13)), progress=seen.append))
     assert sum(seen) == sum(len(r.tokens) for g in out for r in g.rows)
     assert max(seen) <= 3 and len(seen) >= 5
+
+
+def test_flight_reports_rows_longest_and_cap(family):
+    """`Engine.flight`, read from the progress callback: rows decoding at each step (never more than the
+    slots), the longest row so far, and the rows that ended at max_new_tokens; at the end, none decoding."""
+    _, m, *_ = family
+    groups = [Group(p, [ORIGINAL, Policy(HEADS)], key=i) for i, p in enumerate(prompts(3, (6, 11, 4, 9)))]
+    seen = []
+    with Engine(m, slots=4, max_len=40) as eng:
+        first = list(eng.generate(groups, GenConfig(max_new_tokens=6)))
+        assert eng.flight.at_cap == 8 and eng.flight.longest == 6
+        # an EOS that one row says at its third token: that row ends early, most others at the cap
+        cfg = GenConfig(max_new_tokens=6, eos_ids=(first[0].rows[0].tokens[2],))
+        out = list(eng.generate(groups, cfg, progress=lambda n: seen.append(dataclasses.replace(eng.flight))))
+    rows = [r for g in out for r in g.rows]
+    assert 1 <= max(f.rows for f in seen) <= 4 and seen[-1].rows == 0
+    assert [f.longest for f in seen] == sorted(f.longest for f in seen)  # never shrinks
+    assert eng.flight.longest == max(len(r.tokens) for r in rows)
+    assert eng.flight.at_cap == sum(r.finish == "length" for r in rows) == seen[-1].at_cap
+    assert 0 < eng.flight.at_cap < len(rows)  # both kinds of ending, so the count is not trivially all or none
 
 
 def test_bad_inputs(family):

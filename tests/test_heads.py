@@ -100,3 +100,72 @@ def test_bad_heads_and_scores_are_refused(score_file):
     bad.write_text(json.dumps({"0-1": [True], "0-2": [0.5]}))
     with pytest.raises(ValueError, match="no booleans"):
         load_scores(bad)
+
+
+def _detect_run(folder, rule="reference", paper=True):
+    """A `retmask detect` folder's tests.jsonl (2 x 2 heads): two counted tests and one not counted."""
+    recs = [{"key": "a", "counted": True, "scores": [[1.5, 0.0], [0.2, 0.0]], "scores_paper": [[0.5, 0.0], [0.2, 0.0]]},
+            {"key": "b", "counted": True, "scores": [[0.5, 0.1], [0.0, 0.0]], "scores_paper": [[0.5, 0.1], [0.0, 0.0]]},
+            {"key": "c", "counted": False, "scores": [[9.0, 9.0], [9.0, 9.0]], "scores_paper": [[1, 1], [1, 1]]}]
+    folder.mkdir()
+    with (folder / "tests.jsonl").open("w") as f:
+        for r in recs:
+            if not paper:
+                r.pop("scores_paper")
+            f.write(json.dumps(r) + "\n")
+    (folder / "detect.json").write_text(json.dumps({"score_rule": rule}))
+    return folder
+
+
+def test_score_source_reads_both_rules_from_a_detect_run(tmp_path):
+    from retmask.heads import load_score_source
+
+    run = _detect_run(tmp_path / "run", rule="paper")
+    for given in (run, run / "tests.jsonl"):
+        src = load_score_source(given)
+        assert src.file == run / "tests.jsonl" and src.rule == "paper"  # the rule the run chose
+        # means over the counted tests a and b only
+        assert src.scores("reference") == pytest.approx({(0, 0): 1.0, (0, 1): 0.05, (1, 0): 0.1, (1, 1): 0.0})
+        assert src.scores("paper") == pytest.approx({(0, 0): 0.5, (0, 1): 0.05, (1, 0): 0.1, (1, 1): 0.0})
+        assert src.scores() == src.scores("paper")
+    # a head_scores.json holds the rule its run names, and only that one
+    (run / "head_scores.json").write_text(json.dumps({"0-0": [0.5, 0.5], "0-1": [0.0, 0.1]}))
+    src = load_score_source(run / "head_scores.json")
+    assert src.rule == "paper" and src.scores() == pytest.approx({(0, 0): 0.5, (0, 1): 0.05})
+    with pytest.raises(ValueError, match="holds paper-rule scores only; pass the detect run's folder"):
+        src.scores("reference")
+    loose = tmp_path / "scores.json"  # a file with no run beside it: the reference rule (the released files')
+    loose.write_text(json.dumps({"0-0": [2.0]}))
+    assert load_score_source(loose).rule == "reference"
+    with pytest.raises(ValueError, match="--score-rule paper: .*scores.json holds reference-rule scores only"):
+        load_score_source(loose).scores("paper")
+    old = load_score_source(_detect_run(tmp_path / "old", paper=False))  # before the paper rule was recorded
+    assert old.scores("reference")[0, 0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no paper-rule scores .* rerun `retmask detect`"):
+        old.scores("paper")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no tests.jsonl"):
+        load_score_source(empty)
+    with pytest.raises(ValueError, match="not found"):
+        load_score_source(tmp_path / "gone" / "tests.jsonl")
+    (empty / "tests.jsonl").write_text(json.dumps({"key": "c", "counted": False, "scores": [[1]]}) + "\n")
+    with pytest.raises(ValueError, match="no counted test"):
+        load_score_source(empty)
+
+
+def test_negative_tau_is_refused(score_file):
+    with pytest.raises(ValueError, match=r"tau=-1: must be >= 0"):
+        HeadSet.from_scores(score_file, tau=-1)
+    assert len(HeadSet.from_scores(score_file, tau=0)) == 16  # tau 0 still selects every head, on purpose
+
+
+def test_score_source_refuses_a_malformed_tests_jsonl(tmp_path):
+    from retmask.heads import load_score_source
+
+    for bad in ([[0.5, "x"]], [0.5], [[0.5], []]):
+        run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        run.mkdir()
+        (run / "tests.jsonl").write_text(json.dumps({"key": "a", "counted": True, "scores": bad}) + "\n")
+        with pytest.raises(ValueError, match="not a \\(layers, heads\\) table of numbers|finite number"):
+            load_score_source(run)

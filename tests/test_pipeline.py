@@ -136,6 +136,8 @@ def test_resume_after_sigkill_and_two_processes(pairs_dir, tmp_path, free_port):
     assert 4 <= len(read_jsonl(work)) < 20
     r = _cli(*ARGS, "--out", str(out), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert f"wrote {out}/pairs-00000.jsonl.gz and {out}/summary.json" in r.stdout  # real paths, one shard
+    assert "decode steps" in r.stdout and "summed over ranks" not in r.stdout  # one process
     ids = [x["id"] for x in read_jsonl(work)]
     assert sorted(ids) == list(range(20))  # none lost, none twice
     # the same pairs as one uninterrupted run (shard size differs: compare records)
@@ -146,6 +148,7 @@ def test_resume_after_sigkill_and_two_processes(pairs_dir, tmp_path, free_port):
                         str(free_port), "-m", "retmask.cli", *ARGS, "--out", str(ddp)], cwd=ROOT, capture_output=True,
                        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "decode steps (summed over ranks)" in r.stdout
     assert len(list((ddp / "work").glob("rank-*.jsonl"))) == 2
     assert [json.loads(x) for x in _gz(ddp).splitlines()] == [json.loads(x) for x in _gz(ref).splitlines()]
     s = json.loads((ddp / "summary.json").read_text())  # this run's counts are both ranks'
@@ -318,6 +321,61 @@ def test_train_curves_draw_the_logged_steps(tmp_path):
         plots.train_curves([], tmp_path / "u.png", "u")
 
 
+def test_few_optimizer_steps_are_warned_with_the_numbers_and_a_fix():
+    from retmask.train import TrainConfig, few_steps_warning, plan_steps
+
+    toy_cfg, paper = TrainConfig.preset("toy"), TrainConfig.preset("paper")
+    assert plan_steps(64, toy_cfg) == (16, 2) and few_steps_warning(64, toy_cfg) is None  # the bundled set
+    assert plan_steps(294_000, paper) == (1150, 115) and few_steps_warning(294_000, paper) is None
+    # 8 pairs in one batch a epoch: 2 steps, the first of them warm-up at learning rate 0
+    w = few_steps_warning(8, TrainConfig.preset("toy", effective_batch=16))
+    assert w.startswith("8 pairs at effective batch 16 (8 per device) for 2 epochs make 2 optimizer steps, 1 of "
+                        "them warm-up from learning rate 0: too few to train")
+    assert w.endswith("e.g. --effective-batch 1 --per-device-batch 1 makes 16 steps")
+    # the suggested batch does make enough steps, at the paper's per-device batch and over 8 processes
+    w = few_steps_warning(1000, paper, world=8)
+    assert "(1 per device x 8 processes)" in w and w.endswith("e.g. --effective-batch 128 makes 16 steps")
+    assert plan_steps(1000, TrainConfig.preset("paper", effective_batch=128), world=8) == (16, 2)
+    assert plan_steps(9, TrainConfig.preset("toy", epochs=1.5)) == (3, 1)  # a partial batch, a partial epoch
+
+
+def test_train_prints_one_bar_and_compact_lines(pairs_dir, tmp_path):
+    """`retmask train` shows a labelled bar, one line per logged step and the few-steps warning; none of the
+    libraries' per-step dicts, deprecation warnings or other bars. Every log record is in log.jsonl as it is
+    logged, and a resume logs the steps after its checkpoint once."""
+    import re
+    import shutil
+
+    from retmask.train import TrainConfig, train
+
+    out, _ = pairs_dir
+    few = tmp_path / "pairs"
+    few.mkdir()
+    shutil.copy(out / "pairs-00000.jsonl.gz", few)  # 7 pairs: one batch a epoch
+    run = tmp_path / "run"
+    r = _cli("train", "--pairs", str(few), "--out", str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("warning: 7 pairs at effective batch 8 (8 per device) for 2 epochs make 2 optimizer steps, 1 of "
+            "them warm-up from learning rate 0: too few to train") in r.stdout
+    assert re.findall(r"^dpo step (\d)/2: loss \d\.\d{4}, reward margin -?\d\.\d{4}, lr \S+$", r.stdout,
+                      re.M) == ["1", "2"], r.stdout
+    assert "dpo:" in r.stderr and "2/2" in r.stderr
+    for noise in ("{'loss'", "FutureWarning", "warnings.warn", "Setting accelerator", "Loading weights",
+                  "Generating train split", "Writing model shards", "Tokenizing"):
+        assert noise not in r.stdout + r.stderr, noise
+    recs = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert [x["step"] for x in recs] == [1, 2, 2] and "train_runtime" in recs[-1]
+    hist = json.loads((run / "train.json").read_text())["history"]
+    assert [x["loss"] for x in recs[:2]] == [h["loss"] for h in hist]
+    # a crash after step 2 was logged and before its checkpoint: the resume from step 1 logs step 2 again, once
+    cfg = TrainConfig.preset("toy", save_steps=1)
+    train(str(toy.ASSET_DIR), few, tmp_path / "r", cfg, log=lambda *_: None)
+    shutil.rmtree(tmp_path / "r" / "trainer" / "checkpoint-2")
+    train(str(toy.ASSET_DIR), few, tmp_path / "r", cfg, log=lambda *_: None, resume=True)
+    recs = [json.loads(line) for line in open(tmp_path / "r" / "log.jsonl")]
+    assert [(x["step"], "loss" in x) for x in recs] == [(1, True), (2, True), (2, False)]
+
+
 def test_train_refuses_empty_pairs_folder(tmp_path):
     r = _cli("train", "--pairs", str(tmp_path))
     assert r.returncode == 2 and "no pairs" in r.stderr
@@ -480,6 +538,50 @@ def test_prompts_over_the_cap_are_dropped_and_counted(pairs_dir, tmp_path):
     r = _cli(*ARGS, "--max-prompt-tokens", "1", "--out", str(tmp_path / "cli"))  # every prompt is longer
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["dropped"] == {"prompt_too_long": 20}
+
+
+def test_pairs_fit_the_models_context(pairs_dir, tmp_path):
+    """Prompt cap + new tokens past the model's context (max_position_embeddings) is refused when the job is
+    made; with no cap (0), the prompts that leave too little room are dropped as too long, the others give
+    the pairs they give under a cap. The toy's own default is a short cap, the paper's stays for others."""
+    from retmask.pairs import chat_prompt
+
+    ref, _ = pairs_dir
+    model, tok = toy.load()
+    ins = load_instructions(DATA, limit=20)
+    lens = [len(chat_prompt(tok, text, False)) for _, text in ins.items]
+    ctx = sorted(lens)[14] + 12  # room for 15 of the 20 prompts beside 12 new tokens
+    model.config.max_position_embeddings = ctx
+    with pytest.raises(ValueError, match=f"up to 2048 tokens .* more than the context of model 'toy' \\({ctx} tokens"
+                                         f".*give a --max-prompt-tokens below {ctx}"):
+        PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(max_new_tokens=12), model_name="toy")
+    job = PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(max_new_tokens=12, shard_pairs=7,
+                                                                    max_prompt_tokens=0), model_name="toy", slots=16)
+    s = job.run(ins, tmp_path, progress=False)
+    long_ids = {i for i, n in enumerate(lens) if n + 12 > ctx}
+    assert s["dropped"]["prompt_too_long"] == len(long_ids) == 5
+    assert load_pairs(tmp_path) == [p for p in load_pairs(ref) if p["id"] not in long_ids]
+    assert PairsConfig.paper("toy").max_new_tokens == toy.PAIRS_MAX_NEW_TOKENS <= 128
+    assert PairsConfig.paper("meta-llama/Llama-3.1-8B-Instruct").max_new_tokens == 2048
+    assert PairsConfig.paper("toy", max_new_tokens=7).max_new_tokens == 7
+
+
+def test_pairs_progress_shows_rows_longest_and_cap(tmp_path, capsys):
+    """The pairs bar reports the rows decoding, the longest row so far and the rows that ran to the cap:
+    at the end, none decoding and the counts of the rows written."""
+    import re
+
+    model, tok = toy.load()
+    heads = HeadSet.from_list("0-1,0-2,0-3,1-2,1-3,2-0,2-1")  # the demo's: some ablated rows never say EOS
+    job = PairJob(model, tok, heads, PairsConfig(max_new_tokens=12), model_name="toy", slots=4)
+    job.run(load_instructions(DATA, limit=6), tmp_path, progress=True)
+    err = capsys.readouterr().err
+    last = re.findall(r"(\d+) rows? running, longest (\d+) tok, (\d+) rows? hit the 12 cap", err)[-1]
+    recs = [json.loads(line) for line in open(tmp_path / "work" / "rank-00000.jsonl")]
+    metas = [r["meta"] for r in recs]
+    at_cap = sum((m["chosen_finish"] == "length") + (m["rejected_finish"] == "length") for m in metas)
+    longest = max(max(m["chosen_tokens"], m["rejected_tokens"]) for m in metas)
+    assert tuple(map(int, last)) == (0, longest, at_cap) and 0 < at_cap < 2 * len(metas)
 
 
 def test_pairs_merge_reads_records_in_id_order(tmp_path):
