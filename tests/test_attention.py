@@ -1,14 +1,15 @@
-"""masked_attention: the Triton kernel (interpreted on CPU) and the reference against a float64 oracle."""
+"""masked_attention: the Triton kernel (interpreted on CPU), the CPU backend (SDPA) and the reference against a
+float64 oracle."""
 
 import pytest
 import torch
 
 import oracle
-from retmask.kernels import masked_attention, masked_attention_reference
+from retmask.kernels import masked_attention, masked_attention_cpu, masked_attention_reference
 from retmask.kernels.attention import masked_attention_triton
 
 FLOOR = {torch.float16: 1e-4, torch.float32: 1e-6}
-IMPLS = {"triton": masked_attention_triton, "reference": masked_attention_reference}
+IMPLS = {"triton": masked_attention_triton, "cpu": masked_attention_cpu, "reference": masked_attention_reference}
 
 # B, Hq, Hkv, Sq, Skv, D, keep, ragged lengths, window
 CASES = [
@@ -53,6 +54,22 @@ def test_matches_float64(impl, dtype, case, poison):
     oracle.assert_close_to_truth(out, same, truth, FLOOR[dtype], f"{impl} {dtype}")
     if keep is not None:  # switched-off heads are exactly zero
         assert (out[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", [c for c in CASES if c[7]], ids=lambda c: f"Sq{c[3]}-Skv{c[4]}-w{c[8]}")
+def test_padding_never_reaches_the_output(impl, case):
+    """Keys and values past a row's length hold NaN (as unwritten or reused cache memory may): every backend
+    gives exactly what it gives with clean padding."""
+    q, k, v, keep, lens, window = make(case, torch.float32, seed=11)
+    clean = IMPLS[impl](q, k, v, keep, kv_lens=lens, window=window)
+    kp, vp = k.clone(), v.clone()
+    for b, n in enumerate(lens.tolist()):
+        kp[b, :, n:] = float("nan")
+        vp[b, :, n:] = float("nan")
+    assert torch.isnan(kp).any()
+    out = IMPLS[impl](q, kp, vp, keep, kv_lens=lens, window=window)
+    assert not torch.isnan(out).any() and torch.equal(out, clean)
 
 
 def test_triton_matches_reference_and_is_a_free_view(poison):
@@ -107,9 +124,19 @@ def test_backend_env(monkeypatch):
     monkeypatch.setenv("RETMASK_BACKEND", "triton")
     masked_attention(q, k, v)
     assert calls == [1]
-    monkeypatch.setenv("RETMASK_BACKEND", "auto")  # CPU tensors: the reference
+    import retmask.kernels as kernels_pkg
+
+    cpu_calls = []
+    real_cpu = kernels_pkg.masked_attention_cpu
+    monkeypatch.setattr(kernels_pkg, "masked_attention_cpu", lambda *a, **kw: cpu_calls.append(1) or real_cpu(*a, **kw))
+    monkeypatch.setenv("RETMASK_BACKEND", "auto")  # CPU tensors: the CPU backend
     masked_attention(q, k, v)
-    assert calls == [1]
+    assert calls == [1] and cpu_calls == [1]
+    monkeypatch.setenv("RETMASK_BACKEND", "cpu")
+    masked_attention(q, k, v)
+    monkeypatch.setenv("RETMASK_BACKEND", "reference")
+    masked_attention(q, k, v)
+    assert calls == [1] and cpu_calls == [1, 1]
     monkeypatch.setenv("RETMASK_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="RETMASK_BACKEND"):
         masked_attention(q, k, v)

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import oracle
-from retmask.kernels import masked_decode, masked_decode_reference
+from retmask.kernels import masked_decode, masked_decode_cpu, masked_decode_reference
 from retmask.kernels.decode import masked_decode_triton
 
 FLOOR = {torch.float16: 1e-4, torch.float32: 1e-6, torch.bfloat16: 1e-3}
-IMPLS = {"triton": masked_decode_triton, "reference": masked_decode_reference}
+IMPLS = {"triton": masked_decode_triton, "cpu": masked_decode_cpu, "reference": masked_decode_reference}
 SCORE_TOL = 1e-4
 
 # B, Hq, Hkv, Smax, D, keep, lengths, window  (the interpreter cuts caches in chunks of 32 keys)
@@ -194,12 +194,40 @@ def test_rows_are_independent_of_batch_mates():
         torch.testing.assert_close(one[0], full[b], atol=1e-6, rtol=0)
 
 
-def test_public_function_dispatches_to_reference_on_cpu():
+def test_public_function_dispatches_to_the_cpu_backend_on_cpu(monkeypatch):
     q, kc, vc, lens, keep, window = make(CASES[0], torch.float32)
+    torch.testing.assert_close(
+        masked_decode(q, kc, vc, lens, keep, max_group_rows=3),
+        masked_decode_cpu(q, kc, vc, lens, keep), atol=0, rtol=0,
+    )
+    monkeypatch.setenv("RETMASK_BACKEND", "reference")
     torch.testing.assert_close(
         masked_decode(q, kc, vc, lens, keep, max_group_rows=3),
         masked_decode_reference(q, kc, vc, lens, keep), atol=0, rtol=0,
     )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("window", [None, 20])
+def test_padding_never_reaches_the_output(impl, window):
+    """NaN past every row's private length, past every segment's length and in a segment no row reads (as
+    unwritten or reused cache memory may hold): outputs, positions and scores equal those of clean memory."""
+    q, kc, vc, lens, keep, _, shared = make_shared(SHARED[1], torch.float32, seed=9)
+    clean = IMPLS[impl](q, kc, vc, lens, keep, window=window, return_argmax=True, **shared)
+    kp, vp = kc.clone(), vc.clone()
+    for b, n in enumerate(lens.tolist()):
+        kp[b, :, n:] = vp[b, :, n:] = float("nan")
+    sk, sv = shared["shared_k"].clone(), shared["shared_v"].clone()
+    for gi, n in enumerate(shared["shared_lens"].tolist()):
+        sk[gi, :, n:] = sv[gi, :, n:] = float("nan")
+    sk = torch.cat([sk, torch.full_like(sk[:1], float("nan"))])  # a free segment
+    sv = torch.cat([sv, torch.full_like(sv[:1], float("nan"))])
+    lens_sh = torch.cat([shared["shared_lens"], torch.tensor([sk.shape[2]])])
+    got = IMPLS[impl](q, kp, vp, lens, keep, window=window, return_argmax=True, shared_k=sk, shared_v=sv,
+                      shared_lens=lens_sh, row_seg=shared["row_seg"])
+    assert not torch.isnan(got[0]).any()
+    for x, y in zip(got, clean):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.cuda

@@ -1,8 +1,9 @@
 """Masked attention kernels: several policies of one model in one batched pass.
 
 Public functions (`masked_attention`, `masked_decode`, `gumbel_argmax`) check their inputs, then run the Triton
-kernel for CUDA tensors and the PyTorch reference otherwise. `RETMASK_BACKEND=triton|reference`
-forces one (Triton on CPU tensors needs `TRITON_INTERPRET=1`, set before import). This package
+kernel for CUDA tensors; otherwise the CPU backend (`masked_attention_cpu`: torch's fused SDPA per row;
+`masked_decode_cpu`: one batched product over all rows) and the PyTorch reference sampler. `RETMASK_BACKEND=triton|cpu|reference` forces one
+(Triton on CPU tensors needs `TRITON_INTERPRET=1`, set before import). This package
 imports only torch and triton, and never touches CUDA at import.
 """
 
@@ -13,6 +14,7 @@ import torch
 from ._checks import check_decode_flags
 from ._launch import on_device
 from .backend import BACKEND_ENV, backend_choice, resolve_backend
+from .cpu import masked_attention_cpu, masked_decode_cpu
 from .reference import gumbel_argmax_reference, masked_attention_reference, masked_decode_reference
 from .segments import SegmentLayout, segment_layout
 
@@ -22,8 +24,10 @@ __all__ = [
     "gumbel_argmax",
     "gumbel_argmax_reference",
     "masked_attention",
+    "masked_attention_cpu",
     "masked_attention_reference",
     "masked_decode",
+    "masked_decode_cpu",
     "masked_decode_reference",
     "resolve_backend",
     "SegmentLayout",
@@ -120,7 +124,7 @@ def gumbel_argmax(logits, seed, step, inv_t: float, floor=None):
     """
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits: expected a (B, V) float tensor, got {type(logits).__name__}")
-    if resolve_backend(logits) == "reference":
+    if resolve_backend(logits) != "triton":
         return gumbel_argmax_reference(logits, seed, step, inv_t, floor)
     from .sampling import gumbel_argmax_triton
 
@@ -132,7 +136,10 @@ def _pick(name: str, q):
     if not isinstance(q, torch.Tensor):  # the backend follows q's device: check that it is a tensor first
         layout = "(B, Hq, Sq, D)" if name == "masked_attention" else "(B, Hq, D)"
         raise ValueError(f"q: expected a torch.Tensor shaped {layout}, got {type(q).__name__}")
-    if resolve_backend(q) == "reference":
+    backend = resolve_backend(q)
+    if backend == "cpu":
+        return masked_attention_cpu if name == "masked_attention" else masked_decode_cpu
+    if backend != "triton":
         return masked_attention_reference if name == "masked_attention" else masked_decode_reference
     if name == "masked_attention":
         from .attention import masked_attention_triton

@@ -32,6 +32,8 @@ def masked_attention_reference(
         else torch.full((a.b,), a.skv, dtype=torch.int64, device=q.device)
     )  # (B,)
     kpos = torch.arange(a.skv, device=q.device)  # (Skv,)
+    if a.kv_lens is not None:  # values past a row's length get weight 0, but 0 * NaN is NaN: clear them
+        vf = vf.masked_fill((kpos[None, :] >= lens[:, None])[:, None, None, :, None], 0.0)  # (B, Hkv, 1, Skv, D)
     for i0 in range(0, a.sq, _Q_CHUNK):
         i1 = min(a.sq, i0 + _Q_CHUNK)
         qpos = lens[:, None] - a.sq + torch.arange(i0, i1, device=q.device)  # (B, c)

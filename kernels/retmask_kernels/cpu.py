@@ -1,0 +1,146 @@
+"""The CPU backend: the prefill through torch's fused `scaled_dot_product_attention`, one row at a time, and
+the decode as one batched product over all rows (`masked_decode_cpu`).
+
+The prefill:
+
+Same signature and semantics as `masked_attention` (bottom-right causal alignment, GQA, per-row valid
+key lengths, sliding window, keep bitmap), built so that no work goes to what the output never shows:
+- a row's queries at negative positions (the left padding of a short row) and its keys past
+  `kv_lens[b]` are sliced away before the call, so padding is neither computed nor read: whatever it
+  holds (NaN included) cannot reach the output;
+- a row's switched-off heads are left out of its call (their output is zeros);
+- a square causal block (`Sq == kv_lens[b]`, no window) takes SDPA's `is_causal` path; anything
+  else passes a boolean mask of the row's own `(queries, keys)` only.
+SDPA computes in the input dtype with float32 accumulation (its flash kernel on CPU), where the
+reference upcasts everything to float32; the two agree to the inputs' precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_attention, check_decode
+from ._launch import alloc
+
+
+def masked_attention_cpu(q, k, v, keep=None, *, kv_lens=None, window=None, scale=None, check_values=True):
+    """Causal masked attention on CPU tensors; see `retmask.kernels.masked_attention`."""
+    a = check_attention(q, k, v, keep, kv_lens, window, scale, check_values)
+    g = a.hq // a.hkv
+    out = alloc(a.b, a.sq, a.hq, a.d, dtype=q.dtype, device=q.device)  # (B, Sq, Hq, D)
+    lens = a.kv_lens.tolist() if a.kv_lens is not None else [a.skv] * a.b
+    kept = a.keep.tolist() if a.keep is not None else None  # (B, Hq) as lists: one host read
+    for b in range(a.b):
+        n = int(lens[b])
+        first = max(0, a.sq - n)  # queries [0, first) sit at negative positions: they see nothing
+        out[b, :first] = 0
+        heads = range(a.hq) if kept is None else [h for h in range(a.hq) if kept[b][h]]
+        if n == 0 or first == a.sq or not heads:
+            out[b, first:] = 0
+            continue
+        sq = a.sq - first
+        qb = q[b, :, first:]  # (Hq, sq, D)
+        kb, vb = k[b, :, :n], v[b, :, :n]  # (Hkv, n, D): the row's valid keys only
+        if len(heads) < a.hq:
+            idx = torch.tensor(heads, device=q.device)  # (h,)
+            qb = qb.index_select(0, idx)  # (h, sq, D)
+            kb, vb = kb.index_select(0, idx // g), vb.index_select(0, idx // g)  # (h, n, D), one per query head
+            gqa = False
+        else:
+            gqa = g > 1
+        if a.window is None and sq == n:
+            o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=a.scale, enable_gqa=gqa)
+        else:
+            qpos = torch.arange(n - sq, n, device=q.device)[:, None]  # (sq, 1): bottom-right aligned
+            kpos = torch.arange(n, device=q.device)[None, :]  # (1, n)
+            vis = kpos <= qpos
+            if a.window is not None:
+                vis &= kpos > qpos - a.window  # (sq, n); every query sees at least itself
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=vis, scale=a.scale, enable_gqa=gqa)
+        # o: (h, sq, D)
+        if len(heads) < a.hq:
+            ob = out[b]  # (Sq, Hq, D) view
+            ob[first:] = 0
+            ob[first:, idx] = o.transpose(0, 1)  # (sq, h, D)
+        else:
+            out[b, first:] = o.transpose(0, 1)
+    return out.transpose(1, 2)  # (B, Hq, Sq, D) view of (B, Sq, Hq, D)
+
+
+def masked_decode_cpu(
+    q, k_cache, v_cache, kv_lens, keep=None, *, window=None, scale=None, return_argmax=False,
+    shared_k=None, shared_v=None, shared_lens=None, row_seg=None, max_group_rows=None, seg_layout=None,
+    check_values=True,
+):
+    """One query per row over [shared segment] + private cache, every row in one batched product per part;
+    see `retmask.kernels.masked_decode`.
+
+    No loop over rows and no concatenation of keys: the scores of the shared part (each row reads its
+    segment through one gather of the pool) and of the private part are computed apart, masked to each row's
+    lengths and window, and put through one softmax; the argmax comes from the same scores. Keys and values
+    past a row's lengths are never weighted, and values there are cleared first (0 * NaN is NaN), so
+    whatever unused cache memory holds cannot reach the output. Works in float32; `max_group_rows` (a GPU
+    launch hint) is accepted and unused."""
+    a = check_decode(q, k_cache, v_cache, kv_lens, keep, window, scale, shared_k, shared_v, shared_lens, row_seg,
+                     check_values, seg_layout)
+    g, dev = a.hq // a.hkv, q.device
+    lens = a.kv_lens.to(device=dev, dtype=torch.int64)  # (B,)
+    n_priv = int(lens.max()) if a.b else 0  # the private part is read up to the longest row only
+    qf = q.float().view(a.b, a.hkv, g, a.d)  # (B, Hkv, G, D)
+    parts = []  # (scores (B, Hkv, G, S), values (B, Hkv, S, D), valid (B, S)) of each part, in key order
+    if a.shared is not None:
+        seg = a.shared.seg.to(dev, torch.int64)  # (B,)
+        has = seg >= 0
+        idx = seg.clamp(min=0)
+        sh_lens = torch.where(has, a.shared.lens.to(dev, torch.int64)[idx], 0)  # (B,)
+        n_sh = int(sh_lens.max()) if a.b else 0
+        if n_sh:
+            ks = a.shared.k[:, :, :n_sh].index_select(0, idx).float()  # (B, Hkv, n_sh, D)
+            vs = a.shared.v[:, :, :n_sh].index_select(0, idx).float()
+            valid = torch.arange(n_sh, device=dev)[None, :] < sh_lens[:, None]  # (B, n_sh)
+            parts.append((ks, vs, valid))
+    else:
+        sh_lens = torch.zeros(a.b, dtype=torch.int64, device=dev)
+    if n_priv:
+        valid = torch.arange(n_priv, device=dev)[None, :] < lens[:, None]  # (B, n_priv)
+        parts.append((k_cache[:, :, :n_priv].float(), v_cache[:, :, :n_priv].float(), valid))
+    out = torch.zeros(a.b, a.hq, a.d, dtype=q.dtype, device=dev)  # (B, Hq, D)
+    pos = torch.full((a.b, a.hq), -1, dtype=torch.int64, device=dev)  # (B, Hq)
+    score = torch.full((a.b, a.hq), float("-inf"), dtype=torch.float32, device=dev)
+    if parts:
+        total = sh_lens + lens  # (B,) keys per row; the query sits at position total - 1
+        scores, offs = [], 0
+        for kp, _, valid in parts:
+            s = torch.matmul(qf, kp.transpose(-1, -2)) * a.scale  # (B, Hkv, G, S)
+            vis = valid
+            if a.window is not None:  # key position: the segment's keys first, then the private ones
+                kpos = torch.arange(kp.shape[2], device=dev)[None, :] + (0 if offs == 0 else sh_lens[:, None])
+                vis = vis & (kpos > total[:, None] - 1 - a.window)
+            scores.append(s.masked_fill(~vis[:, None, None, :], float("-inf")))
+            offs += 1
+        s_all = torch.cat(scores, dim=-1)  # (B, Hkv, G, n_sh + n_priv): scores only, no keys copied
+        live = s_all.amax(-1, keepdim=True) > float("-inf")  # (B, Hkv, G, 1): a row with no visible key
+        p = torch.softmax(s_all, dim=-1).masked_fill(~live, 0.0)
+        acc, at = 0.0, 0
+        for kp, vp, valid in parts:
+            n = kp.shape[2]
+            vp = vp.masked_fill(~valid[:, None, :, None], 0.0)  # (B, Hkv, n, D)
+            acc = acc + torch.matmul(p[..., at:at + n], vp)  # (B, Hkv, G, D)
+            at += n
+        out = acc.reshape(a.b, a.hq, a.d).to(q.dtype)
+        if return_argmax:
+            best, arg = s_all.reshape(a.b, a.hq, -1).max(dim=-1)  # first maximum: ties to the lowest position
+            n_sh = s_all.shape[-1] - n_priv
+            # a column index -> the key's position: the segment's n_sh columns hold positions [0, sh_len),
+            # the private ones start at sh_len
+            priv = arg >= n_sh
+            arg = torch.where(priv, arg - n_sh + sh_lens[:, None], arg)
+            dead = ~live.reshape(a.b, a.hq)
+            pos = arg.masked_fill(dead, -1)
+            score = best.masked_fill(dead, float("-inf"))
+    if a.keep is not None:
+        out.masked_fill_(~a.keep[:, :, None], 0.0)
+        pos.masked_fill_(~a.keep, -1)
+        score.masked_fill_(~a.keep, float("-inf"))
+    return (out, pos, score) if return_argmax else out
