@@ -157,7 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", default="1,8,32")
     ap.add_argument("--models", default="toy,tiny-llama")
     ap.add_argument("--toy-lengths", default="1024,4096,16384,32768")
-    ap.add_argument("--vocab-lengths", default="2048,8192", help="lengths of the 128,256-vocabulary detection rows")
+    ap.add_argument("--vocab-lengths", help="lengths of the 128,256-vocabulary detection rows (default 2048,8192; "
+                    "'' for none)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="a smoke run: small sizes, one repetition")
     ap.add_argument("--out", type=Path, default=benchlib.RESULTS / "cpu.csv")
@@ -167,7 +168,9 @@ def main(argv=None) -> int:
         print(json.dumps(_child(json.loads(args.child))))
         return 0
     if args.quick:
-        args.pairs, args.toy_lengths, args.vocab_lengths, args.reps = "1,2", "256", "256", 1
+        args.pairs, args.toy_lengths, args.reps = "1,2", "256", 1
+    if args.vocab_lengths is None:
+        args.vocab_lengths = "256" if args.quick else "2048,8192"
     st = dict(benchlib.stamp(), threads=torch.get_num_threads(), cores=os.cpu_count())
     rows = benchlib.RowLog(args.out)
     g = torch.Generator().manual_seed(0)

@@ -127,8 +127,19 @@ def host_section() -> str:
             + f"\n\n<sub>{rows[0]['device']}; commit {rows[0]['commit']}; run {rows[0]['run']}.</sub>")
 
 
+def cpu_section() -> str:
+    rows = benchlib.read_latest(benchlib.RESULTS / "cpu.csv")
+    if not rows:
+        return "_No results committed yet: run `python benchmarks/bench_cpu.py`._"
+    r = rows[0]
+    return (benchlib.table(rows, ["sweep", "model", "provider", "size", "seconds", "tok_per_s", "peak_rss_gb",
+                                  "vs_baseline"])
+            + f"\n\n<sub>{r['device']}, {r.get('cores', '?')} cores, {r.get('threads', '?')} torch threads; torch "
+              f"{r['torch']}; commit {r['commit']}; run {r['run']}; medians of interleaved runs.</sub>")
+
+
 SECTIONS = {"prefill": prefill_section, "decode": decode_section, "engine": engine_section,
-            "detect": detect_section, "host": host_section}
+            "detect": detect_section, "host": host_section, "cpu": cpu_section}
 
 
 def main(argv=None) -> int:

@@ -164,7 +164,8 @@ def _model_args(p):
     p.add_argument("--slots", type=int, help="rows decoded together (default: from --kv-budget-gb; without it, "
                    "70 %% of the GPU memory free after loading, capped at the job's rows; a few on CPU)")
     p.add_argument("--kv-budget-gb", type=float, help="KV-cache memory the engine may use")
-    p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens)")
+    p.add_argument("--chunk", type=int, help="prefill chunk (tokens; default 4096 on CUDA, the whole prompt on a "
+                   "CPU, within --prefill-tokens)")
     p.add_argument("--prefill-tokens", type=int, default=32768,
                    help="most rows x tokens one prefill pass holds (bounds its memory)")
     p.add_argument("--admit-rows", type=int, help="rows that must be admissible before waiting prompts join "

@@ -53,8 +53,9 @@ def _engine_kw(args) -> dict:
         raise ValueError(f"--kv-budget-gb {args.kv_budget_gb:g}: must be > 0")
     if args.reuse_prefix < 0:
         raise ValueError(f"--reuse-prefix {args.reuse_prefix}: must be >= 0 (0 turns prefix reuse off)")
-    kw = {"chunk": args.chunk, "decode": args.decode, "prefill_tokens": args.prefill_tokens,
-          "reuse_prefix": args.reuse_prefix}
+    kw = {"decode": args.decode, "prefill_tokens": args.prefill_tokens, "reuse_prefix": args.reuse_prefix}
+    if args.chunk is not None:
+        kw["chunk"] = args.chunk
     if args.slots is not None:
         kw["slots"] = args.slots
     if args.kv_budget_gb is not None:

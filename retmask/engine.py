@@ -105,7 +105,9 @@ class Engine(PrefillMixin, DecodeMixin):
             keeps only its new tokens there, so `private_len = max_new_tokens` saves the most.
             Detection is the extreme case: every row leaves the prompt intact, so every layer is
             shared and the prompt's KV is stored once.
-        chunk: prefill chunk length (tokens).
+        chunk: prefill chunk length (tokens). Default: 4096 on CUDA; elsewhere the whole prompt (up to
+            `prefill_tokens`), since on a CPU torch's causal SDPA kernel over a whole prompt beats a
+            masked call per chunk (1.7x at 16K on the toy; `benchmarks/bench_cpu.py`).
         prefill_tokens: most tokens one prefill pass holds (rows x padded prompt length, where a group's
             rows with the same prompt bitmap count once: they compute the prompt together), which bounds
             its staging KV and activations: the groups admitted together are prefilled in batches
@@ -144,7 +146,7 @@ class Engine(PrefillMixin, DecodeMixin):
     """
 
     def __init__(self, model, tokenizer=None, *, slots: int | None = None, kv_budget_gb: float | None = None,
-                 max_len: int = 4096, chunk: int = 1024, sharing: bool = True, on_too_long: str = "error",
+                 max_len: int = 4096, chunk: int | None = None, sharing: bool = True, on_too_long: str = "error",
                  private_len: int | None = None, decode: str = "auto", policies: Sequence[Policy] | None = None,
                  max_slots: int | None = None, segments: int | None = None, prefill_tokens: int = 32768,
                  admit_rows: int | None = None, reuse_prefix: int = 128, overlap: bool | None = None):
@@ -170,6 +172,8 @@ class Engine(PrefillMixin, DecodeMixin):
         self.vocab = model.get_input_embeddings().num_embeddings  # token ids a prompt may hold
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        if chunk is None:
+            chunk = 4096 if self.device.type == "cuda" else max_len
         if on_too_long not in ("error", "skip"):
             raise ValueError(f"on_too_long={on_too_long!r}: use 'error' or 'skip'")
         if chunk < 1 or max_len < 2 or prefill_tokens < 1:

@@ -70,7 +70,7 @@ def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch, model_bench
     monkeypatch.setattr(benchlib, "RESULTS", tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text("a\n" + "".join(f"<!-- bench:{n} -->\nold\n<!-- /bench:{n} -->\n"
-                                      for n in ("prefill", "decode", "engine", "detect", "host")))
+                                      for n in ("prefill", "decode", "engine", "detect", "host", "cpu")))
     monkeypatch.setattr(report, "README", readme)
     assert report.main([]) == 0
     text = readme.read_text()
@@ -81,6 +81,7 @@ def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch, model_bench
     assert "retmask, prefix reuse" in text and "computed_tokens" in text  # the depth sweep
     assert "| prompt KV per stream |" in text and "staging_gb" in text  # the causal check
     assert text.count("; commit ") == 4 and "bench_host.py" in text  # a footnote per GPU table; no host.csv here
+    assert "bench_cpu.py" in text  # no cpu.csv here either
 
 
 def test_engine_benchmark_tiny(model_benches):
@@ -177,3 +178,17 @@ def test_prefix_reuse_counts():
     cols = [line for line in p.stdout.splitlines() if line.startswith("| one column")]
     assert len(cols) == 3 and all("| 40% |" in line for line in cols), p.stdout
     assert "prefix lookup among 512 segments" in p.stdout
+
+
+def test_cpu_benchmark_quick(tmp_path):
+    """bench_cpu.py's smoke mode: both sides of each comparison measured, in the same run."""
+    out = tmp_path / "cpu.csv"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cpu.py"), "--quick", "--models", "toy",
+                        "--pairs", "1", "--vocab-lengths", "", "--out", str(out)],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = list(csv.DictReader(open(out)))
+    assert {(r["sweep"], r["provider"]) for r in rows} == {("pairs", "retmask engine"), ("pairs", "generate x2"),
+                                                           ("detect", "retmask"), ("detect", "reference-style")}
+    assert len({r["run"] for r in rows}) == 1 and all(float(r["seconds"]) > 0 for r in rows)
+    assert all(float(r["peak_rss_gb"]) > 0 for r in rows if r["sweep"] == "detect")

@@ -49,6 +49,7 @@ def masked_attention_cpu(q, k, v, keep=None, *, kv_lens=None, window=None, scale
             gqa = False
         else:
             gqa = g > 1
+        qb, kb, vb = qb[None], kb[None], vb[None]  # 4-D: SDPA's fused CPU kernel (3-D inputs take its slow path)
         if a.window is None and sq == n:
             o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=a.scale, enable_gqa=gqa)
         else:
@@ -58,7 +59,7 @@ def masked_attention_cpu(q, k, v, keep=None, *, kv_lens=None, window=None, scale
             if a.window is not None:
                 vis &= kpos > qpos - a.window  # (sq, n); every query sees at least itself
             o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=vis, scale=a.scale, enable_gqa=gqa)
-        # o: (h, sq, D)
+        o = o[0]  # (h, sq, D)
         if len(heads) < a.hq:
             ob = out[b]  # (Sq, Hq, D) view
             ob[first:] = 0
@@ -79,8 +80,9 @@ def masked_decode_cpu(
     No loop over rows and no concatenation of keys: the scores of the shared part (each row reads its
     segment through one gather of the pool) and of the private part are computed apart, masked to each row's
     lengths and window, and put through one softmax; the argmax comes from the same scores. Keys and values
-    past a row's lengths are never weighted, and values there are cleared first (0 * NaN is NaN), so
-    whatever unused cache memory holds cannot reach the output. Works in float32; `max_group_rows` (a GPU
+    past a row's lengths are never weighted, and where a row reads any (a batch of unequal lengths) the
+    values there are cleared first (0 * NaN is NaN), so whatever unused cache memory holds cannot reach
+    the output. Works in float32; `max_group_rows` (a GPU
     launch hint) is accepted and unused."""
     a = check_decode(q, k_cache, v_cache, kv_lens, keep, window, scale, shared_k, shared_v, shared_lens, row_seg,
                      check_values, seg_layout)
@@ -96,8 +98,13 @@ def masked_decode_cpu(
         sh_lens = torch.where(has, a.shared.lens.to(dev, torch.int64)[idx], 0)  # (B,)
         n_sh = int(sh_lens.max()) if a.b else 0
         if n_sh:
-            ks = a.shared.k[:, :, :n_sh].index_select(0, idx).float()  # (B, Hkv, n_sh, D)
-            vs = a.shared.v[:, :, :n_sh].index_select(0, idx).float()
+            first = int(idx[0])
+            if a.b == 1 or bool((idx == first).all()):  # one segment for every row: a view, no gather
+                ks = a.shared.k[first:first + 1, :, :n_sh].expand(a.b, -1, -1, -1).float()  # (B, Hkv, n_sh, D)
+                vs = a.shared.v[first:first + 1, :, :n_sh].expand(a.b, -1, -1, -1).float()
+            else:
+                ks = a.shared.k[:, :, :n_sh].index_select(0, idx).float()  # (B, Hkv, n_sh, D)
+                vs = a.shared.v[:, :, :n_sh].index_select(0, idx).float()
             valid = torch.arange(n_sh, device=dev)[None, :] < sh_lens[:, None]  # (B, n_sh)
             parts.append((ks, vs, valid))
     else:
@@ -125,7 +132,8 @@ def masked_decode_cpu(
         acc, at = 0.0, 0
         for kp, vp, valid in parts:
             n = kp.shape[2]
-            vp = vp.masked_fill(~valid[:, None, :, None], 0.0)  # (B, Hkv, n, D)
+            if not bool(valid.all()):  # only a row shorter than the part reads padding: clear it there
+                vp = vp.masked_fill(~valid[:, None, :, None], 0.0)  # (B, Hkv, n, D)
             acc = acc + torch.matmul(p[..., at:at + n], vp)  # (B, Hkv, G, D)
             at += n
         out = acc.reshape(a.b, a.hq, a.d).to(q.dtype)
