@@ -87,66 +87,69 @@ def masked_decode_cpu(
     a = check_decode(q, k_cache, v_cache, kv_lens, keep, window, scale, shared_k, shared_v, shared_lens, row_seg,
                      check_values, seg_layout)
     g, dev = a.hq // a.hkv, q.device
-    lens = a.kv_lens.to(device=dev, dtype=torch.int64)  # (B,)
-    n_priv = int(lens.max()) if a.b else 0  # the private part is read up to the longest row only
+    # lengths and segments on the host (CPU tensors: no sync), so masks are built only where rows differ
+    lens_l = a.kv_lens.tolist()
+    seg_l = a.shared.seg.tolist() if a.shared is not None else [-1] * a.b
+    seg_len = a.shared.lens.tolist() if a.shared is not None else []
+    sh_l = [seg_len[sg] if sg >= 0 else 0 for sg in seg_l]  # (B,) segment keys each row reads
+    total_l = [x + y for x, y in zip(sh_l, lens_l)]  # keys per row; its query sits at position total - 1
+    n_sh, n_priv = max(sh_l, default=0), max(lens_l, default=0)  # each part is read up to its longest row
     qf = q.float().view(a.b, a.hkv, g, a.d)  # (B, Hkv, G, D)
-    parts = []  # (scores (B, Hkv, G, S), values (B, Hkv, S, D), valid (B, S)) of each part, in key order
-    if a.shared is not None:
-        seg = a.shared.seg.to(dev, torch.int64)  # (B,)
-        has = seg >= 0
-        idx = seg.clamp(min=0)
-        sh_lens = torch.where(has, a.shared.lens.to(dev, torch.int64)[idx], 0)  # (B,)
-        n_sh = int(sh_lens.max()) if a.b else 0
-        if n_sh:
-            first = int(idx[0])
-            if a.b == 1 or bool((idx == first).all()):  # one segment for every row: a view, no gather
-                ks = a.shared.k[first:first + 1, :, :n_sh].expand(a.b, -1, -1, -1).float()  # (B, Hkv, n_sh, D)
-                vs = a.shared.v[first:first + 1, :, :n_sh].expand(a.b, -1, -1, -1).float()
-            else:
-                ks = a.shared.k[:, :, :n_sh].index_select(0, idx).float()  # (B, Hkv, n_sh, D)
-                vs = a.shared.v[:, :, :n_sh].index_select(0, idx).float()
-            valid = torch.arange(n_sh, device=dev)[None, :] < sh_lens[:, None]  # (B, n_sh)
-            parts.append((ks, vs, valid))
-    else:
-        sh_lens = torch.zeros(a.b, dtype=torch.int64, device=dev)
+    parts = []  # (keys (B, Hkv, S, D), values, row lengths in the part, offset of its positions per row)
+    if n_sh:
+        first = max(seg_l)
+        if all(sg == first for sg in seg_l):  # one segment for every row: a view, no gather
+            ks = a.shared.k[first:first + 1, :, :n_sh].expand(a.b, -1, -1, -1)  # (B, Hkv, n_sh, D)
+            vs = a.shared.v[first:first + 1, :, :n_sh].expand(a.b, -1, -1, -1)
+        else:
+            idx = torch.tensor([max(sg, 0) for sg in seg_l], device=dev)  # (B,)
+            ks = a.shared.k[:, :, :n_sh].index_select(0, idx)  # (B, Hkv, n_sh, D)
+            vs = a.shared.v[:, :, :n_sh].index_select(0, idx)
+        parts.append((ks.float(), vs.float(), sh_l, [0] * a.b))
     if n_priv:
-        valid = torch.arange(n_priv, device=dev)[None, :] < lens[:, None]  # (B, n_priv)
-        parts.append((k_cache[:, :, :n_priv].float(), v_cache[:, :, :n_priv].float(), valid))
+        parts.append((k_cache[:, :, :n_priv].float(), v_cache[:, :, :n_priv].float(), lens_l, sh_l))
     out = torch.zeros(a.b, a.hq, a.d, dtype=q.dtype, device=dev)  # (B, Hq, D)
     pos = torch.full((a.b, a.hq), -1, dtype=torch.int64, device=dev)  # (B, Hq)
     score = torch.full((a.b, a.hq), float("-inf"), dtype=torch.float32, device=dev)
     if parts:
-        total = sh_lens + lens  # (B,) keys per row; the query sits at position total - 1
-        scores, offs = [], 0
-        for kp, _, valid in parts:
-            s = torch.matmul(qf, kp.transpose(-1, -2)) * a.scale  # (B, Hkv, G, S)
-            vis = valid
-            if a.window is not None:  # key position: the segment's keys first, then the private ones
-                kpos = torch.arange(kp.shape[2], device=dev)[None, :] + (0 if offs == 0 else sh_lens[:, None])
-                vis = vis & (kpos > total[:, None] - 1 - a.window)
-            scores.append(s.masked_fill(~vis[:, None, None, :], float("-inf")))
-            offs += 1
-        s_all = torch.cat(scores, dim=-1)  # (B, Hkv, G, n_sh + n_priv): scores only, no keys copied
-        live = s_all.amax(-1, keepdim=True) > float("-inf")  # (B, Hkv, G, 1): a row with no visible key
-        p = torch.softmax(s_all, dim=-1).masked_fill(~live, 0.0)
-        acc, at = 0.0, 0
-        for kp, vp, valid in parts:
+        scores, valids = [], []
+        for kp, _, n_row, off in parts:
             n = kp.shape[2]
-            if not bool(valid.all()):  # only a row shorter than the part reads padding: clear it there
-                vp = vp.masked_fill(~valid[:, None, :, None], 0.0)  # (B, Hkv, n, D)
+            s = torch.matmul(qf, kp.transpose(-1, -2)) * a.scale  # (B, Hkv, G, n)
+            ragged = min(n_row) < n
+            vis = None
+            if ragged:
+                vis = torch.arange(n, device=dev)[None, :] < torch.tensor(n_row, device=dev)[:, None]  # (B, n)
+            if a.window is not None:  # key position: the segment's keys first, then the private ones
+                lo = torch.tensor([t - 1 - a.window - o for t, o in zip(total_l, off)], device=dev)  # (B,)
+                inw = torch.arange(n, device=dev)[None, :] > lo[:, None]  # (B, n)
+                vis = inw if vis is None else vis & inw
+            if vis is not None:
+                s = s.masked_fill(~vis[:, None, None, :], float("-inf"))
+            scores.append(s)
+            valids.append(ragged)
+        s_all = torch.cat(scores, dim=-1) if len(scores) > 1 else scores[0]  # (B, Hkv, G, n_sh + n_priv)
+        p = torch.softmax(s_all, dim=-1)  # scores only were joined: no keys copied
+        empty = [b for b in range(a.b) if total_l[b] == 0]  # a row with no key at all gets zeros
+        acc, at = 0.0, 0
+        for (kp, vp, n_row, _), ragged in zip(parts, valids):
+            n = kp.shape[2]
+            if ragged:  # only a row shorter than the part reads padding: clear its values (0 * NaN is NaN)
+                keep_v = torch.arange(n, device=dev)[None, :] < torch.tensor(n_row, device=dev)[:, None]
+                vp = vp.masked_fill(~keep_v[:, None, :, None], 0.0)  # (B, Hkv, n, D)
             acc = acc + torch.matmul(p[..., at:at + n], vp)  # (B, Hkv, G, D)
             at += n
         out = acc.reshape(a.b, a.hq, a.d).to(q.dtype)
+        if empty:
+            out[empty] = 0
         if return_argmax:
             best, arg = s_all.reshape(a.b, a.hq, -1).max(dim=-1)  # first maximum: ties to the lowest position
-            n_sh = s_all.shape[-1] - n_priv
-            # a column index -> the key's position: the segment's n_sh columns hold positions [0, sh_len),
-            # the private ones start at sh_len
-            priv = arg >= n_sh
-            arg = torch.where(priv, arg - n_sh + sh_lens[:, None], arg)
-            dead = ~live.reshape(a.b, a.hq)
-            pos = arg.masked_fill(dead, -1)
-            score = best.masked_fill(dead, float("-inf"))
+            if n_sh and n_priv:  # a private column's key sits after the row's own segment, not after n_sh
+                shift = torch.tensor(sh_l, device=dev)[:, None] - n_sh  # (B, 1)
+                arg = torch.where(arg >= n_sh, arg + shift, arg)
+            pos, score = arg, best
+            if empty:
+                pos[empty], score[empty] = -1, float("-inf")
     if a.keep is not None:
         out.masked_fill_(~a.keep[:, :, None], 0.0)
         pos.masked_fill_(~a.keep, -1)
