@@ -26,14 +26,16 @@ test: $(STAMP)
 demo: $(STAMP)
 	TRITON_INTERPRET=1 $(VENV)/bin/retmask demo
 
-# The newest releases of everything (torch stays 2.13.0), in a venv of their own, then the suite:
-# finds upstream drift on purpose. Not run by CI. `make lock` then writes what passed to the lock.
+# The newest releases of everything but torch, in a venv of their own, then the suite: finds upstream
+# drift on purpose. Not run by CI. torch is named in the same install so that the eager upgrade keeps it
+# at 2.13.0 (the CPU wheel here; a newer torch would pull the CUDA build). `make lock` then writes what
+# passed to the lock.
 test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	$(LATEST)/bin/python -m pip install -q $(TORCH)
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e "$(EXTRAS)"
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e "$(EXTRAS)" "$(TORCH)"
 	$(LATEST)/bin/python -m pip list --format=freeze | grep -E "^(torch|triton|transformers|kernels|trl|datasets|accelerate)=="
 	TRITON_INTERPRET=1 $(LATEST)/bin/python -m pytest -q tests
 
