@@ -97,7 +97,7 @@ def _warn_past_context(model: str, grid) -> None:
     from . import models, toy
 
     need = grid.max_len + grid.steps
-    limit = getattr(models.config(model), "max_position_embeddings", None)
+    limit = models.context_len(models.config(model))
     if limit and need > limit:
         print(f"warning: --max {grid.max_len} + {grid.steps} decode steps runs past the model's "
               f"max_position_embeddings {limit}; lower --max to stay within what it was trained for",

@@ -39,10 +39,10 @@ class DetectConfig(niah.GridConfig):
 
     score_rule: str = "reference"
 
-    def check(self) -> None:
+    def check(self, source: bool = True) -> None:
         if self.score_rule not in scoring.RULES:
             raise ValueError(f"score_rule={self.score_rule!r} (--score-rule): use one of {scoring.RULES}")
-        super().check()
+        super().check(source)
 
 
 NAMES = ("head_scores.json", "detect.json", "tests.jsonl", "heads.png", "niah.png")

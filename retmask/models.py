@@ -93,6 +93,13 @@ def check_tokenizer(name: str) -> None:
                          "save it there too: tokenizer.save_pretrained(folder)")
 
 
+def context_len(config) -> int | None:
+    """The positions a model was built for (`max_position_embeddings` of its config, or of its text config)."""
+    config = getattr(config, "text_config", config)
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
 @lru_cache(maxsize=32)  # read once per process: the commands check a model's heads and policies against it
 def config(name: str, *, arch: bool = True):
     """The model's config (the text config of a multimodal one; shared, do not change it), with a clear

@@ -64,7 +64,9 @@ class GridConfig:
             raise ValueError(f"preset {name!r}: use one of {sorted(GRID_PRESETS)}")
         return cls(**{**GRID_PRESETS[name], **kw})
 
-    def check(self) -> None:
+    def check(self, source: bool = True) -> None:
+        """Every setting, and with `source` the needles and haystack files read through (`load` reads them
+        itself, once)."""
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement={self.placement!r}: use one of {PLACEMENTS}")
         if self.steps < 1:
@@ -76,12 +78,12 @@ class GridConfig:
         for flag, path in (("--needles-file", self.needles), ("--haystack", self.haystack)):
             if path is not None and not Path(path).exists():
                 raise ValueError(f"{flag} {path}: no such file or folder")
-        if self.needles is not None or self.haystack is not None:  # every needle's fields, every haystack's text:
-            load_source(self.needles, self.haystack, self.n_needles, seed=self.seed)  # before any model loads
+        if source and (self.needles is not None or self.haystack is not None):  # every needle's fields, every
+            load_source(self.needles, self.haystack, self.n_needles, seed=self.seed)  # haystack's text: before a model
 
     def load(self) -> tuple[list[Needle], list[str], list["Test"]]:
         """(needles, one haystack per needle, the tests in grid order), after checking the config."""
-        self.check()
+        self.check(source=False)
         ns, hs = load_source(self.needles, self.haystack, self.n_needles, seed=self.seed)
         return ns, hs, grid(self.min_len, self.max_len, self.n_lengths, self.n_depths, len(ns))
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import models
+from .models import context_len
 from .runs import all_sum, append_record, barrier, dist, done_keys, finished, iter_jsonl_at, prepare_out, read_at
 from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, RowResult, default_size, prefix_order
 from .heads import HeadSet
@@ -72,13 +73,6 @@ class PairsConfig:
         if "qwen3" in model_name.lower():
             return cls(**{"thinking": True, "max_new_tokens": 4096, **kw})
         return cls(**kw)
-
-
-def context_len(config) -> int | None:
-    """The positions a model was built for (`max_position_embeddings` of its config, or of its text config)."""
-    config = getattr(config, "text_config", config)
-    n = getattr(config, "max_position_embeddings", None)
-    return n if isinstance(n, int) and n > 0 else None
 
 
 def check_context(cfg: PairsConfig, config, name: str) -> None:
@@ -179,8 +173,8 @@ class PairJob:
         for m, name in ((model, model_name), (reject[0] if reject else None, reject_name)):
             if getattr(m, "config", None) is not None:
                 check_context(cfg, m.config, name)
-                if context_len(m.config):
-                    rooms.append(context_len(m.config) - cfg.max_new_tokens)
+                if ctx := context_len(m.config):
+                    rooms.append(ctx - cfg.max_new_tokens)
         self._room = min(rooms, default=None)
         self.engine_kw = engine_kw
 

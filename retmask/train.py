@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .models import load_path
+from .runs import read_jsonl
 
 PRESETS = {
     "paper": dict(beta=0.1, loss_type="sigmoid", learning_rate=5e-7, min_lr=5e-8, warmup_ratio=0.1, weight_decay=0.1,
@@ -221,14 +222,8 @@ def progress_callback(path: Path, lines: bool = True):
             self.current_step = state.global_step
             if not state.is_world_process_zero:
                 return
-            kept = []
-            for line in path.read_text().splitlines() if path.is_file() else ():
-                try:
-                    if json.loads(line)["step"] <= state.global_step:
-                        kept.append(line)
-                except (ValueError, KeyError, TypeError):  # a line cut by a crash
-                    pass
-            path.write_text("".join(line + "\n" for line in kept))
+            logged = read_jsonl(path) if path.is_file() else []  # a line torn by a crash is left out
+            path.write_text("".join(json.dumps(r) + "\n" for r in logged if r.get("step", 0) <= state.global_step))
             self.training_bar = tqdm(total=state.max_steps, initial=state.global_step, desc="dpo", unit="step",
                                      dynamic_ncols=True)
 
