@@ -11,7 +11,7 @@ LOCK := constraints.txt
 PIN := PIP_CONSTRAINT=$(CURDIR)/$(LOCK)
 LATEST := .venv-latest
 
-.PHONY: test demo test-latest lock bench-gpu clean
+.PHONY: test lint demo test-latest lock bench-gpu clean
 
 $(STAMP): setup.py $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ $(STAMP): setup.py $(LOCK)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+# settings in pyproject.toml ([tool.ruff]; the build stays setup.py)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
 	TRITON_INTERPRET=1 $(VENV)/bin/retmask demo

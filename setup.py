@@ -14,7 +14,7 @@ setup(
     package_data={"retmask": ["assets/toy/*", "assets/*.jsonl", "configs/*"]},
     install_requires=["torch>=2.11", "triton>=3.6; platform_system=='Linux'", "numpy", "tabulate", "transformers>=5.17",
                       "tqdm", "rouge-score", "matplotlib", "safetensors", "datasets"],
-    extras_require={"test": ["pytest>=8"], "plot": ["matplotlib"], "train": ["trl>=1.16", "accelerate", "peft"],
-                    "zero3": ["deepspeed"]},
+    extras_require={"test": ["pytest>=8", "ruff>=0.17"], "plot": ["matplotlib"],
+                    "train": ["trl>=1.16", "accelerate", "peft"], "zero3": ["deepspeed"]},
     entry_points={"console_scripts": ["retmask=retmask.cli:main"]},
 )

@@ -65,8 +65,7 @@ def pairs_engine(model, heads, prompts) -> tuple[float, int]:
     pol = [ORIGINAL, Policy(heads)]
     cfg = GenConfig(max_new_tokens=NEW, eos_ids=())
     groups = [Group(p, pol, key=i) for i, p in enumerate(prompts)]
-    with Engine(model, slots=2 * len(prompts), max_len=PROMPT + NEW, policies=pol, private_len=NEW,
-                reuse_prefix=0) as eng:
+    with Engine(model, slots=2 * len(prompts), max_len=PROMPT + NEW, reuse_prefix=0) as eng:
         list(eng.generate(groups[:1], GenConfig(max_new_tokens=2, eos_ids=())))  # warm-up
         t = time.perf_counter()
         out = list(eng.generate(groups, cfg))
@@ -98,7 +97,7 @@ def detect_engine(model, prompt, span) -> float:
     from retmask.engine import ORIGINAL, Engine, GenConfig, Group
     from retmask.scoring import retrieval_scores_by_rule
 
-    with Engine(model, slots=1, max_len=len(prompt) + STEPS, private_len=STEPS, reuse_prefix=0) as eng:
+    with Engine(model, slots=1, max_len=len(prompt) + STEPS, reuse_prefix=0) as eng:
         t = time.perf_counter()
         res = next(iter(eng.generate([Group(prompt, [ORIGINAL])],
                                      GenConfig(max_new_tokens=STEPS, eos_ids=(), return_argmax=True))))

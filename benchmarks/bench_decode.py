@@ -175,7 +175,9 @@ def sweep_shared(args, device, dtype, hq, hkv, d, st, copy_gbs, rows):
         vc = torch.cat([sv.expand(r, -1, -1, -1), torch.randn(r, hkv, priv, d, device=device, dtype=dtype)], 2)
         q = torch.randn(r, hq, d, device=device, dtype=dtype)
         n = torch.full((r,), length + priv, device=device, dtype=torch.int32)
-        ms = benchlib.median_ms(lambda: masked_decode(q, kc, vc, n, return_argmax=True, check_values=False), graph=True)
+        ms = benchlib.median_ms(  # the tensors bound as defaults: the names are deleted below
+            lambda q=q, kc=kc, vc=vc, n=n: masked_decode(q, kc, vc, n, return_argmax=True, check_values=False),
+            graph=True)
         rows.append(dict(st, sweep="shared", provider="retmask+argmax, unshared copies", length=length, batch=r,
                          rows_per_group=r, hq=hq, hkv=hkv, dim=d, dtype=args.dtype, off=0.0, ms=f"{ms:.4f}",
                          gbs="", pct_copy="", ratio=f"{ms / base:.3f}", max_diff=""))
@@ -219,7 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", default="32,8")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--providers", default="retmask,retmask+argmax,sdpa-flash,sdpa-efficient,sdpa-cudnn,sdpa-math,flex,flash-attn")
+    ap.add_argument("--providers",
+                    default="retmask,retmask+argmax,sdpa-flash,sdpa-efficient,sdpa-cudnn,sdpa-math,flex,flash-attn")
     ap.add_argument("--out", type=Path, default=benchlib.RESULTS / "decode.csv")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shapes, interpreter, fp32")
     args = ap.parse_args(argv)
@@ -238,11 +241,13 @@ def main(argv=None) -> int:
     sweep_lengths(args, device, dtype, hq, hkv, args.dim, st, copy_gbs, rows)
     sweep_shared(args, device, dtype, hq, hkv, args.dim, st, copy_gbs, rows)
     sweep_sampling(args, device, dtype, st, copy_gbs, rows)
-    benchlib.plot([r for r in rows if r["sweep"] == "length"], "length", "gbs", "provider", args.out.with_suffix(".png"),
+    benchlib.plot([r for r in rows if r["sweep"] == "length"], "length", "gbs", "provider",
+                  args.out.with_suffix(".png"),
                   f"Decode, {hq}/{hkv} heads, D {args.dim}, {args.dtype} on {st['device']}", facet="off",
                   ylabel="GB/s of K/V read", hline=copy_gbs, hline_label="copy bandwidth")
     print(f"\nwrote {len(rows)} rows to {args.out}\n")
-    print(benchlib.table(rows, ["sweep", "provider", "length", "batch", "off", "ms", "gbs", "pct_copy", "ratio", "max_diff"]))
+    print(benchlib.table(rows, ["sweep", "provider", "length", "batch", "off", "ms", "gbs", "pct_copy", "ratio",
+                                "max_diff"]))
     return 0
 
 

@@ -42,6 +42,7 @@ from retmask import causal
 from retmask.detect import prefill_flops
 from retmask.engine import ORIGINAL, Engine, GenConfig, Group, Policy, prefix_order
 from retmask.heads import HeadSet
+from retmask.prefill import layout
 from retmask.scoring import retrieval_scores
 
 STEPS = 50
@@ -70,7 +71,7 @@ def run_sweep(model, prompts, device, chunk, reuse: int):
     L = len(prompts[0])
     order = prefix_order(prompts)
     gen = GenConfig(max_new_tokens=STEPS, return_argmax=True)
-    with Engine(model, slots=1, max_len=L + STEPS, chunk=chunk, private_len=STEPS, reuse_prefix=reuse) as eng:
+    with Engine(model, slots=1, max_len=L + STEPS, chunk=chunk, reuse_prefix=reuse) as eng:
         # warm-up on another haystack with the same depths: the prefill kernel autotunes per (chunk, keys)
         # bucket, and the chunks after a reused prefix have their own sizes
         g = torch.Generator().manual_seed(1)
@@ -104,27 +105,27 @@ def causal_policies(config, k: int, seed: int = 0) -> list[Policy]:
 
 def run_causal(model, prompt, policies, device, chunk, per_row: bool):
     """One NIAH prompt answered by every policy as rows of one group, sized as `retmask niah` sizes it
-    (per_row: private_len = max_len, so each row keeps its own prompt KV). Seconds, peak GB, the cache the
-    engine allocated and the staging it budgets (GB), and its layout (pooled layers, segments per group)."""
+    (per_row: sharing off, so each row keeps its own prompt KV). Seconds, peak GB, the KV the group held at
+    its peak (its blocks) and the staging the engine budgets (GB), and its layout (shared depth, prompt block
+    sets per group)."""
     L = len(prompt)
-    kw = dict(slots=len(policies), max_len=L + CAUSAL_STEPS, chunk=chunk, policies=policies, reuse_prefix=0,
-              private_len=None if per_row else CAUSAL_STEPS)
+    kw = dict(slots=len(policies), max_len=L + CAUSAL_STEPS, chunk=chunk, reuse_prefix=0, sharing=not per_row)
     with Engine(model, **kw) as eng:
-        cache = sum(t.nbytes for t in eng.k + eng.v + eng.pk + eng.pv) / 1e9
         list(eng.generate([Group(prompt, policies)], GenConfig(max_new_tokens=2)))  # warm-up at the same length
         _sync(device)
         _peak_reset(device)
         t = time.perf_counter()
         list(eng.generate([Group(prompt, policies)], GenConfig(max_new_tokens=CAUSAL_STEPS)))
         _sync(device)
-        return (time.perf_counter() - t, _peak_gb(device), cache, eng.staging_bytes(eng.slots) / 1e9,
-                eng.pool_layers, eng.group_segs)
+        lay = layout(policies, eng.d.n_layers, eng.sharing)
+        cache = eng.stats["kv_blocks_peak"] * eng.plan.block_bytes / 1e9
+        return (time.perf_counter() - t, _peak_gb(device), cache, eng.plan.staging_bytes / 1e9, lay.lsh, lay.n_segs)
 
 
 def run_retmask(model, prompt, span, device, chunk):
     L = len(prompt)
     # reuse_prefix=0: one test computed whole (the warm-up runs the same prompt, whose KV it would copy)
-    with Engine(model, slots=1, max_len=L + STEPS, chunk=chunk, private_len=STEPS, reuse_prefix=0) as eng:
+    with Engine(model, slots=1, max_len=L + STEPS, chunk=chunk, reuse_prefix=0) as eng:
         # warm-up at the same length: the prefill kernel autotunes per (chunk, keys) bucket, and a shorter
         # prompt would leave that tuning (seconds at 128K) inside the timed test
         list(eng.generate([Group(prompt, [ORIGINAL])], GenConfig(max_new_tokens=2, return_argmax=True)))
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
                                   length=L, rows=len(pols), streams=len({p.prompt_heads for p in pols}),
                                   steps=CAUSAL_STEPS, seconds=f"{sec:.3f}", peak_gb=f"{peak:.2f}",
                                   cache_gb=f"{cache:.4g}", staging_gb=f"{staging:.4g}", weights_gb=f"{weights:.4g}",
-                                  pooled_layers=pooled, segments=segs))
+                                  shared_depth=pooled, segments=segs))
         print(f"\nwrote {len(crows)} rows to {crows.path}\n")
         print(benchlib.table(crows, ["provider", "length", "rows", "streams", "seconds", "peak_gb", "cache_gb",
                                      "staging_gb", "weights_gb"]))
@@ -239,7 +240,8 @@ def main(argv=None) -> int:
             floor = sum(prefill_flops(c, L, s) for s in pre) / n / (tflops * 1e12)
             sweep.append(dict(st, provider="retmask, prefix reuse" if r else "retmask, no reuse", length=L, depths=n,
                               steps=STEPS, seconds=f"{sec:.3f}", computed_tokens=n * (L - 1) - sum(pre),
-                              reused=f"{sum(pre) / (n * (L - 1)):.2f}", floor_s=f"{floor:.3g}", vs_floor=f"{sec / floor:.2f}",
+                              reused=f"{sum(pre) / (n * (L - 1)):.2f}", floor_s=f"{floor:.3g}",
+                              vs_floor=f"{sec / floor:.2f}",
                               speedup=f"{timed[0][0] / sec:.2f}", matmul_tflops=f"{tflops:.0f}"))
         print(f"\nwrote {len(sweep)} rows to {sweep.path}\n")
         print(benchlib.table(sweep, ["provider", "length", "depths", "seconds", "computed_tokens", "reused",

@@ -48,7 +48,7 @@ def build(shape: dict, device, dtype):
 def heads_for(n_layers: int, n_heads: int, k: int, low: int) -> HeadSet:
     """k heads spread over layers >= low (the paper's selections start at layer 2)."""
     g = torch.Generator().manual_seed(0)
-    pool = [(l, h) for l in range(low, n_layers) for h in range(n_heads)]
+    pool = [(layer, h) for layer in range(low, n_layers) for h in range(n_heads)]
     idx = torch.randperm(len(pool), generator=g)[:k].tolist()
     return HeadSet.from_list([pool[i] for i in idx])
 
@@ -72,8 +72,7 @@ def run_engine(model, groups, cfg, slots, max_len, device, decode="auto", overla
     """Seconds, decode steps, tokens and peak GB of one engine run, and the decode mode it ran in.
     The cache is sized for the groups' policies, as `retmask pairs` sizes it."""
     # reuse_prefix=0: the warm-up runs the timed run's first prompt, whose KV a timed group would otherwise copy
-    with Engine(model, slots=slots, max_len=max_len, chunk=4096, decode=decode, policies=groups[0].policies,
-                private_len=cfg.max_new_tokens, reuse_prefix=0, overlap=overlap) as eng:
+    with Engine(model, slots=slots, max_len=max_len, chunk=4096, decode=decode, reuse_prefix=0, overlap=overlap) as eng:
         # warm-up (Triton compiles incl. the sampler's, allocator, graph), with the timed run's sampling
         list(eng.generate(groups[:1], GenConfig(max_new_tokens=4, sampling=cfg.sampling)))
         _sync(device)
@@ -100,20 +99,21 @@ def run_generate_twice(model, heads: HeadSet, prompts, new, device, compile_: bo
               max_cache_len=ids.shape[1] + new, disable_compile=not compile_, pad_token_id=0, eos_token_id=None)
     model.generate(ids if compile_ else ids[:1], **dict(kw, max_new_tokens=4, min_new_tokens=4))
     hd = model.config.head_dim
-    saved = {(l, h): model.model.layers[l].self_attn.o_proj.weight[:, h * hd:(h + 1) * hd].clone() for l, h in heads}
+    saved = {(layer, h): model.model.layers[layer].self_attn.o_proj.weight[:, h * hd:(h + 1) * hd].clone()
+             for layer, h in heads}
     _sync(device)
     _peak_reset(device)
     t = time.perf_counter()
     toks = model.generate(ids, **kw).shape[1] - ids.shape[1]
     with torch.no_grad():
-        for l, h in heads:
-            model.model.layers[l].self_attn.o_proj.weight[:, h * hd:(h + 1) * hd] = 0
+        for layer, h in heads:
+            model.model.layers[layer].self_attn.o_proj.weight[:, h * hd:(h + 1) * hd] = 0
     toks += model.generate(ids, **kw).shape[1] - ids.shape[1]
     _sync(device)
     sec = time.perf_counter() - t
     with torch.no_grad():
-        for (l, h), w in saved.items():
-            model.model.layers[l].self_attn.o_proj.weight[:, h * hd:(h + 1) * hd] = w
+        for (layer, h), w in saved.items():
+            model.model.layers[layer].self_attn.o_proj.weight[:, h * hd:(h + 1) * hd] = w
     return sec, toks * ids.shape[0], _peak_gb(device)
 
 
@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny Llama")
     args = ap.parse_args(argv)
     device = benchlib.resolve_mode(args, "engine", dict(
-        pairs="1,3", eager_pairs="1", serial_pairs="3", sampled_pairs="3", prompt=16, new=8, long_prompt=200, long_new=4, heads=3), interpreter=False)
+        pairs="1,3", eager_pairs="1", serial_pairs="3", sampled_pairs="3", prompt=16, new=8, long_prompt=200,
+        long_new=4, heads=3), interpreter=False)
     if device is None:
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -212,7 +212,8 @@ def main(argv=None) -> int:
                     detail = (f"{size / 1e9:.2f} GB of work files -> {r['bytes'] / 1e9:.3f} GB gz" if kind == "merge"
                               else f"{r['items']} rows")
                     rows.append({**st, "kind": kind, "provider": provider, "size": f"{n} pairs",
-                                 "seconds": round(r["seconds"], 2), "peak_gb": round(r["peak_gb"], 3), "detail": detail})
+                                 "seconds": round(r["seconds"], 2), "peak_gb": round(r["peak_gb"], 3),
+                                 "detail": detail})
     print(benchlib.table(rows, ["kind", "provider", "size", "seconds", "peak_gb", "detail"]))
     return 0
 

@@ -138,8 +138,22 @@ def cpu_section() -> str:
               f"{r['torch']}; commit {r['commit']}; run {r['run']}; medians of interleaved runs.</sub>")
 
 
+def capacity_section() -> str:
+    rows = benchlib.read_latest(benchlib.RESULTS / "capacity.csv")
+    if not rows:
+        return "_No results committed yet: run `python benchmarks/bench_capacity.py`._"
+    r = rows[0]
+    return (benchlib.table(rows, ["model", "budget_gb", "block_size", "fixed_rows", "paged_rows_median",
+                                  "paged_rows_peak", "ratio", "alloc_over_held", "preemptions", "recomputed_pct",
+                                  "verdict"])
+            + f"\n\n<sub>Simulated on {r['device']} (no weights): RetMask pairs over a trace of {r['pairs']} chats "
+              f"(means {r['prompt_mean']} prompt / {r['answer_mean']} answer tokens); medians over the steady state; "
+              f"commit {r['commit']}; run {r['run']}.</sub>")
+
+
 SECTIONS = {"prefill": prefill_section, "decode": decode_section, "engine": engine_section,
-            "detect": detect_section, "host": host_section, "cpu": cpu_section}
+            "detect": detect_section, "host": host_section, "cpu": cpu_section,
+            "capacity": capacity_section}
 
 
 def main(argv=None) -> int:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from . import models, niah, scoring
-from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, default_size, prefix_order
+from .engine import ORIGINAL, Engine, EngineConfig, GenConfig, Group, Policy, default_size, prefix_order, stats_line
 from .heads import HeadSet
+from .prefill import layout
 from .runs import append_record, barrier, dist, finished, prepare_out, read_jsonl
 
 GridConfig = niah.GridConfig
@@ -41,35 +43,46 @@ def make_policies(selected: HeadSet | None, scores: dict | None, controls=("rand
     return out
 
 
-def memory_plan(config, policies: list[Policy], max_len: int, steps: int, dtype=None, **engine_kw) -> dict:
-    """The KV cache a NIAH run of `policies` needs, from the model's config alone (the engine's own sizing,
-    over a model on the meta device): for one group at `max_len` (longest prompt + steps), and the slots
-    and groups at once that `engine_kw` (kv_budget_gb or slots) give. Bytes; `per_row_bytes` is what the
-    group would need if each row kept its own prompt KV. A budget too small for one group gives 0 slots
-    and `refused`, the engine's reason."""
+def memory_plan(config, policies: list[Policy], max_len: int, steps: int, dtype=None,
+                engine: EngineConfig | None = None) -> dict:
+    """The KV cache a NIAH run of `policies` needs, from the model's config alone (`cache_plan`, the
+    engine's own sizing; no model is built): for one group at `max_len` (longest prompt + steps), and the
+    rows and groups at once that `engine` (kv_budget_gb or slots) gives. Bytes; `per_row_bytes` is what
+    the group would need if each row kept its own prompt KV. A budget too small for one group gives 0 rows
+    and `refused`, the reason."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from .cache_plan import group_blocks, plan_for_config, token_bytes
+    from .prefill import layout
 
     dtype = dtype or torch.bfloat16
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    kw = {k: v for k, v in engine_kw.items() if k in ("slots", "kv_budget_gb", "prefill_tokens", "chunk")}
+    L = config.num_hidden_layers
+    ec = engine or EngineConfig()
+    kw = {k: getattr(ec, k) for k in ("slots", "kv_budget_gb", "max_slots")}
+    bs = ec.block_size
+    lay = layout(policies, L, sharing=True)
     rows = len(policies)
-    one = dict(kw, slots=rows, kv_budget_gb=None)  # one group's worth of slots: the sizes per group
-    eng = Engine(model, policies=policies, private_len=steps, max_len=max_len, **one)
-    L = eng.d.n_layers
-    out = {"rows": rows, "streams": eng.group_streams, "layers": L, "pooled_layers": eng.pool_layers,
-           "segments_per_group": eng.group_segs,
-           "group_bytes": rows * eng.bytes_per_slot(with_pool=False) + eng.group_segs * eng.bytes_per_segment(),
-           "per_row_bytes": eng._token_bytes() * rows * L * (max_len + 1), "staging_bytes": eng.staging_bytes(rows),
-           "slots": rows, "groups_at_once": 1, "refused": ""}
-    if "kv_budget_gb" in kw or "slots" in kw:
+    one = plan_for_config(config, dtype, max_len=max_len, slots=rows, prefill_tokens=ec.prefill_tokens,
+                          block_size=bs)
+    need = group_blocks(max_len - steps, rows, len(lay.streams), lay.base < 0 and lay.lsh > 0, steps, bs)
+    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    tb = token_bytes(config.num_key_value_heads or config.num_attention_heads, hd, dtype)
+    out = {"rows": rows, "streams": len(lay.streams), "layers": L, "shared_depth": lay.lsh,
+           "segments_per_group": lay.n_segs, "block_size": bs, "group_blocks": need,
+           "group_bytes": need * one.block_bytes, "per_row_bytes": tb * rows * L * max_len,
+           "staging_bytes": one.staging_bytes, "slots": rows, "groups_at_once": 1, "refused": ""}
+    if ec.sized:
         try:
-            eng = Engine(model, policies=policies, private_len=steps, max_len=max_len, **kw)
-        except ValueError as e:  # not even one group fits
+            plan = plan_for_config(config, dtype, max_len=max_len, prefill_tokens=ec.prefill_tokens, block_size=bs,
+                                   **kw)
+        except ValueError as e:  # not even one block fits
             return dict(out, slots=0, groups_at_once=0, refused=str(e))
-        out.update(slots=eng.slots, groups_at_once=min(eng.slots // rows, eng.n_segments // eng.group_segs),
-                   staging_bytes=eng.staging_bytes(eng.slots))
+        at_once = min(plan.slots // rows, plan.usable_blocks // need)
+        if at_once < 1:
+            return dict(out, slots=plan.slots, groups_at_once=0,
+                        refused=f"one group needs {need} KV blocks of {bs} tokens but the budget holds "
+                                f"{plan.usable_blocks}; raise --kv-budget-gb")
+        out.update(slots=plan.slots, groups_at_once=at_once, kv_blocks=plan.usable_blocks)
     return out
 
 
@@ -91,7 +104,7 @@ def prepare_run(out: str | Path, model_name: str, grid_cfg: GridConfig, policies
 
 def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progress: bool = True,
              out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
-             model_name: str = "", **engine_kw) -> dict:
+             model_name: str = "", engine: EngineConfig | None = None) -> dict:
     """Greedy answers of every policy on every grid test; returns {"policies": [...], "tests": [...]}.
 
     With `out`, each finished prompt's answers are on disk (`out/tests-RRRRR.jsonl`, one file per rank)
@@ -99,7 +112,8 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
     existing run is never silently mixed in (`resume` or `overwrite`). `model_name` (default: the
     model's own `name_or_path`) is part of the configuration a resumed run must match. Under torchrun
     (with `out`) each rank builds and answers every world-th remaining prompt; rank 0 returns the whole result
-    (the other ranks return {})."""
+    (the other ranks return {}). `engine`: the engine's settings (max_len and, when not given, the size
+    are the job's)."""
     from tqdm.auto import tqdm
 
     g = grid_cfg
@@ -120,16 +134,15 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
     bar = tqdm(total=len(records) + sum(len(ts) for _, ts in items), initial=len(records), desc="niah",
                unit="test", disable=not progress or rank != 0)  # under torchrun: rank 0's share
     if items:
-        kw = dict(engine_kw)
-        kw.setdefault("max_len", max(len(p) for p, _ in items) + g.steps)
-        kw.setdefault("policies", policies)  # pool the prompt layers every policy leaves intact
-        kw.setdefault("private_len", g.steps)
-        if "slots" not in kw and "kv_budget_gb" not in kw:
-            kw.update(default_size(model, len(items) * len(policies), max(4, 2 * len(policies))))
+        ec = engine or EngineConfig()
+        if ec.max_len is None:
+            ec = replace(ec, max_len=max(len(p) for p, _ in items) + g.steps)
+        if not ec.sized:
+            ec = replace(ec, **default_size(model, len(items) * len(policies), max(4, 2 * len(policies))))
         cfg = GenConfig(max_new_tokens=g.steps, eos_ids=models.eos_ids(model, tok))
         # prompts sharing a prefix (the haystack up to the needle) next to each other: the engine reuses its KV
         groups = [Group(items[i][0], policies, key=i) for i in prefix_order([p for p, _ in items])]
-        with Engine(model, tok, **kw) as eng, (log.open("a") if log else contextlib.nullcontext()) as f:
+        with Engine(model, tok, ec) as eng, (log.open("a") if log else contextlib.nullcontext()) as f:
             for res in eng.generate(groups, cfg):
                 _, ts = items[res.key]
                 nd = needles[ts[0].needle_idx]
@@ -144,14 +157,15 @@ def run_niah(model, tok, grid_cfg: GridConfig, policies: list[Policy], *, progre
                 records += new
                 bar.update(len(ts))
             comp, reused = eng.stats["prompt_tokens"], eng.stats["reused_tokens"]
-            # every layer pooled: the prompt's KV once per prefill stream; else once per row above the shared depth
-            streams = eng.group_streams if eng.pool_layers == eng.d.n_layers else len(policies)
+            streams = len(layout(policies, eng.d.n_layers, eng.sharing).streams)  # the prompt's KV, once per stream
+            kv = stats_line(eng.stats)
         bar.close()
         if progress and comp + reused:
             n_pol = len(policies)
             print(f"prompt tokens: {comp:,} computed, {reused:,} ({reused / (comp + reused):.0%}) reused from the KV "
                   f"of prompts with the same prefix; each prompt's KV held {streams} time{'s' * (streams != 1)} for "
                   f"{n_pol} polic{'ies' if n_pol != 1 else 'y'}" + (" (this rank)" if world > 1 else ""))
+            print(kv)
     else:
         bar.close()
     if world > 1:

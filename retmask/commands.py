@@ -25,10 +25,10 @@ def _dist_init(device: str | None = None) -> str | None:
     (--device) when it names one, else the local rank's GPU (or the CPU without one). None outside torchrun."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
-
-    from datetime import timedelta
 
     cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if not dist.is_initialized():
@@ -44,7 +44,11 @@ def _dist_init(device: str | None = None) -> str | None:
     return device
 
 
-def _engine_kw(args) -> dict:
+def _engine_config(args):
+    """The engine settings the flags give, as an `EngineConfig` (the jobs fill in max_len and, when
+    neither --slots nor --kv-budget-gb is given, the size)."""
+    from .engine_config import EngineConfig
+
     for flag, v in (("--slots", args.slots), ("--chunk", args.chunk), ("--prefill-tokens", args.prefill_tokens),
                     ("--admit-rows", args.admit_rows)):
         if v is not None and v < 1:
@@ -53,32 +57,24 @@ def _engine_kw(args) -> dict:
         raise ValueError(f"--kv-budget-gb {args.kv_budget_gb:g}: must be > 0")
     if args.reuse_prefix < 0:
         raise ValueError(f"--reuse-prefix {args.reuse_prefix}: must be >= 0 (0 turns prefix reuse off)")
-    kw = {"decode": args.decode, "prefill_tokens": args.prefill_tokens, "reuse_prefix": args.reuse_prefix}
-    if args.chunk is not None:
-        kw["chunk"] = args.chunk
-    if args.slots is not None:
-        kw["slots"] = args.slots
-    if args.kv_budget_gb is not None:
-        kw["kv_budget_gb"] = args.kv_budget_gb
-    if args.admit_rows is not None:
-        kw["admit_rows"] = args.admit_rows
-    return kw
+    return EngineConfig(slots=args.slots, kv_budget_gb=args.kv_budget_gb, chunk=args.chunk, decode=args.decode,
+                        prefill_tokens=args.prefill_tokens, reuse_prefix=args.reuse_prefix, admit_rows=args.admit_rows)
 
 
-def _check_model_args(args, *models_) -> dict:
+def _check_model_args(args, *models_):
     """Everything about the model arguments that can fail, checked before any work: the device, RETMASK_BACKEND,
     the engine sizes, and each model's folder or hub name, architecture (from its config) and tokenizer files.
-    Returns the engine kw."""
+    Returns the engine settings (`EngineConfig`)."""
     from . import models
     from .kernels import backend_choice
 
     models.check_device(args.device)
     backend_choice()  # RETMASK_BACKEND
-    kw = _engine_kw(args)
+    engine = _engine_config(args)
     for m in models_ or (args.model,):
         models.config(m)
         models.check_tokenizer(m)
-    return kw
+    return engine
 
 
 def _check_model(args) -> None:
@@ -134,12 +130,12 @@ def run_detect(args) -> int:
     _warn_past_context(args.model, cfg)
     if args.plan:
         return _detect_plan(args, cfg)
-    engine_kw = _check_model_args(args)
+    engine = _check_model_args(args)
     out = Path(args.out or f"runs/detect/{models.display_name(args.model)}")
     device = _dist_init(args.device) or args.device
     prepare(out, args.model, cfg, resume=args.resume, overwrite=args.overwrite)  # before the model loads
     model, tok = models.load(args.model, dtype=args.dtype, device=device)
-    det = Detector(model, tok, cfg, model_name=args.model, **engine_kw)
+    det = Detector(model, tok, cfg, model_name=args.model, engine=engine)
     summary = det.run(out, resume=True, progress=not args.no_progress)
     if summary:
         print(f"{summary['tests']} tests, {summary['counted']} counted (ROUGE-1 recall > 50), "
@@ -165,7 +161,7 @@ def _detect_plan(args, cfg) -> int:
 
     if args.tflops is not None and not args.tflops > 0:
         raise ValueError(f"--tflops {args.tflops:g}: must be > 0")
-    _engine_kw(args)  # the engine flags, --reuse-prefix among them
+    _engine_config(args)  # the engine flags, --reuse-prefix among them
     config, tok = models.config(args.model), models.tokenizer(args.model)
     needles, hays, tests = cfg.load()
     prompts = [p for p, _ in cfg.unique_prompts(tok, needles, hays, tests, progress=not args.no_progress)]
@@ -185,7 +181,7 @@ def _detect_plan(args, cfg) -> int:
     return 0
 
 
-def _niah_plan(args, grid, policies, engine_kw) -> int:
+def _niah_plan(args, grid, policies, engine) -> int:
     """`retmask niah --plan`: the cache a group of the policies needs at the grid's longest prompt, and what
     a budget holds, by the engine's own sizing over the model's config (no weights load)."""
     from tabulate import tabulate
@@ -197,21 +193,23 @@ def _niah_plan(args, grid, policies, engine_kw) -> int:
     top = max(t.length for t in tests)  # the longest prompts come from the longest length: build only those
     longest = max(len(p) for p, _ in grid.unique_prompts(tok, needles, hays, [t for t in tests if t.length == top]))
     dtype = models.run_dtype(args.dtype, args.device or models.default_device())  # as the run itself loads
-    r = causal.memory_plan(config, policies, longest + grid.steps, grid.steps, dtype=dtype, **engine_kw)
+    r = causal.memory_plan(config, policies, longest + grid.steps, grid.steps, dtype=dtype, engine=engine)
     gb = lambda b: f"{b / 1e9:,.1f} GB" if b >= 1e9 else f"{b / 1e6:,.2f} MB"  # noqa: E731
     rows = [("policies (rows) / prefill streams", f"{r['rows']} / {r['streams']}"),
             ("longest prompt + steps", f"{longest:,} + {grid.steps}"),
-            ("pooled layers / segments per group", f"{r['pooled_layers']} of {r['layers']} / {r['segments_per_group']}"),
-            ("KV cache per group", gb(r["group_bytes"])),
+            ("shared depth / prompt block sets per group", f"{r['shared_depth']} of {r['layers']} layers / "
+                                                            f"{r['segments_per_group']}"),
+            ("KV cache per group", f"{gb(r['group_bytes'])} ({r['group_blocks']:,} blocks of {r['block_size']})"),
             ("same, each row its own prompt KV", gb(r["per_row_bytes"])),
             ("staging of one prefill pass", gb(r["staging_bytes"]))]
-    if "kv_budget_gb" in engine_kw:
-        rows.append((f"with --kv-budget-gb {engine_kw['kv_budget_gb']:g}",
-                     f"{r['slots']} slots, {r['groups_at_once']} group(s) at once" if not r["refused"] else
+    if engine.kv_budget_gb is not None:
+        rows.append((f"with --kv-budget-gb {engine.kv_budget_gb:g}",
+                     f"{r.get('kv_blocks', 0):,} blocks, {r['groups_at_once']} group(s) at once"
+                     if not r["refused"] else
                      "not one group fits"))
     print(tabulate(rows, headers=[f"niah plan: {args.model} ({str(dtype).removeprefix('torch.')})", ""],
                    tablefmt="github", disable_numparse=True))
-    if "kv_budget_gb" not in engine_kw:
+    if engine.kv_budget_gb is None:
         print("give --kv-budget-gb to see how many groups a budget holds at once")
     elif r["refused"]:
         print(r["refused"])
@@ -231,7 +229,7 @@ def run_niah(args) -> int:
     grid = causal.GridConfig(**_grid_kw(args, {**causal.DEFAULTS, **_default_len(args)}))
     grid.check()
     _warn_past_context(args.model, grid)
-    engine_kw = _check_model_args(args)
+    engine = _check_model_args(args)
     scores = load_scores(args.scores) if args.scores else None
     selected = _select_heads(args, args.scores)
     if selected is None and (args.scores or args.controls):
@@ -255,14 +253,14 @@ def run_niah(args) -> int:
     for p in policies:
         models.check_heads(args.model, p.heads)
     if args.plan:
-        return _niah_plan(args, grid, policies, engine_kw)
+        return _niah_plan(args, grid, policies, engine)
     out = Path(args.out or f"runs/niah/{models.display_name(args.model)}")
     device = _dist_init(args.device) or args.device  # under torchrun: every rank takes a share of the prompts
     # refuse an existing run (or an unwritable folder) before loading the model
     causal.prepare_run(out, args.model, grid, policies, resume=args.resume, overwrite=args.overwrite)
     model, tok = models.load(args.model, dtype=args.dtype, device=device)
     res = causal.run_niah(model, tok, grid, policies, progress=not args.no_progress, out=out, resume=True,
-                          model_name=args.model, **engine_kw)
+                          model_name=args.model, engine=engine)
     if not res:  # not rank 0: it reports
         return 0
     print(tabulate(causal.table_rows(res), tablefmt="github",
@@ -302,6 +300,7 @@ def run_pairs(args) -> int:
 
     from . import models, runs, toy
     from .data import load_instructions
+    from .engine import stats_line
     from .pairs import PairJob, PairsConfig, check_context, check_edges, prepare
 
     if args.control and args.tau is None and args.topk is None:
@@ -310,7 +309,7 @@ def run_pairs(args) -> int:
     hs = _select_heads(args, args.scores)
     if hs is None and not args.reject_model:
         raise ValueError("give the heads to switch off (--scores with --tau/--topk, or --heads) or --reject-model")
-    engine_kw = _check_model_args(args, args.model, *([args.reject_model] if args.reject_model else []))
+    engine = _check_model_args(args, args.model, *([args.reject_model] if args.reject_model else []))
     out = Path(args.out or f"runs/pairs/{models.display_name(args.model)}")
     kw = {"temperature": args.temperature, "top_p": args.top_p, "scope": args.mask_scope, "seed": args.seed}
     if args.max_new_tokens is not None:
@@ -341,7 +340,7 @@ def run_pairs(args) -> int:
     model, tok = models.load(args.model, dtype=args.dtype, device=device)
     reject = models.load(args.reject_model, dtype=args.dtype, device=device) if args.reject_model else None
     job = PairJob(model, tok, hs, cfg, model_name=args.model, reject=reject, reject_name=args.reject_model,
-                  length_buckets=edges, **engine_kw)
+                  length_buckets=edges, engine=engine)
     s = job.run(ins, out, resume=True, progress=not args.no_progress)
     if s:
         print(f"{s['pairs']} pairs kept of {s['instructions']}; dropped {s['dropped'] or 'none'}; "
@@ -353,6 +352,8 @@ def run_pairs(args) -> int:
                if s.get("decode_steps") else "") +
               (f", {s['prompt_tokens_reused']} prompt tokens reused from shared prefixes"
                if s.get("prompt_tokens_reused") else ""))
+        if s.get("kv_blocks_total"):
+            print(stats_line(s))
         sh = s["shards"]
         print(f"wrote {out}/{sh[0]}" + (f" to {sh[-1]} ({len(sh)} shards)" if len(sh) > 1 else "") +
               f" and {out}/summary.json")
@@ -367,9 +368,9 @@ def run_train(args) -> int:
 
     path = str(toy.ASSET_DIR) if args.model == toy.NAME else args.model
     preset = args.preset or ("toy" if args.model == toy.NAME else "paper")
-    over = {k: v for k, v in {"max_length": args.max_length, "learning_rate": args.lr, "epochs": args.epochs,
-                              "effective_batch": args.effective_batch, "per_device_batch": args.per_device_batch}.items()
-            if v is not None}
+    given = {"max_length": args.max_length, "learning_rate": args.lr, "epochs": args.epochs,
+             "effective_batch": args.effective_batch, "per_device_batch": args.per_device_batch}
+    over = {k: v for k, v in given.items() if v is not None}
     cfg = TrainConfig.preset(preset, lora=args.lora, precompute_ref=args.precompute_ref, liger=args.liger, **over)
     from .pairs import pair_files
 
@@ -382,7 +383,8 @@ def run_train(args) -> int:
         return 0
     m = res["metrics"]
     if m:
-        print(f"final loss {m.get('loss', float('nan')):.4f}, reward margin {m.get('rewards/margins', float('nan')):.4f}")
+        nan = float("nan")
+        print(f"final loss {m.get('loss', nan):.4f}, reward margin {m.get('rewards/margins', nan):.4f}")
     print(f"wrote {res['final']} (loads with transformers' from_pretrained)")
     return 0
 

@@ -124,7 +124,8 @@ def first_user_turn(turns) -> str | None:
 
 
 def load_instructions(source: str, *, split: str = "train", start: int = 0, end: int | None = None,
-                      limit: int | None = None, streaming: bool | None = None, skip_redacted: bool = True) -> Instructions:
+                      limit: int | None = None, streaming: bool | None = None,
+                      skip_redacted: bool = True) -> Instructions:
     """Rows [start, end) of `source`, first user turns, at most `limit` kept prompts."""
     if start < 0 or (end is not None and end < start) or (limit is not None and limit < 1):
         raise ValueError(f"--start {start} / --end {end} / --limit {limit}: need 0 <= start <= end and limit >= 1")

@@ -45,23 +45,29 @@ class DecodeContext:
 
     def attend(self, module, q, k, v, scaling, window):
         e, l = self.eng, module.layer_idx
-        ar = e._slot_ids
-        # the new token's K/V at each row's private end; an idle slot's in its spare last column, so the
-        # prompt KV a finished row leaves (prefix reuse) stays whole
-        at = torch.where(e._idle, e.private_cap[l], e.kv_len[l]).long()
-        e.k[l][ar, :, at] = k[:, :, 0]
-        e.v[l][ar, :, at] = v[:, :, 0]
+        # the new token's K/V at each row's private end: block `wblk`, offset `woff` (an idle row's and a
+        # row's step past its last land in the trash block)
+        e.k[l][self.wblk, :, self.woff] = k[:, :, 0]  # (S, Hkv, D)
+        e.v[l][self.wblk, :, self.woff] = v[:, :, 0]
         keep = self.keep[:, l] if self.static or not self.layer_all_on[l] else None
         shared = {}
-        if l < e.pool_layers and (self.static or e.layer_shared[l]):
-            shared = dict(shared_k=e.pk[l], shared_v=e.pv[l], shared_lens=e.pool_len, row_seg=e.row_seg[l],
-                          max_group_rows=self.max_group_rows, seg_layout=e.seg_layout.select(l))
-        res = masked_decode(q[:, :, 0], e.k[l], e.v[l], e.kv_len[l] + 1, keep, window=window, scale=scaling,
-                            return_argmax=self.argmax is not None, check_values=False, **shared)
+        if self.static or e.layer_shared[l]:
+            shared = dict(shared_k=e.k[l], shared_v=e.v[l], shared_lens=e.pool_len, shared_table=e.stab,
+                          row_seg=e.row_seg[l], max_group_rows=self.max_group_rows, seg_layout=e.seg_layout.select(l))
+        res = masked_decode(q[:, :, 0], e.k[l], e.v[l], e.kv_len + 1, keep, block_table=e.ptab, window=window,
+                            scale=scaling, return_argmax=self.argmax is not None, check_values=False, **shared)
         if self.argmax is not None:
             res, pos, _ = res
             self.argmax[:, l] = pos
         return res[:, None]  # (S, 1, Hq, D)
+
+    def locate(self) -> None:
+        """Where this step writes each row's new K/V: the block holding private position kv_len, and the
+        offset in it (device ops: a static step runs this inside its graph)."""
+        e = self.eng
+        at = e.kv_len.long()  # (S,)
+        self.wblk = e.ptab.gather(1, (at // e.block_size)[:, None])[:, 0].long()  # (S,)
+        self.woff = at % e.block_size
 
     def expand(self, layer, t):
         return t
@@ -86,6 +92,7 @@ class StaticStep:
             self._capture()
 
     def _forward(self) -> torch.Tensor:
+        self.ctx.locate()
         with hf.active(self.ctx):
             self.logits = self.eng.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.eng._mask,
                                          use_cache=False).logits[:, -1]
@@ -131,7 +138,7 @@ class Slots:
     read on the device (`Launched.tok`). `n_gen` counts the tokens collected."""
 
     def __init__(self, n: int, n_layers: int, n_heads: int, n_segments: int, max_new: int, device):
-        self.n = n
+        self.n, self.max_new = n, max_new
         self.active = np.zeros(n, dtype=bool)
         self.group = [None] * n
         self.row = [0] * n
@@ -153,8 +160,10 @@ class Slots:
         self.keep_host = torch.zeros(n, n_layers, n_heads, dtype=torch.bool)  # its copy on the host
         self.keep_all_on: list[bool] | None = None  # per layer: every head of every slot on (eager steps)
         self.changed: set[int] = set()  # slots whose row of `keep` must be rewritten before the next step
-        self.free_segs = list(range(n_segments))
-        self.groups, self.group_seg, self.reused = {}, {}, {}
+        self.free_segs = list(range(n_segments))  # shared block tables (a group's prompt KV per stream)
+        # per running group: the Group, its segments, its slots, the prompt tokens reused from the cache
+        self.groups, self.group_seg, self.group_slots, self.reused = {}, {}, {}, {}
+        self.pblocks: list[list[int]] = [[] for _ in range(n)]  # each slot's private KV blocks
         self.free_slots = list(range(n))
         self.launches = 0
         self._pin = torch.device(device).type == "cuda"
@@ -182,15 +191,12 @@ class Slots:
         out, self.free_slots = self.free_slots[:k], self.free_slots[k:]
         return out
 
-    def run_starts(self, k: int) -> list[int]:
-        """Free segments that begin a run of `k` consecutive free ones."""
-        free = set(self.free_segs)
-        return [s for s in self.free_segs if all(s + i in free for i in range(1, k))]
-
-    def take_run(self, s0: int, k: int) -> list[int]:
-        run = list(range(s0, s0 + k))
-        self.free_segs = [s for s in self.free_segs if not s0 <= s < s0 + k]
-        return run
+    def take_segs(self, k: int) -> list[int] | None:
+        """`k` free segment ids, or None when fewer are free."""
+        if len(self.free_segs) < k:
+            return None
+        out, self.free_segs = self.free_segs[:k], self.free_segs[k:]
+        return out
 
     def start(self, slot, gid, row, policy, seed, first_in, pos):
         self.active[slot], self.group[slot], self.row[slot], self.policy[slot] = True, gid, row, policy
@@ -308,6 +314,7 @@ class DecodeMixin:
             if st.keep_all_on is None:
                 st.keep_all_on = st.keep_host.all(-1).all(0).tolist()  # layers whose launches skip the bitmap
             ctx = DecodeContext(self, st.keep, st.keep_all_on, cfg.return_argmax, self._group_max)
+            ctx.locate()
             with hf.active(ctx):
                 logits = self.model(input_ids=ids, position_ids=pos, attention_mask=self._mask,
                                     use_cache=False).logits[:, -1]  # (S, V)
@@ -315,7 +322,7 @@ class DecodeMixin:
             step = self._static_step(cfg.return_argmax)
             logits = step.run(ids, pos, st.keep)
             ctx = step.ctx
-        self.kv_len += live_d.to(torch.int32)[None, :]
+        self.kv_len += live_d.to(torch.int32)
         tok = next_tokens(logits, cfg.sampling, seed, n_run)
 
         def down(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -373,9 +380,7 @@ class DecodeMixin:
                                 torch.stack(st.logits[slot]) if cfg.keep_logits else None)
                 done.append((slot, res))
         for slot, _ in done:
-            self.kv_len[:, slot] = 0
-            self._idle[slot] = True
-            self._row_seg_host[:, slot] = -1
+            self._vacate(st, slot)
         if done:
             self._refresh_layout()
         return done, len(rows)

@@ -17,7 +17,6 @@ import shutil
 import time
 from pathlib import Path
 
-
 # what a demo writes in its folder: a rerun replaces these, and refuses a folder that holds anything else
 DEMO_ENTRIES = frozenset({"detect", "pairs", "train", "niah-before", "niah-after", "summary.json"})
 
@@ -44,6 +43,7 @@ def run(out: str | Path = "runs/demo", *, seed: int = 0, model_dir: str | Path |
     from . import causal, toy
     from .data import load_instructions
     from .detect import DetectConfig, Detector
+    from .engine import EngineConfig
     from .heads import HeadSet, load_scores, score_stats
     from .pairs import PairJob, PairsConfig
     from .train import TrainConfig, train
@@ -62,7 +62,7 @@ def run(out: str | Path = "runs/demo", *, seed: int = 0, model_dir: str | Path |
     model, tok = toy.load(model_dir)
     cfg = DetectConfig(min_len=128, max_len=toy.TRAIN_LEN, n_lengths=4, n_depths=5, n_needles=3, buffer=32,
                        steps=50, seed=seed)
-    s = Detector(model, tok, cfg, model_name="toy", slots=8).run(out / "detect")
+    s = Detector(model, tok, cfg, model_name="toy", engine=EngineConfig(slots=8)).run(out / "detect")
     scores = load_scores(out / "detect" / "head_scores.json")
     heads = HeadSet.from_scores(scores, tau=0.5)
     st = score_stats(scores)
@@ -73,7 +73,8 @@ def run(out: str | Path = "runs/demo", *, seed: int = 0, model_dir: str | Path |
     step("2/4 preference pairs: original (chosen) vs heads off (rejected), one batched pass")
     ins = load_instructions(str(toy.ASSET_DIR.parent / "instructions.jsonl"), limit=n_instructions)
     model, tok = toy.load(model_dir)
-    job = PairJob(model, tok, heads, PairsConfig(max_new_tokens=16, seed=seed), model_name="toy", slots=16)
+    job = PairJob(model, tok, heads, PairsConfig(max_new_tokens=16, seed=seed), model_name="toy",
+                  engine=EngineConfig(slots=16))
     ps = job.run(ins, out / "pairs")
     rows += [["pairs kept / instructions", f"{ps['pairs']} / {ps['instructions']}"],
              ["pairs dropped", json.dumps(ps["dropped"]) if ps["dropped"] else "none"]]

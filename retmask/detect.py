@@ -19,15 +19,26 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from . import niah, scoring
-from .runs import append_record, barrier, dist, done_keys, prepare_out, read_jsonl
-from .engine import ORIGINAL, Engine, GenConfig, Group, common_prefix, default_size, prefix_order
+from .cache_plan import DEFAULT_BLOCK_SIZE
+from .engine import (
+    ORIGINAL,
+    Engine,
+    EngineConfig,
+    GenConfig,
+    Group,
+    common_prefix,
+    default_size,
+    prefix_order,
+    stats_line,
+)
 from .heads import RULE_KEYS, head_name, score_stats
+from .runs import append_record, barrier, dist, done_keys, prepare_out, read_jsonl
 
 PRESETS = niah.GRID_PRESETS
 
@@ -70,14 +81,15 @@ def prefill_flops(config, n: int, start: int = 0) -> float:
     return linear + attn
 
 
-def plan(prompts, config, reuse_prefix: int = 128) -> dict:
+def plan(prompts, config, reuse_prefix: int = 128, block_size: int = DEFAULT_BLOCK_SIZE) -> dict:
     """What a grid's prefill costs, read from its prompts and the model's config alone: prompt tokens
-    and FLOPs, with prefix reuse (one slot, prompts in `prefix_order`: each reuses what it shares with
-    the one before, from `reuse_prefix` tokens) and without."""
+    and FLOPs, with prefix reuse (prompts in `prefix_order`: each takes the whole blocks it shares with
+    the one before from the prefix cache, from `reuse_prefix` tokens) and without."""
     order = prefix_order(prompts)
     pre = [0] * len(prompts)
     for a, b in zip(order, order[1:]):
         c = min(common_prefix(prompts[a], prompts[b]), len(prompts[a]) - 1, len(prompts[b]) - 1)
+        c = c // block_size * block_size  # whole blocks
         pre[b] = c if reuse_prefix and c >= reuse_prefix else 0
     ns = [len(p) - 1 for p in prompts]  # the last prompt token is the first decode step's input
     return {"prompts": len(prompts), "prompt_tokens": sum(ns), "reused_tokens": sum(pre),
@@ -86,11 +98,13 @@ def plan(prompts, config, reuse_prefix: int = 128) -> dict:
 
 
 class Detector:
-    """Runs a DetectConfig on a model. `engine_kw` go to the Engine (slots / kv_budget_gb, chunk)."""
+    """Runs a DetectConfig on a model. `engine`: the engine's settings (its max_len and, when neither
+    slots nor kv_budget_gb is given, its size are the job's)."""
 
-    def __init__(self, model, tokenizer, cfg: DetectConfig, *, model_name: str = "model", **engine_kw):
+    def __init__(self, model, tokenizer, cfg: DetectConfig, *, model_name: str = "model",
+                 engine: EngineConfig | None = None):
         self.model, self.tok, self.cfg, self.model_name = model, tokenizer, cfg, model_name
-        self.engine_kw = engine_kw
+        self.engine = engine or EngineConfig()
         self.prefill = {"prompt_tokens": 0, "reused_tokens": 0}
         self.needles, self.haystacks, self.tests = cfg.load()
 
@@ -117,11 +131,11 @@ class Detector:
 
         cfg, tok = self.cfg, self.tok
         longest = max(len(p) for p, _ in groups)
-        kw = dict(self.engine_kw)
-        kw.setdefault("max_len", longest + cfg.steps)
-        kw.setdefault("private_len", cfg.steps)  # original rows only: the prompt KV lives in the shared pool
-        if "slots" not in kw and "kv_budget_gb" not in kw:
-            kw.update(default_size(self.model, len(groups), 4))
+        ec = self.engine
+        if ec.max_len is None:
+            ec = replace(ec, max_len=longest + cfg.steps)
+        if not ec.sized:
+            ec = replace(ec, **default_size(self.model, len(groups), 4))
         gen = GenConfig(max_new_tokens=cfg.steps, eos_ids=(), return_argmax=True)
         answers = [tok(n.real_needle, add_special_tokens=False)["input_ids"] for n in self.needles]
         n_tests = sum(len(ts) for _, ts in groups)
@@ -134,7 +148,7 @@ class Detector:
 
         # prompts that share a prefix (a haystack up to a needle) next to each other: the engine reuses its KV
         items = [Group(groups[i][0], [ORIGINAL], key=i) for i in prefix_order([p for p, _ in groups])]
-        with Engine(self.model, tok, **kw) as eng, shard.open("a") as f:
+        with Engine(self.model, tok, ec) as eng, shard.open("a") as f:
             for res in eng.generate(items, gen, progress=on_step):
                 prompt, tests = groups[res.key]
                 row = res.rows[0]
@@ -150,11 +164,13 @@ class Detector:
                                 "rouge": rouge, "counted": scoring.counted(rouge), "tokens": row.tokens, **by_rule})
                 bar.update(len(tests))
             comp, reused = eng.stats["prompt_tokens"], eng.stats["reused_tokens"]
+            kv = stats_line(eng.stats)
         self.prefill = {"prompt_tokens": comp, "reused_tokens": reused}
         bar.close()
         if progress and comp + reused:
             print(f"prompt tokens: {comp:,} computed, {reused:,} ({reused / (comp + reused):.0%}) reused from "
                   "the KV of prompts with the same prefix" + (" (this rank)" if dist()[1] > 1 else ""))
+            print(kv)
 
     def merge(self, out: Path) -> dict:
         """Combine every shard into the final files (grid order); returns the summary."""

@@ -134,8 +134,8 @@ def load_score_source(path: str | Path) -> ScoreSource:
         per_test = [r[key] for r in recs]  # each (layers, heads)
         try:
             L, H = len(per_test[0]), len(per_test[0][0])
-            by_rule[rule] = {(l, h): _number(f"{path}: {key}", sum(t[l][h] for t in per_test) / len(per_test))
-                             for l in range(L) for h in range(H)}
+            by_rule[rule] = {(layer, h): _number(f"{path}: {key}", sum(t[layer][h] for t in per_test) / len(per_test))
+                             for layer in range(L) for h in range(H)}
         except (TypeError, IndexError) as e:
             raise ValueError(f"scores file {path}: '{key}' is not a (layers, heads) table of numbers in every "
                              f"counted record ({e}); give the tests.jsonl that `retmask detect` writes") from None

@@ -16,7 +16,6 @@ def default_device() -> str:
 def load(name: str, *, dtype: str | None = None, device: str | None = None):
     """(model, tokenizer), the model in eval mode. dtype: "bf16", "fp16", "fp32" or None (bf16 on CUDA,
     fp32 on CPU)."""
-    import torch
 
     from . import toy
 
@@ -81,7 +80,8 @@ def tokenizer(name: str):
 
 
 # files that hold a tokenizer's vocabulary (a folder with none of them cannot give a tokenizer)
-_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                "sentencepiece.bpe.model")
 
 
 def check_tokenizer(name: str) -> None:

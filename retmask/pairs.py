@@ -10,8 +10,8 @@ Output (TRL's conversational preference format, plus metadata per pair):
 Work in progress is appended to `work/rank-RRRRR.jsonl` (fsync per pair) so a crash, even SIGKILL,
 loses only pairs in flight; `resume=True` continues. (With `reject_model`, the first pass's chosen
 answers go to `work/chosen-RRRRR.jsonl` as they finish, so a resume skips the ones made.) Under
-torchrun each rank takes every world-th instruction and rank 0 merges. Seeds are per instruction, so the pairs do not depend on
-the batch, the rank or the number of processes.
+torchrun each rank takes every world-th instruction and rank 0 merges. Seeds are per instruction, so
+the pairs do not depend on the batch, the rank or the number of processes.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ import hashlib
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 from . import models
+from .engine import ORIGINAL, Engine, EngineConfig, GenConfig, Group, Policy, RowResult, default_size, prefix_order
+from .heads import HeadSet
 from .models import context_len
 from .runs import all_sum, append_record, barrier, dist, done_keys, finished, iter_jsonl_at, prepare_out, read_at
-from .engine import ORIGINAL, Engine, GenConfig, Group, Policy, RowResult, default_size, prefix_order
-from .heads import HeadSet
 from .sampling import Sampling
 
 SHARD_PAIRS = 10_000
@@ -147,15 +147,13 @@ def prepare(out: str | Path, items, cfg: PairsConfig, model_name: str, heads: He
 
 class PairJob:
     """A pairs run. `length_buckets`: prompt-length edges (tokens); each bucket is answered by its own
-    engine, sized for its longest prompt. The decode slots hold prompt + max_new_tokens each, so
-    without buckets one long prompt (2048 tokens, under the default cap) sizes every slot for
-    2048 + 2048 tokens; with the default edge 512, the short prompts that make up most chat data get
-    slots of 512 + 2048, and 1.6x as many fit the same memory. Pairs do not depend on it. Other
-    keywords go to the `Engine`."""
+    engine, whose max_len is its longest prompt plus max_new_tokens (KV blocks are taken as rows grow,
+    so a bucket bounds the block tables and the prefill staging, not the rows that fit). Pairs do not
+    depend on it. `engine`: the engines' settings (max_len and, when not given, the size are the job's)."""
 
     def __init__(self, model, tok, heads: HeadSet | None, cfg: PairsConfig, *, model_name: str,
                  reject=None, reject_name: str | None = None, length_buckets: Sequence[int] = LENGTH_BUCKETS,
-                 **engine_kw):
+                 engine: EngineConfig | None = None):
         if heads is None and reject is None:
             raise ValueError("give heads to switch off (--tau/--topk/--heads) or --reject-model")
         self.length_buckets = check_edges(length_buckets, f"length_buckets={tuple(length_buckets)}")
@@ -176,7 +174,7 @@ class PairJob:
                 if ctx := context_len(m.config):
                     rooms.append(ctx - cfg.max_new_tokens)
         self._room = min(rooms, default=None)
-        self.engine_kw = engine_kw
+        self.engine = engine or EngineConfig()
 
     def config_dict(self) -> dict:
         return run_config(self.cfg, self.model_name, self.heads, self.reject_name)
@@ -203,29 +201,31 @@ class PairJob:
         path = work / f"rank-{rank:05d}.jsonl"
         t0 = time.perf_counter()
         self._counts = {"row_steps": 0, "slot_steps": 0, "steps": 0, "prefills": 0,  # the engines' stats
-                        "prompt_tokens": 0, "reused_tokens": 0}
+                        "prompt_tokens": 0, "reused_tokens": 0, "preemptions": 0, "prefix_blocks_reused": 0,
+                        "peak_rows": 0, "kv_blocks_peak": 0, "kv_blocks_total": 0}
         n_tok = self._generate(items, mine, path, progress and rank == 0, half) if mine else 0
         barrier()
         # this run's counts over all ranks
         c = self._counts
-        n_tok, used, run, steps, prefills, computed, reused = all_sum(
-            [n_tok, c["row_steps"], c["slot_steps"], c["steps"], c["prefills"], c["prompt_tokens"], c["reused_tokens"]])
+        kv_keys = ("preemptions", "prefix_blocks_reused", "peak_rows", "kv_blocks_peak", "kv_blocks_total")
+        n_tok, used, run, steps, prefills, computed, reused, *kv = all_sum(
+            [n_tok, c["row_steps"], c["slot_steps"], c["steps"], c["prefills"], c["prompt_tokens"], c["reused_tokens"],
+             *(c[k] for k in kv_keys)])
         engine = {"slot_utilization": round(used / run, 3) if run else None, "decode_steps": steps,
-                  "prefill_passes": prefills, "prompt_tokens_computed": computed, "prompt_tokens_reused": reused}
+                  "prefill_passes": prefills, "prompt_tokens_computed": computed, "prompt_tokens_reused": reused,
+                  **dict(zip(kv_keys, kv))}  # peaks: the largest bucket's engine, summed over ranks
         summary = self.merge(out, items, n_tok, time.perf_counter() - t0, engine) if rank == 0 else {}
         barrier()
         return summary
 
     # ---- generation ------------------------------------------------------------------------
     def _engine(self, model, prompts, policies):
-        kw = dict(self.engine_kw)
-        kw.setdefault("max_len", max(len(p) for p in prompts) + self.cfg.max_new_tokens)
-        # size the cache for this job's groups: a pool only for the prompt layers a pair shares
-        kw.setdefault("policies", policies)
-        kw.setdefault("private_len", self.cfg.max_new_tokens)
-        if "slots" not in kw and "kv_budget_gb" not in kw:
-            kw.update(default_size(model, len(prompts) * len(policies), 8))
-        return Engine(model, **kw)
+        ec = self.engine
+        if ec.max_len is None:
+            ec = replace(ec, max_len=max(len(p) for p in prompts) + self.cfg.max_new_tokens)
+        if not ec.sized:
+            ec = replace(ec, **default_size(model, len(prompts) * len(policies), 8))
+        return Engine(model, None, ec)
 
     def _gen(self, model, tok, rows, policies, progress, desc, prompts=None, first_row: int = 0):
         """{instruction index: [RowResult per policy]} for `rows` (list of (index, text)); `prompts`:
@@ -244,7 +244,6 @@ class PairJob:
         bar = tqdm(total=len(groups), desc=desc, unit="pair", disable=not progress)
         t0, n, shown = time.perf_counter(), [0], [0.0]
         done = {"longest": 0, "at_cap": 0}  # over the buckets' engines before this one
-        eng = None
 
         def on_step(k):
             # the engine's host bookkeeping (no device sync); shown at least once a second, so rows that never
@@ -271,8 +270,9 @@ class PairJob:
                 for res in eng.generate(part, gen, progress=on_step if progress else None):
                     bar.update(1)
                     yield res.key, len(prompts[res.key]), res.rows
-                for k in self._counts:
-                    self._counts[k] += eng.stats[k]
+                for k in self._counts:  # counts add up over the buckets' engines; peaks are the largest
+                    peak = k.startswith("peak") or k.startswith("kv_blocks")
+                    self._counts[k] = max(self._counts[k], eng.stats[k]) if peak else self._counts[k] + eng.stats[k]
                 done["longest"] = max(done["longest"], eng.flight.longest)
                 done["at_cap"] += eng.flight.at_cap
         bar.close()

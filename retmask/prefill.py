@@ -1,12 +1,18 @@
-"""The engine's prefill: which admitted groups are computed together and in what order (prefix reuse),
-and the pass that computes their prompts' KV into the pool segments and the rows' slots.
+"""The engine's prefill: where a group's prompt KV lives (its layout), which admitted groups are computed
+together and in what order (prefix reuse), and the pass that computes their prompts' KV into blocks.
 
-`PrefillMixin` is part of `Engine` (it reads the engine's cache and settings); `PrefillPass` is the
-attention context one pass installs.
+A group's prompt KV is one set of blocks per *segment*: below its shared depth `lsh` every row reads
+the intact model's KV (the *base*); from `lsh` on each prefill stream (a distinct prompt bitmap) has
+its own. A stream that reads the prompt intact doubles as the base (its blocks hold every layer);
+otherwise the base is a segment of its own. Each full block is cached under the hash of the tokens
+up to its end, so a later prompt with the same prefix takes the blocks instead of computing them.
+
+`PrefillRunner` holds the engine; `PrefillPass` is the attention context one pass installs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,45 +21,88 @@ import torch
 from retmask.kernels import masked_attention
 
 from . import hf
+from .blocks import BlockTag, chain_hashes
+from .cache_plan import blocks_for
 from .decoding import to_device
-from .policy import GenConfig, n_streams, stream_keys
-from .prefix import common_prefix, heads_below, prefix_ids, prefix_order
+from .policy import GenConfig, Group
+from .prefix import common_prefix, prefix_ids, prefix_order
 
 if TYPE_CHECKING:
     from .decoding import Slots
     from .engine import Engine
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a group's prompt KV lives. `streams`: each prefill stream's prompt bitmap (heads off over the
+    prompt, () for intact); `row_stream[r]`: row r's stream; `lsh`: the shared depth; `base`: the stream
+    that doubles as the base, or -1 when the base is a segment of its own (segment `len(streams)`)."""
+
+    lsh: int
+    streams: tuple
+    row_stream: tuple
+    base: int
+    n_layers: int
+
+    @property
+    def n_segs(self) -> int:
+        return len(self.streams) + (1 if self.base < 0 and self.lsh > 0 else 0)
+
+    def base_seg(self) -> int:
+        """The segment index (within the group's) holding the layers below lsh."""
+        return self.base if self.base >= 0 else len(self.streams)
+
+    def tag(self, j: int) -> BlockTag:
+        """What segment j's blocks hold."""
+        if j == len(self.streams):
+            return BlockTag(0, self.lsh, ())
+        heads = self.streams[j]
+        return BlockTag(0, self.n_layers, ()) if not heads else BlockTag(self.lsh, self.n_layers, heads)
+
+
+def layout(policies, n_layers: int, sharing: bool) -> Layout:
+    """The layout of a group of `policies`. Without sharing, every row is a stream of its own and nothing
+    is shared below any depth."""
+    if sharing:
+        keys = list(dict.fromkeys(p.prompt_heads for p in policies))
+        row_stream = tuple(keys.index(p.prompt_heads) for p in policies)
+        lsh = min(p.prompt_depth(n_layers) for p in policies)
+    else:
+        keys = [p.prompt_heads for p in policies]
+        row_stream = tuple(range(len(policies)))
+        lsh = 0
+    base = keys.index(()) if () in keys else -1
+    return Layout(lsh, tuple(keys), row_stream, base, n_layers)
+
+
 class PrefillPass:
-    """Attention context of one prefill batch: staging KV, chunk geometry, the expansion point."""
+    """Attention context of one prefill batch: staging KV (every layer, padded to whole blocks, plus a
+    trash column for left padding), chunk geometry, the expansion point."""
 
     owns_masks = True
 
     def __init__(self, eng: "Engine", n_groups: int, rows: int, lsh: int, plen: int, keep: torch.Tensor,
-                 row2group: list[int], hi: int = 0, segs: list[int] | None = None):
-        # rows: the streams computed from layer `lsh` on (a group's rows with the same prompt bitmap are one);
-        # keep (R, L, Hq) on the host
+                 row2group: list[int]):
+        # rows: the streams computed from layer `lsh` on; keep (R, L, Hq) on the host
         d, dev = eng.d, eng.device
         self.eng, self.lsh, self.plen = eng, lsh, plen
+        self.cap = blocks_for(plen, eng.block_size) * eng.block_size  # staged positions, whole blocks
         self.n_groups, self.rows = n_groups, rows
         self.row2group = to_device(np.asarray(row2group, dtype=np.int64), dev)
         self.keep = to_device(keep, dev)  # (R, L, Hq)
         self.layer_all_on = keep.all(-1).all(0).tolist()  # (L,)
-        shape = lambda n: (n, d.n_kv_heads, plen + 1, d.head_dim)  # noqa: E731  (+1: a trash slot for pads)
-        # One group (`segs`, a run of consecutive segments): the layers below `hi` its segments hold are
-        # prefilled straight into them, below lsh into the first, from lsh on one per stream (no staging copy).
-        self.in_place = segs is not None and plen + 1 <= eng.max_len
-        self.k, self.v = [], []
-        for l in range(d.n_layers):
-            if self.in_place and l < hi:
-                n = 1 if l < lsh else rows
-                self.k.append(eng.pk[l][segs[0]: segs[0] + n, :, : plen + 1])  # (n, Hkv, plen+1, D) view
-                self.v.append(eng.pv[l][segs[0]: segs[0] + n, :, : plen + 1])
-            else:
-                self.k.append(torch.zeros(shape(n_groups if l < lsh else rows), dtype=eng.dtype, device=dev))
-                self.v.append(torch.zeros_like(self.k[-1]))
+        shape = lambda n: (n, d.n_kv_heads, self.cap + 1, d.head_dim)  # noqa: E731  (+1: the trash column)
+        self.k = [torch.zeros(shape(n_groups if l < lsh else rows), dtype=eng.dtype, device=dev)
+                  for l in range(d.n_layers)]
+        self.v = [torch.zeros_like(k) for k in self.k]
         self.dest = {}  # batch size -> (N, C) destination index of each chunk position
         self.kv_lens = {}
+
+    def blocks(self, l: int, which: str) -> torch.Tensor:
+        """Layer l's staging as whole blocks: (N, Hkv, nb, Bs, D) view."""
+        t = (self.k if which == "k" else self.v)[l][:, :, : self.cap]
+        n, h, _, dh = t.shape
+        return t.view(n, h, self.cap // self.eng.block_size, self.eng.block_size, dh)
 
     def set_chunk(self, start: int, size: int, pads_g: torch.Tensor, pre_g: torch.Tensor):
         """Chunk covers padded indices [start, start + size) of the tokens to compute; pads_g (G,) left
@@ -62,7 +111,7 @@ class PrefillPass:
         for n, pads, pre in ((self.n_groups, pads_g, pre_g),
                              (self.rows, pads_g[self.row2group], pre_g[self.row2group])):
             j = idx[None, :] - pads[:, None]  # (N, C) index of each chunk token among those computed
-            self.dest[n] = torch.where(j >= 0, pre[:, None] + j, self.plen)  # its cache position, or the trash slot
+            self.dest[n] = torch.where(j >= 0, pre[:, None] + j, self.cap)  # its position, or the trash column
             self.kv_lens[n] = (pre + start + size - pads).clamp(min=0).to(torch.int32)
 
     def attend(self, module, q, k, v, scaling, window):
@@ -83,44 +132,56 @@ class PrefillPass:
         return t
 
 
-class PrefillMixin:
-    """Prefill of admitted groups (mixed into `Engine`)."""
+class PrefillRunner:
+    """Prefill of admitted groups: layouts, prefix lookups, block tables and the passes."""
 
-    def _prefill(self, admitted, st: "Slots", cfg: GenConfig):
-        by_layout: dict[tuple[int, int], list] = {}
+    def __init__(self, eng: "Engine"):
+        self.eng = eng
+
+    def layout(self, g: Group) -> Layout:
+        e = self.eng
+        return layout(g.policies, e.d.n_layers, e.sharing)
+
+    def run(self, admitted, st: "Slots", cfg: GenConfig):
+        """Prefill `admitted` (group, slots, segments) items and start their rows."""
+        by_lsh: dict[int, list] = {}
         for item in admitted:
-            by_layout.setdefault(self._layout(item[0], cfg)[:2], []).append(item)
-        for (lsh, hi), batch in by_layout.items():
-            for phase in self._reuse_phases(batch, lsh, hi):
-                for part in self._prefill_parts(phase):
-                    self._prefill_batch(part, lsh, hi, st, cfg)
+            by_lsh.setdefault(self.layout(item[0]).lsh, []).append(item)
+        for lsh, batch in by_lsh.items():
+            for phase in self._reuse_phases(batch):
+                for part in self._parts(phase):
+                    self._batch(part, lsh, st, cfg)
 
-    def _held_prefix(self, a: np.ndarray, prefer=(), depth: int | None = None) -> tuple[int, int]:
-        """Longest prefix of the tokens `a` whose KV, as the intact model computes it, a pool segment holds
-        at every layer below `depth` (default: every layer), as (tokens, segment); (0, -1) under
-        `reuse_prefix` tokens. A tie goes to a segment in `prefer` among the nearest in the index."""
-        depth = self.d.n_layers if depth is None else depth
-        return self._segs.lookup(a, self._seg_tags(0, depth, ()), prefer)
+    # ---- prefix reuse ------------------------------------------------------------------------
+    def cached(self, ids: np.ndarray, lay: Layout) -> tuple[int, list[list[int]]]:
+        """Prefix reuse for one group: the leading full blocks of its prompt `ids` that the cache holds for
+        every segment of its layout, as (blocks, [each segment's cached block ids]); 0 blocks when under
+        `reuse_prefix` tokens."""
+        e = self.eng
+        if not e.reuse_prefix or len(ids) < e.reuse_prefix:
+            return 0, [[] for _ in range(lay.n_segs)]
+        digests = chain_hashes(ids, e.block_size)
+        found = []
+        for j in range(lay.n_segs):
+            t = lay.tag(j)
+            found.append(e.blocks.match(digests, t.lo, t.hi, t.heads))
+        c = min(len(f) for f in found)
+        if c * e.block_size < e.reuse_prefix:
+            c = 0
+        return c, [f[:c] for f in found]
 
-    def _seg_tags(self, lo: int, hi: int, heads: tuple) -> list:
-        """Index tags of the segments holding layers [lo, hi) as computed with `heads` off over the prompt.
-        A segment's tag is (first layer, end layer, heads) of what it holds. The KV at a layer depends only
-        on the heads off below it, so the bitmaps must agree below `hi`."""
-        want = heads_below(heads, hi)
-        return [t for t in self._segs.index if t[0] <= lo and t[1] >= hi and heads_below(t[2], hi) == want]
-
-    def _reuse_phases(self, batch, lsh: int, hi: int):
-        """The groups of one admission (of layout `lsh`, `hi`: see `_layout`) in prefill order, for prefix reuse. Among
-        groups with the same prefill streams, in each cluster whose prompts share at least `reuse_prefix`
-        tokens, the group whose prefixes in common with the others add up the most (for NIAH tests of
-        one haystack, the one whose needle comes last) is a root; a group that shares more with its root
-        than it finds held now waits for a second pass, which reuses the root's KV."""
-        m, n = self.reuse_prefix, len(batch)
+    def _reuse_phases(self, batch):
+        """The groups of one admission in prefill order, for prefix reuse. Among groups with the same
+        prefill streams, in each cluster whose prompts share at least `reuse_prefix` tokens, the group whose
+        prefixes in common with the others add up the most (for NIAH tests of one haystack, the one whose
+        needle comes last) is a root; a group that shares more with its root than the cache holds now
+        waits for a second pass, which finds the root's blocks cached."""
+        m, n = self.eng.reuse_prefix, len(batch)
         if not m or n < 2:
             return [batch]
         classes: dict[tuple, list[int]] = {}  # a root's KV serves the groups whose streams it computes
         for i, (g, _, _) in enumerate(batch):
-            classes.setdefault(tuple(sorted(stream_keys(g.policies))), []).append(i)
+            classes.setdefault(tuple(sorted(self.layout(g).streams)), []).append(i)
         later = set()
         for members in classes.values():
             arrs = [prefix_ids(batch[i][0]) for i in members]
@@ -140,123 +201,104 @@ class PrefillMixin:
                         c[:r] = np.minimum.accumulate(a[:r][::-1])[::-1]
                         if best is None or c.sum() > best.sum():
                             best, root = c, r
+                    bs = self.eng.block_size
                     for i in range(size):
                         gi = members[order[k + i]]
-                        g, _, segs = batch[gi]
                         ids = arrs[order[k + i]]
-                        gain = best[i] if lsh == self.d.n_layers else min(best[i], len(ids) - 1)
-                        if i != root and gain >= m and gain > self._lookup(ids, segs, stream_keys(g.policies), lsh,
-                                                                           hi)[0]:
+                        gain = best[i] // bs * bs  # whole blocks
+                        now = self.cached(ids, self.layout(batch[gi][0]))[0] * bs
+                        if i != root and gain >= m and gain > now:
                             later.add(gi)
                 k = e + 1
         first = [b for gi, b in enumerate(batch) if gi not in later]
         second = [b for gi, b in enumerate(batch) if gi in later]
         return [p for p in (first, second) if p]
 
-    def _lookup(self, a: np.ndarray, own: list[int], keys: list[tuple], lsh: int,
-                hi: int) -> tuple[int, int, dict, dict]:
-        """Prefix reuse for one group of layout `lsh`, `hi` (`_layout`), whose segments are `own` and whose
-        prefill streams have the prompt bitmaps `keys`: the longest prefix of its tokens `a` held for every
-        layer it computes (below lsh the intact model's KV, in a segment; from lsh on each stream's, in a
-        segment below hi and in a slot from hi on), as (tokens, segment below lsh, {stream: segment},
-        {stream: slot}); 0 tokens under `reuse_prefix`. Ties go to the group's own segments (no copy)."""
-        L, m = self.d.n_layers, self.reuse_prefix
-        c, src = self._segs.lookup(a, self._seg_tags(0, lsh, ()), own[:1]) if m and lsh else (len(a), -1)
-        if lsh < L:
-            c = min(c, len(a) - 1)  # a row's stream computes at least one token (its KV reaches the slots)
-        segs, slots = {}, {}
-        for j, hk in enumerate(keys):
-            if lsh < hi and c >= m > 0:
-                cs, segs[j] = self._segs.lookup(a, self._seg_tags(lsh, hi, hk), (own[j],))
-                c = min(c, cs)
-            if hi < L and c >= m > 0:  # a slot's tag: (first layer it holds, heads)
-                cs, slots[j] = self._slots_held.lookup(a, [t for t in self._slots_held.index if t[0] <= hi and t[1] == hk])
-                c = min(c, cs)
-        return (c if m and c >= m else 0), src, segs, slots
-
-    def _prefill_parts(self, batch):
-        """Split admitted (group, slots) pairs into prefill batches of at most `prefill_tokens` streams
-        (`n_streams`) x padded length, shortest prompts first (a batch pads to its longest)."""
+    def _parts(self, batch):
+        """Split admitted items into prefill batches of at most `prefill_tokens` streams x padded length,
+        shortest prompts first (a batch pads to its longest)."""
         parts, cur, rows, longest = [], [], 0, 0
         for item in sorted(batch, key=lambda gs: len(gs[0].prompt)):
             g = item[0]
-            k = n_streams(g.policies)
+            k = len(self.layout(g).streams)
             r, n = rows + k, max(longest, len(g.prompt) - 1)
-            if cur and r * n > self.prefill_tokens:
+            if cur and r * n > self.eng.prefill_tokens:
                 parts.append(cur)
                 cur, r, n = [], k, len(g.prompt) - 1
             cur.append(item)
             rows, longest = r, n
         return parts + [cur] if cur else parts
 
+    # ---- one pass ------------------------------------------------------------------------------
     @torch.no_grad()
-    def _prefill_batch(self, batch, lsh: int, hi: int, st: "Slots", cfg: GenConfig):
-        d, dev = self.d, self.device
+    def _batch(self, batch, lsh: int, st: "Slots", cfg: GenConfig):
+        e = self.eng
+        d, dev, bs, bm = e.d, e.device, e.block_size, e.blocks
         L = d.n_layers
         full = [prefix_ids(g) for g, _, _ in batch]  # the last prompt token is the first decode input
+        lays = [self.layout(g) for g, _, _ in batch]
         plen = max(len(a) for a in full)
-        slots = [s for _, rows, _ in batch for s in rows]
-        # rows of a group whose prompt bitmaps agree (the original and scope-`generated` rows, say) compute the
-        # prompt once, as one stream; from lsh on, each stream's KV goes to its own pool segment (below hi;
-        # the group's first segment for its first stream) and to its rows' slots (from hi on)
-        streams, stream_key, row_stream, stream2group, stream_seg = [], [], [], [], []
-        for gi, (g, _, segs) in enumerate(batch):
-            seen = {}
-            for p in g.policies:
-                hk = p.prompt_heads
-                if hk not in seen:
-                    seen[hk] = len(streams)
-                    stream_seg.append(segs[len(seen) - 1] if lsh < hi else segs[0])
-                    streams.append(self._keep_row(p, prompt=True))
-                    stream_key.append(hk)
-                    stream2group.append(gi)
-                row_stream.append(seen[hk])
-        keep = torch.stack(streams)  # (N, L, Hq)
-        # prefix reuse: the longest prefix whose KV is held for every layer the group computes: below lsh as the
-        # intact model computes it, in a segment; from lsh on under each stream's bitmap, in a segment (below
-        # the pool's depth) and in a slot (above it)
-        pre, base_src, seg_src, slot_src = [], [], {}, {}
-        for gi, a in enumerate(full):
-            first = stream2group.index(gi)  # the group's streams are numbered first.. in its order
-            c, src, segs, slots_ = self._lookup(a, batch[gi][2], stream_keys(batch[gi][0].policies), lsh, hi)
-            pre.append(c)
-            base_src.append(src)
-            seg_src.update({first + j: s for j, s in segs.items()})
-            slot_src.update({first + j: s for j, s in slots_.items()})
-        for _, _, segs in batch:  # their old content is about to be overwritten: held by nothing until this pass succeeds
-            for s in segs:
-                self._segs.hold(s, None)
-        for s in slots:
-            self._slots_held.hold(s, None)
+        # the streams of the pass: rows of a group whose prompt bitmaps agree compute the prompt once
+        streams, stream2group, stream_seg = [], [], []
+        for gi, ((g, _, segs), lay) in enumerate(zip(batch, lays)):
+            for j, heads in enumerate(lay.streams):
+                pol = g.policies[lay.row_stream.index(j)]
+                streams.append(e._keep_row(pol, prompt=True))
+                stream2group.append(gi)
+                stream_seg.append(segs[j])
+        # each segment's blocks: the cached prefix (a reference more) and new ones
+        pre, tables = [], []  # per group: reused tokens; per group, per segment: block ids
+        try:
+            for gi, (a, lay) in enumerate(zip(full, lays)):
+                c, hits = self.cached(a, lay)
+                pre.append(c * bs)
+                nb = blocks_for(len(a), bs)
+                segs_tables = []
+                for j in range(lay.n_segs):
+                    bm.ref(hits[j], reused=True)
+                    segs_tables.append(hits[j] + bm.allocate(nb - c))
+                tables.append(segs_tables)
+        except MemoryError:  # admission counted these blocks: only a bookkeeping error gets here
+            for t in tables:
+                for ids in t:
+                    bm.free(ids)
+            raise
+        for gi, (g, rows, segs) in enumerate(batch):  # held by the run from here: freed if the pass fails
+            st.groups[id(g)], st.group_seg[id(g)], st.group_slots[id(g)] = g, list(segs), list(rows)
+            for j, s in enumerate(segs):
+                e._set_segment(s, tables[gi][j], len(full[gi]))
         todo = [len(a) - c for a, c in zip(full, pre)]  # tokens to compute per group
         slen = max(todo)
-        self.stats["prompt_tokens"] += sum(todo)
-        self.stats["reused_tokens"] += sum(pre)
-        ctx = None
+        e.stats["prompt_tokens"] += sum(todo)
+        e.stats["reused_tokens"] += sum(pre)
         if slen > 0:
-            self.stats["prefills"] += 1  # passes that run the model (a 1-token prompt runs none)
-            ctx = PrefillPass(self, len(batch), len(streams), lsh, plen, keep, stream2group, hi,
-                              segs=batch[0][2] if len(batch) == 1 else None)
-        # the reused prefixes, into the staging or else into the group's own segments (unless already there)
-        stage = ctx is not None and not ctx.in_place
-        base_moves = [(gi, pre[gi], s, batch[gi][2][0]) for gi, s in enumerate(base_src) if pre[gi] and s >= 0]
-        seg_moves = [(si, pre[stream2group[si]], s, stream_seg[si]) for si, s in seg_src.items() if pre[stream2group[si]]]
-        for l in range(hi):
-            moves = [mv for mv in (base_moves if l < lsh else seg_moves) if stage or mv[2] != mv[3]]
-            srcs = [(self.pk[l][src, :, :c], self.pv[l][src, :, :c]) for _, c, src, _ in moves]
-            if not stage and len(moves) > 1:  # one move's destination may be another's source
-                srcs = [(k.clone(), v.clone()) for k, v in srcs]
-            for (i, c, _, dst), (k, v) in zip(moves, srcs):
-                dk, dv = (ctx.k[l][i], ctx.v[l][i]) if stage else (self.pk[l][dst], self.pv[l][dst])
-                dk[:, :c] = k
-                dv[:, :c] = v
-        for si, slot in slot_src.items():  # each stream's prefix from its slot, into the staging (from hi on)
-            c = pre[stream2group[si]]
-            for l in range(hi, L) if c else ():
-                ctx.k[l][si, :, :c] = self.k[l][slot, :, :c]
-                ctx.v[l][si, :, :c] = self.v[l][slot, :, :c]
-        if ctx is not None:
-            # the host's inputs in one copy to the GPU (pinned; no wait for a decode step in flight)
+            e.stats["prefills"] += 1  # passes that run the model (a 1-token prompt runs none)
+            ctx = PrefillPass(e, len(batch), len(streams), lsh, plen, torch.stack(streams), stream2group)
+            # base rows (below lsh: one per group) and stream rows (from lsh on): (staging row, segment table)
+            base = [(gi, tables[gi][lays[gi].base_seg()]) for gi in range(len(batch))] if lsh else []
+            upper, si = [], 0
+            for gi, lay in enumerate(lays):
+                for j in range(len(lay.streams)):
+                    upper.append((si, tables[gi][j]))
+                    si += 1
+
+            def index(rows, first, last):
+                """(staging row, block slot, block id) of blocks [first(gi), last(gi)) of each row's table."""
+                out = [(r, j, t[j]) for r, t in rows for j in range(first(r), last(r))]
+                a = np.array(out, dtype=np.int64).reshape(-1, 3).T
+                return [to_device(x, dev) for x in a] if len(out) else None
+
+            g_of = lambda r, rows: r if rows is base else stream2group[r]  # noqa: E731
+            # the reused prefixes, from their blocks into the staging
+            for rows in (base, upper):
+                idx = index(rows, lambda r, rows=rows: 0, lambda r, rows=rows: pre[g_of(r, rows)] // bs)
+                if idx is None:
+                    continue
+                r_t, j_t, b_t = idx
+                for l in (range(lsh) if rows is base else range(lsh, L)):
+                    for w in ("k", "v"):
+                        ctx.blocks(l, w)[r_t, :, j_t] = (e.k if w == "k" else e.v)[l][b_t]  # (M, Hkv, Bs, D)
+            # the host's inputs in one copy (pinned on a GPU; no wait for a decode step in flight)
             host = np.zeros((len(batch), slen + 2), dtype=np.int64)  # ids, then left pads and reused prefix
             for gi, (a, c) in enumerate(zip(full, pre)):
                 if len(a) > c:
@@ -265,62 +307,47 @@ class PrefillMixin:
             host = to_device(host, dev)
             ids, pads, pre_t = host[:, :slen], host[:, slen], host[:, slen + 1]
             pos = (pre_t[:, None] + torch.arange(slen, device=dev)[None, :] - pads[:, None]).clamp(min=0)
-            self._ctx = ctx
-            chunk = max(1, min(self.chunk, self.prefill_tokens // len(streams)))  # streams x chunk within the budget
+            chunk = max(1, min(e.chunk, e.prefill_tokens // len(streams)))  # streams x chunk within the budget
+            e._ctx = ctx
             try:
                 with hf.active(ctx):
                     for start in range(0, slen, chunk):
                         size = min(chunk, slen - start)
                         ctx.set_chunk(start, size, pads, pre_t)
-                        self.model.model(input_ids=ids[:, start : start + size],
-                                         position_ids=pos[:, start : start + size], attention_mask=self._mask,
-                                         use_cache=False)
+                        e.model.model(input_ids=ids[:, start: start + size],
+                                      position_ids=pos[:, start: start + size], attention_mask=e._mask,
+                                      use_cache=False)
             finally:
-                self._ctx = None
-            base_t = to_device(np.array([segs[0] for _, _, segs in batch], dtype=np.int64), dev)
-            seg_t = to_device(np.array(stream_seg, dtype=np.int64), dev)
-            slot_t = to_device(np.array(slots, dtype=np.int64), dev)
-            # each stream's KV to the slots of its rows (broadcast: no rows x prompt temporary)
-            by_stream = [] if len(streams) == len(slots) else [
-                (s, to_device(np.array([slot for slot, r in zip(slots, row_stream) if r == s], dtype=np.int64), dev))
-                for s in range(len(streams))]
-            for l in range(L):
-                if l < hi:
-                    if not ctx.in_place:
-                        dst = base_t if l < lsh else seg_t
-                        self.pk[l][dst, :, :plen] = ctx.k[l][:, :, :plen]
-                        self.pv[l][dst, :, :plen] = ctx.v[l][:, :, :plen]
-                elif not by_stream:  # one row per stream, in order
-                    self.k[l][slot_t, :, :plen] = ctx.k[l][:, :, :plen]
-                    self.v[l][slot_t, :, :plen] = ctx.v[l][:, :, :plen]
-                else:
-                    for si, st_slots in by_stream:
-                        self.k[l][st_slots, :, :plen] = ctx.k[l][si: si + 1, :, :plen]
-                        self.v[l][st_slots, :, :plen] = ctx.v[l][si: si + 1, :, :plen]
-        r0 = 0  # the group's first row among row_stream
-        for gi, (g, rows, segs) in enumerate(batch):
+                e._ctx = None
+            # the computed blocks, from the staging into the pool (one copy per layer)
+            for rows in (base, upper):
+                idx = index(rows, lambda r, rows=rows: pre[g_of(r, rows)] // bs,
+                            lambda r, rows=rows: blocks_for(len(full[g_of(r, rows)]), bs))
+                if idx is None:
+                    continue
+                r_t, j_t, b_t = idx
+                for l in (range(lsh) if rows is base else range(lsh, L)):
+                    for w in ("k", "v"):
+                        (e.k if w == "k" else e.v)[l][b_t] = ctx.blocks(l, w)[r_t, :, j_t]
+        if e.reuse_prefix:  # the new full blocks, findable by a later prompt with the same prefix
+            for gi, (a, lay) in enumerate(zip(full, lays)):
+                digests = chain_hashes(a, bs)
+                for j in range(lay.n_segs):
+                    for b in range(pre[gi] // bs, len(digests)):
+                        bm.cache(tables[gi][j][b], digests[b], lay.tag(j))
+        r0 = 0
+        for gi, ((g, rows, segs), lay) in enumerate(zip(batch, lays)):
             n = len(g.prompt) - 1
-            gstreams = [si for si in range(len(streams)) if stream2group[si] == gi]
-            for j, s in enumerate(segs):
-                self.pool_len[s] = n
-                # the first segment holds layers [0, hi) (its first stream's, the group's below lsh); the others
-                # their stream's in [lsh, hi)
-                self._segs.hold(s, full[gi] if hi else None, (0 if j == 0 else lsh, hi, stream_key[gstreams[j]]))
             gid = id(g)
-            st.groups[gid] = g
-            st.group_seg[gid] = list(segs)
             st.reused[gid] = pre[gi]
             for r, slot in enumerate(rows):
-                pol, si = g.policies[r], row_stream[r0 + r]
-                if hi < L:  # the row's own prompt KV from hi on: reusable by a later row with its bitmap
-                    self._slots_held.hold(slot, full[gi], (hi, stream_key[si]))
-                seed = g.seeds[r] if g.seeds is not None else cfg.seed + self._row0[id(g)] + r
+                pol = g.policies[r]
+                seed = g.seeds[r] if g.seeds is not None else cfg.seed + e._row0[id(g)] + r
                 st.start(slot, gid, r, pol, seed, g.prompt[-1], n)
-                st.keep_prompt[slot] = self._keep_row(pol, prompt=True)
-                st.keep_gen[slot] = self._keep_row(pol, prompt=False)
-                self.kv_len[:, slot] = to_device(np.array([0 if l < hi else n for l in range(L)], dtype=np.int32), dev)
-                self._idle[slot] = False
-                self._row_seg_host[:, slot] = [(segs[0] if l < lsh else stream_seg[si]) if l < hi and n > 0 else -1
-                                               for l in range(L)]
+                st.keep_prompt[slot] = e._keep_row(pol, prompt=True)
+                st.keep_gen[slot] = e._keep_row(pol, prompt=False)
+                base_s, own_s = segs[lay.base_seg()] if lay.lsh else -1, segs[lay.row_stream[r]]
+                e._row_seg_host[:, slot] = [(base_s if l < lay.lsh else own_s) if n > 0 else -1 for l in range(L)]
+                e._idle[slot] = False
             r0 += len(rows)
-        self._refresh_layout()
+        e._refresh_layout()

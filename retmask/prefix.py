@@ -1,66 +1,13 @@
-"""Prefix reuse bookkeeping: which prompt's KV each pool segment and slot holds, searched by token
-prefix, and the helpers that order prompts so that shared prefixes meet."""
+"""Prompt prefixes: the tokens a group prefills, common prefixes, and the order that puts prompts
+sharing a prefix next to each other (so the prefix cache still holds it when the next one comes)."""
 
 from __future__ import annotations
 
-import bisect
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .policy import Group
-
-
-class Held:
-    """Prompts whose KV numbered holders (pool segments, or slots) keep, each under a tag (what it holds:
-    a segment's depth, a slot's prompt bitmap and depth), in lexicographic order of their tokens per tag:
-    the longest common prefix of a new prompt with any of them is with a neighbour of its place."""
-
-    def __init__(self, n: int, at_least: int):
-        self.at_least = at_least
-        self.ids: list[np.ndarray | None] = [None] * n
-        self.key: list[bytes | None] = [None] * n
-        self.tag: list[Any] = [None] * n
-        self.index: dict[Any, list[tuple[bytes, int]]] = {}
-
-    def hold(self, i: int, ids: np.ndarray | None, tag: Any = None) -> None:
-        """Holder `i` now keeps the KV of `ids` (None: nothing reusable)."""
-        if not self.at_least:
-            return
-        if self.key[i] is not None:
-            self.index[self.tag[i]].remove((self.key[i], i))
-        ok = ids is not None and len(ids) >= self.at_least
-        self.ids[i], self.key[i], self.tag[i] = (ids, token_key(ids), tag) if ok else (None, None, None)
-        if ok:
-            bisect.insort(self.index.setdefault(tag, []), (self.key[i], i))
-
-    def lookup(self, a: np.ndarray, tags, prefer=()) -> tuple[int, int]:
-        """Longest prefix of `a` held under one of `tags`, as (tokens, holder); (0, -1) under `at_least`.
-        A tie goes to a holder in `prefer` among the 16 nearest on each side."""
-        if not self.at_least or len(a) < self.at_least:
-            return 0, -1
-        k, best, who = token_key(a), 0, -1
-        for t in tags:
-            idx = self.index.get(t, ())
-            i = bisect.bisect_left(idx, (k, -1))
-            for rng in (range(i - 1, max(i - 17, -1), -1), range(i, min(i + 16, len(idx)))):
-                top = None
-                for j in rng:
-                    h = idx[j][1]
-                    n = common_prefix(a, self.ids[h])
-                    if n < best or (top is not None and n < top):
-                        break
-                    top = n if top is None else top
-                    if n > best or (h in prefer and who not in prefer):
-                        best, who = n, h
-                    elif who in prefer:
-                        break
-        return (best, who) if best >= self.at_least else (0, -1)
-
-
-def heads_below(heads: tuple, layer: int) -> tuple:
-    """The (layer, head) pairs of `heads` below `layer`: what decides the KV of layers up to `layer`."""
-    return tuple(x for x in heads if x[0] < layer)
 
 
 def token_key(ids) -> bytes:

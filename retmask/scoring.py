@@ -21,7 +21,6 @@ from typing import Sequence
 
 import torch
 
-
 RULES = ("reference", "paper")
 
 

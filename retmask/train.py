@@ -413,7 +413,6 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path) -> None:
     a plain transformers checkpoint in `out`."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # no deepspeed needed to import
 
     # training is over: a ZeRO-3 trainer's config would make from_pretrained partition across ranks, and this

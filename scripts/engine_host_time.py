@@ -63,8 +63,7 @@ def main(argv=None) -> None:
         return out
 
     Engine._launch, Engine._collect, E.StaticStep.run = timed_launch, timed_collect, timed_run
-    with Engine(model, slots=2 * args.pairs, max_len=16 + args.new, decode="static",
-                policies=groups[0].policies) as eng:
+    with Engine(model, slots=2 * args.pairs, max_len=16 + args.new, decode="static") as eng:
         list(eng.generate(groups[:1], GenConfig(max_new_tokens=2)))  # warm-up
         spent.update(launch=0.0, forward=0.0, collect=0.0, n=0)
         list(eng.generate(groups, GenConfig(max_new_tokens=args.new)))

@@ -8,7 +8,7 @@ the haystack, so the shared prefixes are exactly the haystack before each needle
 
     python scripts/prefix_reuse.py                 # FLOP counts (no model)
     python scripts/prefix_reuse.py --time 4096     # also time one column on a small random Llama here
-    python scripts/prefix_reuse.py --lookup        # also the host time of a prefix lookup, 512 segments
+    python scripts/prefix_reuse.py --lookup        # also the host time of a prefix lookup, 512 cached prompts
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bench_detect import depth_prompts, prefill_flops, run_sweep  # noqa: E402
 from bench_engine import LLAMA_8B, build  # noqa: E402
-
 from retmask.detect import plan  # noqa: E402
 from retmask.engine import common_prefix  # noqa: E402
 
@@ -47,31 +46,34 @@ def grid(vocab: int, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
-def lookup(segments: int = 512, L: int = 4096, n: int = 64) -> None:
-    """Host time of `Engine._held_prefix` with `segments` segments holding L-token prompts of one haystack
-    (needles at random depths: every segment shares a prefix with every query), against a scan of all."""
-    from retmask.engine import Engine
+def lookup(prompts: int = 512, L: int = 4096, n: int = 64) -> None:
+    """Host time of a prefix-cache lookup (`BlockManager.match` over the prompt's block hashes) with the
+    full blocks of `prompts` L-token prompts of one haystack cached (needles at random depths: every cached
+    prompt shares a prefix with every query), against a scan of every cached prompt."""
+    from retmask.blocks import BlockManager, BlockTag, chain_hashes
+    from retmask.cache_plan import DEFAULT_BLOCK_SIZE as BS
 
-    eng = Engine(build(dict(LLAMA_8B, vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=2, num_key_value_heads=1, head_dim=32), torch.device("cpu"),
-                       torch.float32), slots=1, segments=segments, max_len=L + 64)
     rng = np.random.default_rng(0)
     hay, needle = rng.integers(10, 128000, L), rng.integers(10, 128000, 16)
     prompt = lambda c: np.concatenate([hay[:c], needle, hay[c:L - 16]])  # noqa: E731
-    for s in range(segments):
-        eng._segs.hold(s, prompt(int(rng.integers(0, L - 16))), (0, eng.d.n_layers, ()))
+    held = [prompt(int(rng.integers(0, L - 16))) for _ in range(prompts)]
+    bm = BlockManager(prompts * (L // BS))
+    tag = BlockTag(0, 32, ())
+    for a in held:
+        ds = chain_hashes(a, BS)
+        for b, d in zip(bm.allocate(len(ds)), ds):
+            bm.cache(b, d, tag)
     qs = [prompt(int(c)) for c in rng.integers(0, L - 16, n)]
     t = time.perf_counter()
     for a in qs:
-        eng._held_prefix(a)
+        bm.match(chain_hashes(a, BS), 0, 32, ())
     t_index = (time.perf_counter() - t) / n
     t = time.perf_counter()
     for a in qs:
-        max(common_prefix(a, eng._segs.ids[s]) for s in range(segments))
+        max(common_prefix(a, h) for h in held)
     t_scan = (time.perf_counter() - t) / n
-    print(f"\nprefix lookup among {segments} segments of {L} tokens: {t_index * 1e3:.2f} ms (index), "
-          f"{t_scan * 1e3:.2f} ms (scan of every segment)")
-    eng.close()
+    print(f"\nprefix lookup among {prompts} cached prompts of {L} tokens: {t_index * 1e3:.2f} ms (block hashes), "
+          f"{t_scan * 1e3:.2f} ms (scan of every prompt)")
 
 
 def main(argv=None) -> int:
@@ -88,7 +90,8 @@ def main(argv=None) -> int:
     for L in (4096, 32768, 131072):
         r = plan(depth_prompts(c.vocab_size, L, 10, g), c)
         print(f"| one column, {L // 1024}K, 10 depths | {r['reused_tokens'] / r['prompt_tokens']:.0%} | "
-              f"{r['flops'] / 1e15:.1f} -> {r['flops_reused'] / 1e15:.1f} PFLOP | {r['flops'] / r['flops_reused']:.2f}x |")
+              f"{r['flops'] / 1e15:.1f} -> {r['flops_reused'] / 1e15:.1f} PFLOP | "
+              f"{r['flops'] / r['flops_reused']:.2f}x |")
     ps = grid(c.vocab_size)
     r = plan(ps, c)
     f0 = r["flops"]

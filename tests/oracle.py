@@ -78,3 +78,12 @@ def assert_close_to_truth(got, same_dtype, truth, floor: float, what: str):
     err = (got - truth).abs().max().item()
     base = (same_dtype.double() - truth).abs().max().item()
     assert err <= 2 * base + floor, f"{what}: max error {err:.3e} > 2 x {base:.3e} + {floor:.1e}"
+
+
+def paged_keys(pool, table_row, n: int):
+    """(Hkv, n, D): keys [0, n) of one row of a paged cache, key t at block `table_row[t // Bs]`, offset
+    `t % Bs` of the block pool `(NB, Hkv, Bs, D)`, read one key at a time by plain indexing."""
+    bs = pool.shape[2]
+    if n == 0:
+        return pool.new_zeros(pool.shape[1], 0, pool.shape[3])
+    return torch.stack([pool[int(table_row[t // bs]), :, t % bs] for t in range(n)], dim=1)

@@ -44,7 +44,8 @@ def make(case, dtype, seed=0):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-@pytest.mark.parametrize("case", CASES, ids=[f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-Sq{c[3]}-Skv{c[4]}-D{c[5]}-{c[6]}" for c in CASES])
+@pytest.mark.parametrize("case", CASES,
+                         ids=[f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-Sq{c[3]}-Skv{c[4]}-D{c[5]}-{c[6]}" for c in CASES])
 def test_matches_float64(impl, dtype, case, poison):
     q, k, v, keep, lens, window = make(case, dtype)
     out = IMPLS[impl](q, k, v, keep, kv_lens=lens, window=window)

@@ -52,7 +52,8 @@ def _run_model_bench(script, out):
 def model_benches(tmp_path_factory):
     """engine.csv and detect.csv from one tiny run of each model-level benchmark."""
     d = tmp_path_factory.mktemp("results")
-    return d, _run_model_bench("bench_engine.py", d / "engine.csv"), _run_model_bench("bench_detect.py", d / "detect.csv")
+    return d, _run_model_bench("bench_engine.py", d / "engine.csv"), _run_model_bench("bench_detect.py",
+                                                                                      d / "detect.csv")
 
 
 def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch, model_benches):
@@ -70,7 +71,7 @@ def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch, model_bench
     monkeypatch.setattr(benchlib, "RESULTS", tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text("a\n" + "".join(f"<!-- bench:{n} -->\nold\n<!-- /bench:{n} -->\n"
-                                      for n in ("prefill", "decode", "engine", "detect", "host", "cpu")))
+                                      for n in ("prefill", "decode", "engine", "detect", "host", "cpu", "capacity")))
     monkeypatch.setattr(report, "README", readme)
     assert report.main([]) == 0
     text = readme.read_text()
@@ -81,7 +82,7 @@ def test_report_builds_tables_from_latest_run(tmp_path, monkeypatch, model_bench
     assert "retmask, prefix reuse" in text and "computed_tokens" in text  # the depth sweep
     assert "| prompt KV per stream |" in text and "staging_gb" in text  # the causal check
     assert text.count("; commit ") == 4 and "bench_host.py" in text  # a footnote per GPU table; no host.csv here
-    assert "bench_cpu.py" in text  # no cpu.csv here either
+    assert "bench_cpu.py" in text and "bench_capacity.py" in text  # no cpu.csv or capacity.csv here either
 
 
 def test_engine_benchmark_tiny(model_benches):
@@ -104,19 +105,22 @@ def test_detect_benchmark_tiny(model_benches):
     assert int(off["computed_tokens"]) == n * (L - 1) and float(off["reused"]) == 0
     # the needle at depths linspace(0, 100) of an (L - 48)-token haystack: every prompt but the deepest reuses
     # the haystack before its needle (a few tokens more where the needle happens to start like the haystack)
-    cuts = sum(round(i / (n - 1) * (L - 48)) for i in range(n - 1))
-    assert cuts <= int(off["computed_tokens"]) - int(on["computed_tokens"]) <= cuts + n
+    # (whole blocks of 32 tokens, the engine's default)
+    cuts = [round(i / (n - 1) * (L - 48)) for i in range(n - 1)]
+    lo, hi = sum(c // 32 * 32 for c in cuts), sum((c + 4) // 32 * 32 for c in cuts)
+    assert lo <= int(off["computed_tokens"]) - int(on["computed_tokens"]) <= hi
     assert float(on["floor_s"]) < float(off["floor_s"])
-    # the causal check: 7 rows reading the prompt 4 ways; the cache holds each way's prompt KV once (K and V,
-    # fp32, 2 KV heads of 16, 4 layers), and each row's new tokens plus a spare column
+    # the causal check: 7 rows reading the prompt 4 ways; the group holds each way's prompt KV once (K and V,
+    # fp32, 2 KV heads of 16, 4 layers, blocks of 32 tokens), and each row's new tokens
     crows = list(csv.DictReader(open(results / "detect_causal.csv")))
-    assert {(r["provider"], r["length"]) for r in crows} == {(p, L) for p in ("prompt KV per stream", "prompt KV per row")
-                                                             for L in ("96", "160")}
+    kinds = ("prompt KV per stream", "prompt KV per row")
+    assert {(r["provider"], r["length"]) for r in crows} == {(p, L) for p in kinds for L in ("96", "160")}
     for r in crows:
         L, steps, tb = int(r["length"]), int(r["steps"]), 2 * 2 * 16 * 4
         assert (int(r["rows"]), int(r["streams"])) == (7, 4) and float(r["seconds"]) > 0
-        per_stream = tb * 4 * (4 * (L + steps) + 7 * (steps + 1))
-        per_row = tb * 4 * 7 * (L + steps + 1)
+        blocks = lambda n: -(-n // 32) * 32  # noqa: E731  (tokens in whole blocks)
+        per_stream = tb * 4 * (4 * blocks(L - 1) + 7 * blocks(steps))
+        per_row = tb * 4 * 7 * (blocks(L - 1) + blocks(steps))
         want = per_row if r["provider"] == "prompt KV per row" else per_stream
         assert abs(float(r["cache_gb"]) * 1e9 - want) <= 1e-3 * want, (r, want)
 
@@ -171,13 +175,14 @@ def test_host_benchmark_tiny(tmp_path):
 
 def test_prefix_reuse_counts():
     """scripts/prefix_reuse.py (the README's FLOP counts): a 10-depth column reuses, for each needle below
-    depth 100, the haystack before it: sum of i/9 for i < 9 = 4 of 10 prompts' worth, 40 %."""
+    depth 100, the haystack before it: sum of i/9 for i < 9 = 4 of 10 prompts' worth, 40 %, less under a
+    block (32 tokens) per prompt: 39 % at 4K."""
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "prefix_reuse.py"), "--lookup"], capture_output=True,
                        text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert p.returncode == 0, p.stderr[-2000:]
     cols = [line for line in p.stdout.splitlines() if line.startswith("| one column")]
-    assert len(cols) == 3 and all("| 40% |" in line for line in cols), p.stdout
-    assert "prefix lookup among 512 segments" in p.stdout
+    assert len(cols) == 3 and all(("| 40% |" if "4K" not in line else "| 39% |") in line for line in cols), p.stdout
+    assert "prefix lookup among 512 cached prompts" in p.stdout
 
 
 def test_cpu_benchmark_quick(tmp_path):

@@ -8,7 +8,7 @@ from retmask.cli import main
 
 
 def test_heads_command(tmp_path, capsys):
-    scores = {f"{l}-{h}": [float(l == 1 and h == 2)] for l in range(3) for h in range(4)}
+    scores = {f"{layer}-{h}": [float(layer == 1 and h == 2)] for layer in range(3) for h in range(4)}
     f = tmp_path / "s.json"
     f.write_text(json.dumps(scores))
     out = tmp_path / "sel" / "heads.json"
@@ -44,7 +44,8 @@ def test_heads_command_on_a_detect_run_selects_by_either_rule(tmp_path, capsys):
     assert main(["heads", "--scores", str(run / "tests.jsonl"), "--tau", "0.5", "--score-rule", "paper",
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "tau 0.5: reference 4 heads, paper 3 heads" in text and "3 heads selected (lowest layer 0): 0-0,1-0,1-2" in text
+    assert "tau 0.5: reference 4 heads, paper 3 heads" in text
+    assert "3 heads selected (lowest layer 0): 0-0,1-0,1-2" in text
     src = json.loads(out.read_text())["source"]
     assert src["score_rule"] == "paper" and src["sha256"] == file_sha256(run / "tests.jsonl") and src["tau"] == 0.5
     assert main(["heads", "--scores", str(run), "--topk", "1", "--score-rule", "paper"]) == 0
@@ -97,7 +98,7 @@ def test_bad_input_is_refused_clearly_before_any_model_loads(tmp_path, capsys, m
 
     monkeypatch.setattr(models, "load", no_load)
     scores = tmp_path / "s.json"
-    scores.write_text(json.dumps({f"{l}-{h}": [0.1 * h] for l in range(4) for h in range(4)}))
+    scores.write_text(json.dumps({f"{layer}-{h}": [0.1 * h] for layer in range(4) for h in range(4)}))
     empty = tmp_path / "empty"
     empty.mkdir()
     gpt2 = tmp_path / "gpt2"
@@ -115,7 +116,8 @@ def test_bad_input_is_refused_clearly_before_any_model_loads(tmp_path, capsys, m
     _refused(capsys, ["pairs", "--heads", "0-1", "--control", "random"], "--control random")
     _refused(capsys, ["niah", "--scores", str(scores)], "--tau or --topk")
     # a negative tau selects every head; an --out that is a folder; a rule the score file does not hold
-    for cmd in (["heads", "--scores", str(scores)], ["niah", "--scores", str(scores)], ["pairs", "--scores", str(scores)]):
+    for cmd in (["heads", "--scores", str(scores)], ["niah", "--scores", str(scores)],
+                ["pairs", "--scores", str(scores)]):
         _refused(capsys, [*cmd, "--tau", "-1"], "--tau -1: must be >= 0")
     _refused(capsys, ["heads", "--scores", str(scores), "--tau", "0.1", "--out", str(empty)],
              f"--out {empty}: is a folder", "heads.json")
@@ -173,8 +175,10 @@ def test_bad_input_is_refused_clearly_before_any_model_loads(tmp_path, capsys, m
     # settings checked before the model loads, and before anything is written to --out
     bad_out = tmp_path / "never"
     for argv, why in ((["pairs", "--heads", "0-1", "--top-p", "2"], "top_p=2.0: must lie in (0, 1]"),
-                      (["pairs", "--heads", "0-1", "--temperature", "-1"], "temperature=-1.0: must be a finite number >= 0"),
-                      (["pairs", "--heads", "0-1", "--data", str(tmp_path / "nope.jsonl")], "nope.jsonl': no such file"),
+                      (["pairs", "--heads", "0-1", "--temperature", "-1"],
+                       "temperature=-1.0: must be a finite number >= 0"),
+                      (["pairs", "--heads", "0-1", "--data", str(tmp_path / "nope.jsonl")],
+                       "nope.jsonl': no such file"),
                       (["detect", "--haystack", str(tmp_path / "nope")], "--haystack"),
                       (["detect", "--needles-file", str(tmp_path / "nope.jsonl")], "--needles-file"),
                       (["detect", "--buffer", "100000"], "--buffer 100000: must lie in [0, --max 512)"),
@@ -182,7 +186,8 @@ def test_bad_input_is_refused_clearly_before_any_model_loads(tmp_path, capsys, m
                       (["niah", "--steps", "-1"], "--steps -1: must be >= 1"),
                       (["detect", "--depths", "0"], "--depths 0"),
                       (["detect", "--model", str(tmp_path / "notok")], "the folder has no tokenizer"),
-                      (["train", "--model", str(tmp_path / "noarch"), "--pairs", str(tmp_path)], "names no architectures"),
+                      (["train", "--model", str(tmp_path / "noarch"), "--pairs", str(tmp_path)],
+                       "names no architectures"),
                       (["train", "--model", str(tmp_path / "notok"), "--pairs", str(tmp_path)], "has no tokenizer")):
         if argv[0] == "detect" and "notok" in argv[-1]:
             from retmask import toy

@@ -130,7 +130,8 @@ def test_an_unreachable_hub_fails_at_once_and_a_model_falls_back_to_the_cache(mo
     with pytest.raises(ValueError, match="the hub cannot be reached from here .* its config is not in the local cache"):
         models._hub("org/model", "config", fake_load)
     assert seen == {"local_files_only": True}
-    assert models._hub("org/model", "config", lambda name, **kw: (name, kw)) == ("org/model", {"local_files_only": True})
+    got = models._hub("org/model", "config", lambda name, **kw: (name, kw))
+    assert got == ("org/model", {"local_files_only": True})
     with pytest.raises(ValueError, match="'org/chats': the hub cannot be reached"):
         load_instructions("org/chats")
 

@@ -82,7 +82,8 @@ def check(out, pos, score, q, keys, vals, keep, window, dtype):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-@pytest.mark.parametrize("case", CASES, ids=[f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-S{c[3]}-D{c[4]}-{c[5]}-w{c[7]}" for c in CASES])
+@pytest.mark.parametrize("case", CASES,
+                         ids=[f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-S{c[3]}-D{c[4]}-{c[5]}-w{c[7]}" for c in CASES])
 def test_decode_matches_float64(impl, dtype, case, poison):
     q, kc, vc, lens, keep, window = make(case, dtype)
     out, pos, score = IMPLS[impl](q, kc, vc, lens, keep, window=window, return_argmax=True)

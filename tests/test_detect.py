@@ -14,6 +14,7 @@ import torch
 
 from retmask import causal, toy
 from retmask.detect import DetectConfig, Detector, read_jsonl
+from retmask.engine import EngineConfig, GenConfig, Group
 from retmask.heads import HeadSet, load_scores
 
 pytestmark = pytest.mark.skipif(not toy.available(), reason="toy model not built")
@@ -30,7 +31,7 @@ def toy_model():
 def detected(toy_model, tmp_path_factory):
     model, tok = toy_model
     out = tmp_path_factory.mktemp("detect")
-    det = Detector(model, tok, DetectConfig(**SMALL), model_name="toy", slots=3)
+    det = Detector(model, tok, DetectConfig(**SMALL), model_name="toy", engine=EngineConfig(slots=3))
     summary = det.run(out, progress=False)
     return out, {**summary, "prefill": det.prefill}
 
@@ -95,7 +96,8 @@ def test_paper_rule_run_reports_the_paper_scores(detected, toy_model, tmp_path):
     ref, _ = detected
     model, tok = toy_model
     out = tmp_path / "paper"
-    s = Detector(model, tok, DetectConfig(**SMALL, score_rule="paper"), model_name="toy", slots=3).run(
+    s = Detector(model, tok, DetectConfig(**SMALL, score_rule="paper"), model_name="toy",
+                 engine=EngineConfig(slots=3)).run(
         out, progress=False)
     assert (out / "tests.jsonl").read_text() == (ref / "tests.jsonl").read_text()
     recs = [r for r in read_jsonl(out / "tests.jsonl") if r["counted"]]
@@ -127,7 +129,8 @@ def test_a_run_from_before_the_rule_setting_resumes_as_reference(detected, toy_m
     with pytest.raises(ValueError, match=r"different configuration \(score_rule\)"):
         Detector(model, tok, DetectConfig(**SMALL, score_rule="paper"), model_name="toy").run(old, resume=True,
                                                                                                progress=False)
-    Detector(model, tok, DetectConfig(**SMALL), model_name="toy", slots=3).run(old, resume=True, progress=False)
+    Detector(model, tok, DetectConfig(**SMALL), model_name="toy", engine=EngineConfig(slots=3)).run(old, resume=True,
+                                                                                                    progress=False)
     assert (old / "head_scores.json").read_text() == (ref / "head_scores.json").read_text()
     assert json.loads((old / "config.json").read_text())["score_rule"] == "reference"
 
@@ -135,10 +138,10 @@ def test_a_run_from_before_the_rule_setting_resumes_as_reference(detected, toy_m
 def test_existing_results_need_resume_or_overwrite(detected, toy_model):
     out, _ = detected
     model, tok = toy_model
-    det = Detector(model, tok, DetectConfig(**SMALL), model_name="toy", slots=3)
+    det = Detector(model, tok, DetectConfig(**SMALL), model_name="toy", engine=EngineConfig(slots=3))
     with pytest.raises(ValueError, match="--resume"):
         det.run(out, progress=False)
-    other = Detector(model, tok, DetectConfig(**{**SMALL, "steps": 9}), model_name="toy", slots=3)
+    other = Detector(model, tok, DetectConfig(**{**SMALL, "steps": 9}), model_name="toy", engine=EngineConfig(slots=3))
     with pytest.raises(ValueError, match="different configuration"):
         other.run(out, resume=True, progress=False)
     s = det.run(out, resume=True, progress=False)  # nothing left to do: merges again, same result
@@ -237,11 +240,12 @@ _MEM = """
 import sys, torch
 from retmask import toy
 from retmask.detect import DetectConfig, Detector
+from retmask.engine import EngineConfig
 torch.set_num_threads(1)
 model, tok = toy.load()
 L = int(sys.argv[1])
 det = Detector(model, tok, DetectConfig(min_len=L, max_len=L, n_lengths=1, n_depths=1, n_needles=1, buffer=32,
-               steps=4), model_name="toy", slots=1, chunk=1024)
+               steps=4), model_name="toy", engine=EngineConfig(slots=1, chunk=1024))
 def kb(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
@@ -274,7 +278,7 @@ def test_causal_check_on_toy(toy_model, detected, capsys):
     pols = causal.make_policies(top, scores, controls=("non-retrieval",), scopes=("all", "generated"))
     grid = causal.GridConfig(min_len=160, max_len=toy.TRAIN_LEN, n_lengths=3, n_depths=4, n_needles=2, buffer=32,
                              steps=8, seed=7)
-    res = causal.run_niah(model, tok, grid, pols, progress=True, slots=8)
+    res = causal.run_niah(model, tok, grid, pols, progress=True, engine=EngineConfig(slots=8))
     assert "each prompt's KV held 3 times for 5 policies" in capsys.readouterr().out
     rec = {r["policy"]: r["recall"] for r in res["policies"]}
     assert rec["original"] >= 95
@@ -357,7 +361,7 @@ def test_niah_resumes_after_a_crash(toy_model, tmp_path, monkeypatch):
     pols = causal.make_policies(HeadSet.from_list("0-1,0-2"), None, controls=(), scopes=("all",))
     grid = causal.GridConfig(min_len=160, max_len=320, n_lengths=2, n_depths=3, n_needles=1, buffer=32, steps=6,
                              seed=3)
-    whole = causal.run_niah(model, tok, grid, pols, progress=False, slots=2)
+    whole = causal.run_niah(model, tok, grid, pols, progress=False, engine=EngineConfig(slots=2))
     n_prompts = len({(r["length"], r["depth"], r["needle_idx"]) for r in whole["tests"]})
     assert n_prompts == 6
 
@@ -372,17 +376,21 @@ def test_niah_resumes_after_a_crash(toy_model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(causal.scoring, "rouge1_recall", crash_on_the_fifth_answer)
     with pytest.raises(KeyboardInterrupt):
-        causal.run_niah(model, tok, grid, pols, progress=False, slots=2, out=tmp_path, model_name="toy")
+        causal.run_niah(model, tok, grid, pols, progress=False, engine=EngineConfig(slots=2), out=tmp_path,
+                        model_name="toy")
     monkeypatch.setattr(causal.scoring, "rouge1_recall", real)
     assert len(read_jsonl(tmp_path / "tests-00000.jsonl")) == 2
 
     with pytest.raises(ValueError, match="--resume"):
-        causal.run_niah(model, tok, grid, pols, progress=False, slots=2, out=tmp_path, model_name="toy")
+        causal.run_niah(model, tok, grid, pols, progress=False, engine=EngineConfig(slots=2), out=tmp_path,
+                        model_name="toy")
     with pytest.raises(ValueError, match="different configuration"):
-        causal.run_niah(model, tok, grid, pols[:1], progress=False, slots=2, out=tmp_path, model_name="toy",
+        causal.run_niah(model, tok, grid, pols[:1], progress=False, engine=EngineConfig(slots=2), out=tmp_path,
+                        model_name="toy",
                         resume=True)
     ran = generated_groups(monkeypatch)
-    resumed = causal.run_niah(model, tok, grid, pols, progress=False, slots=2, out=tmp_path, model_name="toy",
+    resumed = causal.run_niah(model, tok, grid, pols, progress=False, engine=EngineConfig(slots=2), out=tmp_path,
+                              model_name="toy",
                               resume=True)
     assert len(ran) == n_prompts - 2
     assert resumed == whole
@@ -394,10 +402,12 @@ def test_niah_resume_reads_an_older_single_log(toy_model, tmp_path, monkeypatch)
     pols = causal.make_policies(HeadSet.from_list("0-1,0-2"), None, controls=(), scopes=("all",))
     grid = causal.GridConfig(min_len=160, max_len=320, n_lengths=2, n_depths=2, n_needles=1, buffer=32, steps=6,
                              seed=3)
-    whole = causal.run_niah(model, tok, grid, pols, progress=False, slots=2, out=tmp_path, model_name="toy")
+    whole = causal.run_niah(model, tok, grid, pols, progress=False, engine=EngineConfig(slots=2), out=tmp_path,
+                            model_name="toy")
     (tmp_path / "tests-00000.jsonl").rename(tmp_path / "tests.jsonl")
     ran = generated_groups(monkeypatch)
-    again = causal.run_niah(model, tok, grid, pols, progress=False, slots=2, out=tmp_path, model_name="toy",
+    again = causal.run_niah(model, tok, grid, pols, progress=False, engine=EngineConfig(slots=2), out=tmp_path,
+                              model_name="toy",
                             resume=True)
     assert ran == [] and again["tests"] == whole["tests"]
 
@@ -411,7 +421,7 @@ def test_plan_counts_what_one_slot_reuses(toy_model, tmp_path, capsys):
 
     model, tok = toy_model
     cfg = DetectConfig(**SMALL)
-    det = Detector(model, tok, cfg, model_name="toy", slots=1)
+    det = Detector(model, tok, cfg, model_name="toy", engine=EngineConfig(slots=1))
     det.run(tmp_path / "one", progress=False)
     prompts = [p for p, _ in cfg.unique_prompts(tok, *cfg.load())]
     r = plan(prompts, model.config)
@@ -428,8 +438,9 @@ def test_plan_counts_what_one_slot_reuses(toy_model, tmp_path, capsys):
 
 def test_niah_plan_sizes_the_cache_as_the_engine_does(toy_model, capsys, monkeypatch):
     """`retmask niah --plan` reads the config and tokenizer only. The KV a group needs is one copy of the
-    prompt per prefill stream plus each row's new tokens (counted here from the config), and the slots a
-    budget holds, and the bytes, are those of an engine over the loaded model."""
+    prompt per prefill stream plus each row's new tokens, in whole blocks (counted here from the config, and
+    what an engine over the loaded model holds for such a group), and the blocks a budget holds are that
+    engine's pool."""
     import re
 
     from retmask import models
@@ -445,28 +456,32 @@ def test_niah_plan_sizes_the_cache_as_the_engine_does(toy_model, capsys, monkeyp
                  "--kv-budget-gb", "0.02", "--plan"]) == 0
     text = capsys.readouterr().out
     longest = int(re.search(r"longest prompt \+ steps\s*\|\s*([\d,]+) \+ 6", text).group(1).replace(",", ""))
-    slots, at_once = map(int, re.search(r"(\d+) slots, (\d+) group\(s\) at once", text).groups())
+    blocks, at_once = map(int, re.search(r"([\d,]+) blocks, (\d+) group\(s\) at once", text).groups())
     pols = causal.make_policies(HeadSet.from_list("1-0,2-1"), {(l, h): 0.0 for l in range(L)
                                                                 for h in range(c.num_attention_heads)},
                                 controls=("random",))
     rows, streams = len(pols), len({p.prompt_heads for p in pols})
     assert (rows, streams) == (5, 3)
     tb = 2 * hkv * d * 4  # K and V, fp32, per token and layer
-    assert f"| {tb * L * (rows * 7 + streams * (longest + 6)) / 1e6:,.2f} MB" in text  # + 1: the spare column
-    assert f"| {tb * rows * L * (longest + 7) / 1e6:,.2f} MB" in text
-    with Engine(model, kv_budget_gb=0.02, policies=pols, private_len=6, max_len=longest + 6) as eng:
-        assert eng.slots == slots and eng.n_segments == streams * (slots // rows) and at_once == slots // rows > 1
-        assert sum(t.nbytes for t in eng.k + eng.v) == slots * tb * L * 7
-        assert sum(t.nbytes for t in eng.pk + eng.pv) == eng.n_segments * tb * L * (longest + 6)
-        assert sum(t.nbytes for t in eng.k + eng.v + eng.pk + eng.pv) + eng.staging_bytes(slots) <= 0.02e9
-    # a budget under one group: the sizes per group still print, with the engine's reason, and the command fails
+    # the prompt (all but its last token) once per stream, each row's 6 new tokens (+ 1: the step past the
+    # last), in whole blocks of 32
+    need = streams * -(-(longest - 1) // 32) + rows * -(-7 // 32)
+    assert f"| {tb * L * 32 * need / 1e6:,.2f} MB ({need:,} blocks of 32)" in text
+    assert f"| {tb * rows * L * (longest + 6) / 1e6:,.2f} MB" in text  # each row its own prompt and new tokens
+    with Engine(model, kv_budget_gb=0.02, max_len=longest + 6) as eng:
+        assert eng.plan.usable_blocks == blocks and at_once == min(eng.slots // rows, blocks // need) > 1
+        assert sum(t.nbytes for t in eng.k + eng.v) == (blocks + 1) * tb * L * 32
+        assert sum(t.nbytes for t in eng.k + eng.v) + eng.plan.staging_bytes <= 0.02e9
+        list(eng.generate([Group([3 + i % 200 for i in range(longest)], pols)], GenConfig(max_new_tokens=6)))
+        assert eng.stats["kv_blocks_peak"] == need
+    # a budget under one group: the sizes per group still print, with the reason, and the command fails
     assert main(["niah", "--heads", "1-0,2-1", "--controls", "random", *grid, "--no-progress", "--dtype", "fp32",
                  "--kv-budget-gb", "0.0005", "--plan"]) == 1
     text = capsys.readouterr().out
-    assert "not one group fits" in text and "raise the budget" in text
-    assert f"| {tb * L * (rows * 7 + streams * (longest + 6)) / 1e6:,.2f} MB" in text
+    assert "not one group fits" in text and "raise --kv-budget-gb" in text
+    assert f"| {tb * L * 32 * need / 1e6:,.2f} MB ({need:,} blocks of 32)" in text
     # no --dtype: the plan sizes the dtype the run itself would load (fp32 on a CPU, bf16 on CUDA)
     assert main(["niah", "--heads", "1-0,2-1", "--controls", "random", *grid, "--no-progress", "--device", "cpu",
                  "--kv-budget-gb", "0.02", "--plan"]) == 0
     text = capsys.readouterr().out
-    assert "(float32)" in text and f"{slots} slots, {at_once} group(s) at once" in text
+    assert "(float32)" in text and f"{blocks:,} blocks, {at_once} group(s) at once" in text

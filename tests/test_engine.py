@@ -42,7 +42,8 @@ def test_logits_equal_full_forward(family):
     _, m, ref, zeroed = family
     p = prompts(seed=3, lens=(17,))[0]
     with Engine(m, slots=4, max_len=40, chunk=5) as eng:
-        (res,) = list(eng.generate([Group(p, [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=6, keep_logits=True)))
+        (res,) = list(eng.generate([Group(p, [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=6,
+                                                                                    keep_logits=True)))
     for row, model in zip(res.rows, (ref, zeroed)):
         seq = torch.tensor([p + row.tokens[:-1]])
         with torch.no_grad():
@@ -60,7 +61,8 @@ def test_bf16_rows_follow_their_models_within_bf16_noise(name):
     p = prompts(seed=3, lens=(17,))[0]
     with Engine(m, slots=4, max_len=40, chunk=5) as eng:
         assert eng.k[0].dtype == torch.bfloat16
-        (res,) = list(eng.generate([Group(p, [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=6, keep_logits=True)))
+        (res,) = list(eng.generate([Group(p, [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=6,
+                                                                                    keep_logits=True)))
         (smp,) = list(eng.generate([Group(p, [ORIGINAL, Policy(HEADS)])],
                                    GenConfig(max_new_tokens=6, sampling=Sampling(temperature=0.6, top_p=0.9))))
     fulls = []
@@ -80,8 +82,8 @@ def test_scope_generated_matches_its_definition(family):
     _, m, ref, zeroed = family
     pol = Policy(HEADS, scope="generated")
     with Engine(m, slots=4, max_len=48, chunk=6) as eng:
-        res = {r.key: r for r in eng.generate([Group(p, [pol, ORIGINAL], key=i) for i, p in enumerate(prompts(5, (12, 25)))],
-                                              GenConfig(max_new_tokens=NEW))}
+        groups = [Group(p, [pol, ORIGINAL], key=i) for i, p in enumerate(prompts(5, (12, 25)))]
+        res = {r.key: r for r in eng.generate(groups, GenConfig(max_new_tokens=NEW))}
     for i, p in enumerate(prompts(5, (12, 25))):
         assert res[i].rows[0].tokens == generated_scope_greedy(ref, zeroed, p)
         assert res[i].rows[1].tokens == hf_greedy(ref, p)
@@ -161,7 +163,8 @@ def test_argmax_stream_matches_eager_attention(family):
     name, m, ref, zeroed = family
     p = prompts(9, (15,))[0]
     with Engine(m, slots=2, max_len=40, chunk=4) as eng:
-        (res,) = list(eng.generate([Group(p, [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=5, return_argmax=True)))
+        (res,) = list(eng.generate([Group(p, [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=5,
+                                                                                    return_argmax=True)))
     for row, model in zip(res.rows, (ref, zeroed)):
         seq = torch.tensor([p + row.tokens[:-1]])
         with torch.no_grad():
@@ -197,7 +200,8 @@ def test_stop_strings_end_rows_where_their_text_appears(overlap):
     tok = toy.build_tokenizer()
     m = tiny("llama", vocab=len(tok), seed=3)
     g = torch.Generator().manual_seed(4)
-    ps = [torch.randint(10, len(tok), (int(n),), generator=g).tolist() for n in torch.randint(2, 12, (12,), generator=g)]
+    ps = [torch.randint(10, len(tok), (int(n),), generator=g).tolist() for n in torch.randint(2, 12, (12,),
+                                                                                              generator=g)]
     new = 14
     free = [hf_greedy(m, p, new) for p in ps]
     stop = tok.decode(free[0][5:7])  # text that row 0 produces at its steps 6-7
@@ -265,14 +269,15 @@ def test_bad_inputs(family):
             list(eng.generate([Group(list(range(3, 13)), [ORIGINAL])], GenConfig(max_new_tokens=8)))
         with pytest.raises(ValueError, match="head 9-0 does not exist"):
             list(eng.generate([Group([5, 6], [Policy(HeadSet.from_list("9-0"))])], GenConfig(max_new_tokens=2)))
-        with pytest.raises(ValueError, match="3 rows but the engine has 2 slots"):
+        with pytest.raises(ValueError, match="3 rows but the engine decodes 2 rows together"):
             list(eng.generate([Group([5, 6], [ORIGINAL] * 3)], GenConfig(max_new_tokens=2)))
         with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
             list(eng.generate([Group([5, 6], [ORIGINAL])], GenConfig(max_new_tokens=2, stop_strings=("x",))))
         # what generate() is given: groups, prompts (token ids inside the vocabulary), policies, seeds, config
         P = [ORIGINAL, Policy(HEADS)]
         for groups, cfg, msg in (
-                (Group([5, 6], P), GenConfig(), r"groups: expected a list of Group, got Group \(one group: \[group\]\)"),
+                (Group([5, 6], P), GenConfig(),
+                 r"groups: expected a list of Group, got Group \(one group: \[group\]\)"),
                 ([None], GenConfig(), r"groups\[0\]: expected a Group"),
                 ([Group([5, 6], P)], None, "cfg: expected a GenConfig"),
                 ([Group([5, 97], P)], GenConfig(), r"token ids must lie in \[0, 97\)"),
@@ -295,7 +300,7 @@ def test_bad_inputs(family):
                     ({"kv_budget_gb": float("inf")}, "kv_budget_gb=inf: must be a finite number > 0"),
                     ({"kv_budget_gb": 0.01, "max_slots": 0}, "max_slots=0: must be >= 1"),
                     ({"slots": 2, "tokenizer": 123}, "tokenizer: expected a transformers tokenizer"),
-                    ({"slots": 2, "policies": ["x"]}, "policies: expected a list of Policy")):
+                    ({"slots": 2, "block_size": 24}, "block_size=24: the kernels take 16, 32, 64, 128, 256")):
         with pytest.raises(ValueError, match=msg):
             Engine(plain, **kw)
     assert plain.config._attn_implementation == impl
@@ -324,27 +329,33 @@ def test_bad_inputs(family):
     assert [r.key for r in out] == ["ok"] and skip.skipped == 1
 
 
-def test_kv_budget_sizes_slots():
-    """The budget holds the cache and the K/V one prefill pass stages: the most slots that fit both."""
+def test_kv_budget_sizes_the_pool():
+    """The budget holds the block pool and the K/V one prefill pass stages: the most blocks that fit both;
+    `slots` alone gives every row room for max_len tokens of its own; a group that can never fit is refused
+    at the call."""
     m = tiny("llama")
-    eng = Engine(m, kv_budget_gb=1e-3, max_len=100)
-    per, s = eng.bytes_per_slot(), eng.slots
-    assert s >= 1 and s * per + eng.staging_bytes(s) <= 1e6 < (s + 1) * per + eng.staging_bytes(s + 1)
-    assert eng.staging_bytes(s) == eng._token_bytes() * min(eng.prefill_tokens, s * 100) * 4  # rows x tokens x layers
+    eng = Engine(m, kv_budget_gb=1e-3, max_len=100, block_size=16, prefill_tokens=256)
+    p = eng.plan
+    tok = 2 * 2 * 16 * 4  # K and V, 2 KV heads, head_dim 16, fp32
+    assert p.block_bytes == tok * 4 * 16  # 4 layers x 16 tokens
+    assert p.staging_bytes == tok * 4 * max(eng.prefill_tokens, 2 * 100)
+    assert p.n_blocks * p.block_bytes + p.staging_bytes <= 1e6 < (p.n_blocks + 1) * p.block_bytes + p.staging_bytes
+    assert eng.slots == min(512, p.n_blocks - 1) and eng.stats["kv_blocks_total"] == p.n_blocks - 1
     eng.close()
-    with pytest.raises(ValueError, match="kv_budget_gb"):
+    with pytest.raises(ValueError, match="not one block per layer fits"):
         Engine(m, kv_budget_gb=1e-9, max_len=100)
-    three = [ORIGINAL, Policy(HEADS), Policy(HEADS, "generated")]
-    with Engine(m, slots=1, max_len=100, policies=three, segments=1) as probe:  # what one row of them costs
-        one = probe.bytes_per_segment() + probe.bytes_per_slot(with_pool=False) + probe.staging_bytes(1)
-    with pytest.raises(ValueError, match="1 row.s. fit .* a group of the given policies has 3"):  # not at generate()
-        Engine(m, kv_budget_gb=one * 1.001 / 1e9, max_len=100, policies=three, segments=1)
-    with pytest.raises(ValueError, match="max_slots=2: a group of the given policies has 3 rows"):  # the cap, not memory
-        Engine(m, kv_budget_gb=1.0, max_slots=2, max_len=100, policies=three, segments=1)
-    # a group over prefill_tokens is staged alone: its rows' whole prompt at the layers it does not share
-    pair = [ORIGINAL, Policy(HEADS)]
-    with Engine(m, slots=2, max_len=100, policies=pair, prefill_tokens=50) as big:
-        assert big.staging_bytes(2) == big._token_bytes() * 2 * 100 * (4 - HEADS.lowest_layer)
+    with Engine(m, kv_budget_gb=1e-3, max_len=100, prefill_tokens=256, max_slots=3) as capped:
+        assert capped.slots == 3
+    with Engine(m, slots=3, max_len=100, block_size=16) as fixed:  # 3 rows of 100 tokens, each its own, twice
+        assert fixed.plan.usable_blocks == 3 * (2 * 7 + 1)
+    # a pool of fewer tokens than prefill_tokens: a pass stages at most the pool's worth, half the budget
+    budget = 2 * 12 * p.block_bytes / 1e9
+    with Engine(m, kv_budget_gb=budget, max_len=100, block_size=16, prefill_tokens=256) as small:
+        assert small.plan.usable_blocks == 11 and small.plan.staging_bytes == 12 * p.block_bytes
+        with pytest.raises(ValueError, match=r"need 12 KV blocks but the pool holds 11; raise kv_budget_gb"):
+            small.generate([Group(list(range(3, 36)), [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=60))
+        assert len(list(small.generate([Group(list(range(3, 36)), [ORIGINAL, Policy(HEADS)])],
+                                       GenConfig(max_new_tokens=40)))) == 1  # 2 x 3 prompt + 2 x 3 new: fits
 
 
 def test_unsupported_architecture():
@@ -373,42 +384,24 @@ def test_policies_context_for_plain_transformers(family):
         m(ids[:1].repeat(3, 1))
 
 
-def test_short_private_cache_for_rows_that_share_the_prompt(family):
-    """private_len = new tokens: original and scope-`generated` rows keep their prompt KV in the pool only;
-    tokens and argmax equal a full-size private cache. A scope-`all` row, whose prompt KV differs from
-    its shared depth on, gets a pool segment of its own there (the group takes two) and stays exact."""
+def test_rows_that_read_the_prompt_alike_share_its_blocks(family):
+    """Original and scope-`generated` rows read one set of prompt blocks; a scope-`all` row's prompt differs
+    from its shared depth on and gets a set of its own (the layers below come from the original's). Tokens and
+    argmax equal the same rows with sharing off (every row its own prompt blocks), which uses more blocks."""
     _, m, ref, zeroed = family
-    ps = prompts(seed=3)
-    pols = [ORIGINAL, Policy(HEADS, "generated")]
+    p = prompts(seed=3)[0][:33]  # 32 prompt tokens prefilled: 2 blocks of 16
     cfg = GenConfig(max_new_tokens=NEW, return_argmax=True)
-    out = {}
-    for plen in (48, NEW):
-        with Engine(m, slots=4, max_len=48, chunk=8, private_len=plen) as eng:
-            out[plen] = {r.key: r for r in eng.generate([Group(p, pols, key=i) for i, p in enumerate(ps)], cfg)}
-    for i in range(len(ps)):
-        for a, b in zip(out[48][i].rows, out[NEW][i].rows):
+    for pols, sets in (([ORIGINAL, Policy(HEADS, "generated")], 1), ([ORIGINAL, Policy(HEADS)], 2)):
+        out, peak = {}, {}
+        for sharing in (True, False):
+            with Engine(m, slots=2, max_len=48, block_size=16, sharing=sharing) as eng:
+                out[sharing] = next(eng.generate([Group(p, pols)], cfg)).rows
+                peak[sharing] = eng.stats["kv_blocks_peak"]
+        assert peak[True] == 2 * sets + 2 * 1 and peak[False] == 2 * 2 + 2 * 1  # prompt sets + each row's new tokens
+        for a, b in zip(out[True], out[False]):
             assert a.tokens == b.tokens and torch.equal(a.argmax, b.argmax)
-    assert out[NEW][0].rows[0].tokens == hf_greedy(ref, ps[0])
-    with Engine(m, slots=4, max_len=48, private_len=NEW) as eng:
-        assert eng.pool_layers == 4 and eng.n_segments == 4
-        res = list(eng.generate([Group(p, [ORIGINAL, Policy(HEADS)], key=i) for i, p in enumerate(ps)],
-                                GenConfig(max_new_tokens=NEW)))
-        for r in res:
-            assert r.rows[0].tokens == hf_greedy(ref, ps[r.key]) and r.rows[1].tokens == hf_greedy(zeroed, ps[r.key])
-        with pytest.raises(ValueError, match="max_new_tokens=10 does not fit private_len=9"):
-            list(eng.generate([Group(ps[0], [ORIGINAL])], GenConfig(max_new_tokens=NEW + 1)))
-    with Engine(m, slots=4, max_len=48, private_len=NEW, on_too_long="skip") as eng:  # a setting, not a prompt
-        with pytest.raises(ValueError, match="max_new_tokens=10 does not fit private_len=9"):
-            list(eng.generate([Group(ps[0], [ORIGINAL])], GenConfig(max_new_tokens=NEW + 1)))
-    with Engine(m, slots=4, max_len=48, private_len=NEW, segments=1) as eng:
-        with pytest.raises(ValueError, match=r"need 2 pool segments \(its prompt does not fit private_len=9\) but "
-                                             "the engine has 1"):
-            list(eng.generate([Group(ps[0], [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=NEW)))
-    with Engine(m, slots=4, max_len=24, private_len=NEW, segments=1, on_too_long="skip") as eng:
-        assert list(eng.generate([Group(ps[4], [ORIGINAL, Policy(HEADS)])], GenConfig(max_new_tokens=NEW))) == []
-        assert eng.skipped == 1  # too long for max_len: skipped, whatever segments it would have needed
-    with pytest.raises(ValueError, match="private_len=0"):
-        Engine(m, slots=1, max_len=48, private_len=0)
+        assert out[True][0].tokens == hf_greedy(ref, p)
+    assert out[True][1].tokens == hf_greedy(zeroed, p)
 
 
 def _mixed_run(m, decode, ps, new=NEW, info=None, overlap=None, eos=(), sampling=Sampling(temperature=0.7, top_k=30)):

@@ -94,7 +94,7 @@ def _watched_run(monkeypatch, m, groups, cfg, **engine_kw):
     monkeypatch.setattr(prefill, "masked_attention", scoped(prefill.masked_attention, False))
     monkeypatch.setattr(sampling, "gumbel_argmax", scoped(sampling.gumbel_argmax, False))
     monkeypatch.setattr(Engine, "_launch", scoped(Engine._launch, True))
-    monkeypatch.setattr(Engine, "_prefill", scoped(Engine._prefill, True))
+    monkeypatch.setattr(prefill.PrefillRunner, "run", scoped(prefill.PrefillRunner.run, True))
     with Engine(m, **engine_kw) as eng:
         mode.mark([*m.parameters(), *m.buffers(), *(t for t in tree_leaves(vars(eng)) if isinstance(t, torch.Tensor))])
         with mode:
@@ -107,18 +107,19 @@ def _watched_run(monkeypatch, m, groups, cfg, **engine_kw):
 def test_launches_and_prefills_read_no_device_values(name, decode, reuse, slots, monkeypatch):
     """Llama, Qwen3 and OLMo-3 (sliding layers); eager and static decode steps; left-padded, chunked
     prefill batches; groups of 1 to 3 rows sharing 0 to all layers; prompts sharing prefixes, with
-    prefix reuse off and on (KV taken from segments and slots); sampling with top-k and top-p cuts; slots refilled while steps run
-    (overlap on): no host read of device data in any launch or prefill. transformers' mask
+    prefix reuse off and on (blocks taken from the prefix cache); sampling with top-k and top-p cuts; slots
+    refilled while steps run (overlap on): no host read of device data in any launch or prefill. transformers' mask
     preparation holds one (its packed-sequence check reads `.all()` of the position ids) unless the
     engine hands it a prepared mask."""
     _, m, *_ = family_models(name)
-    pols = [[ORIGINAL, Policy(HEADS)], [ORIGINAL], [Policy(HEADS, "generated"), ORIGINAL, Policy(HeadSet.from_list("0-1"))]]
-    hay, *tails = prompts(5, (20, 3, 5, 2, 4, 6))
-    ps = [hay[:cut] + tail for cut, tail in zip((9, 14, 14, 20, 3), tails)] + [hay[:11]]
+    pols = [[ORIGINAL, Policy(HEADS)], [ORIGINAL], [Policy(HEADS, "generated"), ORIGINAL,
+                                                    Policy(HeadSet.from_list("0-1"))]]
+    hay, *tails = prompts(5, (36, 3, 5, 2, 4, 6))
+    ps = [hay[:cut] + tail for cut, tail in zip((18, 28, 28, 36, 6), tails)] + [hay[:22]]
     groups = [Group(p, pols[i % 3], key=i) for i, p in enumerate(sorted(ps))]
     cfg = GenConfig(max_new_tokens=4, return_argmax=True, sampling=Sampling(temperature=0.7, top_k=20, top_p=0.9))
-    res, stats, seen = _watched_run(monkeypatch, m, groups, cfg, slots=slots, max_len=40, chunk=6, decode=decode,
-                                    overlap=True, reuse_prefix=reuse)
+    res, stats, seen = _watched_run(monkeypatch, m, groups, cfg, slots=slots, max_len=48, chunk=6, decode=decode,
+                                    overlap=True, reuse_prefix=reuse, block_size=16)
     assert len(res) == len(ps) and stats["prefills"] >= 3 and (stats["steps"] >= 8 or reuse)  # slots refilled
     assert (stats["reused_tokens"] > 0) == (reuse > 0)
     assert seen == [], f"{len(seen)} host reads of device data, first: {seen[:3]}"

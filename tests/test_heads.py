@@ -9,7 +9,7 @@ from retmask.heads import HeadSet, load_scores, parse_head, score_stats
 
 @pytest.fixture
 def score_file(tmp_path):
-    scores = {f"{l}-{h}": [0.0, 0.0] for l in range(4) for h in range(4)}
+    scores = {f"{layer}-{h}": [0.0, 0.0] for layer in range(4) for h in range(4)}
     scores["2-1"] = [0.9, 0.7]  # mean 0.8
     scores["1-3"] = [0.3, 0.1]  # 0.2
     scores["3-0"] = [0.1, 0.1]  # 0.1

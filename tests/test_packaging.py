@@ -3,9 +3,9 @@ GPU, and never hides Hugging Face's `kernels` package, even for a process starte
 
 import json
 import os
+import site
 import subprocess
 import sys
-import site
 import venv
 from pathlib import Path
 
@@ -35,7 +35,8 @@ def test_kernels_import_only_torch_and_triton():
 def test_no_top_level_kernels_package_and_no_cuda_at_import():
     out = _py(
         "import importlib.util, torch, retmask.kernels; "
-        "print(importlib.util.find_spec('kernels') is None or 'retmask' not in str(importlib.util.find_spec('kernels').origin)); "
+        "print(importlib.util.find_spec('kernels') is None "
+        "or 'retmask' not in str(importlib.util.find_spec('kernels').origin)); "
         "print(torch.cuda.is_initialized())"
     ).split()
     assert out == ["True", "False"]

@@ -16,8 +16,8 @@ import torch
 from retmask import toy
 from retmask.data import load_instructions
 from retmask.detect import read_jsonl
+from retmask.engine import ORIGINAL, EngineConfig, Group
 from retmask.heads import HeadSet
-from retmask.engine import ORIGINAL, Group
 from retmask.pairs import PairJob, PairsConfig, chat_prompt, load_pairs
 
 pytestmark = pytest.mark.skipif(not toy.available(), reason="toy model not built")
@@ -40,7 +40,7 @@ def pairs_dir(tmp_path_factory):
     model, tok = toy.load()
     out = tmp_path_factory.mktemp("pairs")
     job = PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(max_new_tokens=12, shard_pairs=7),
-                  model_name="toy", slots=16)
+                  model_name="toy", engine=EngineConfig(slots=16))
     summary = job.run(load_instructions(DATA, limit=20), out, progress=False)
     return out, summary
 
@@ -68,7 +68,7 @@ def test_pairs_do_not_depend_on_batching(pairs_dir, tmp_path):
     out, _ = pairs_dir
     model, tok = toy.load()
     job = PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(max_new_tokens=12, shard_pairs=7),
-                  model_name="toy", slots=2)
+                  model_name="toy", engine=EngineConfig(slots=2))
     job.run(load_instructions(DATA, limit=20), tmp_path, progress=False)
     assert _gz(tmp_path) == _gz(out)
 
@@ -84,7 +84,7 @@ def test_length_buckets_size_engines_and_leave_pairs_unchanged(pairs_dir, tmp_pa
     lens = sorted(len(chat_prompt(tok, text, False)) for _, text in ins.items)
     edges = (lens[5], lens[12])  # three buckets: 6, 7 and 7 prompts
     job = PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(max_new_tokens=12, shard_pairs=7),
-                  model_name="toy", length_buckets=edges, kv_budget_gb=0.004)
+                  model_name="toy", length_buckets=edges, engine=EngineConfig(kv_budget_gb=0.004))
     job.run(ins, tmp_path, progress=False)
     assert _gz(tmp_path) == _gz(out)
     e = job.engines
@@ -115,7 +115,8 @@ def test_instruct_models_list_of_eos_ids(tmp_path):
     model, tok = toy.load()
     stop = tok.convert_tokens_to_ids("the")  # a common word: answers end early at it
     model.generation_config.eos_token_id = [tok.eos_token_id, stop]
-    job = PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(max_new_tokens=12), model_name="toy", slots=8)
+    job = PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(max_new_tokens=12), model_name="toy",
+                  engine=EngineConfig(slots=8))
     s = job.run(load_instructions(DATA, limit=6), tmp_path / "o", progress=False)
     assert s["instructions"] == 6
     metas = [json.loads(line)["meta"] for line in gzip.open(tmp_path / "o" / "pairs-00000.jsonl.gz", "rt")]
@@ -201,7 +202,8 @@ def test_dpo_checkpoint_reloads_and_generates(pairs_dir, tmp_path):
     from retmask.train import TrainConfig, train
 
     out, _ = pairs_dir
-    res = train(str(toy.ASSET_DIR), out, tmp_path, TrainConfig.preset("toy", epochs=1.0, effective_batch=4, per_device_batch=4), log=lambda *_: None)
+    res = train(str(toy.ASSET_DIR), out, tmp_path, TrainConfig.preset("toy", epochs=1.0, effective_batch=4,
+                                                                      per_device_batch=4), log=lambda *_: None)
     assert res["metrics"]["rewards/margins"] > 0  # chosen pulled above rejected
     assert (tmp_path / "train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "arrow").is_dir() and not any((tmp_path / "arrow").iterdir())  # the pairs' copy, removed
@@ -252,7 +254,8 @@ def test_dpo_two_processes_with_accelerate_launch(pairs_dir, tmp_path, free_port
     assert r.stdout.count("wrote ") == 1
     res = json.loads((tmp_path / "run" / "train.json").read_text())
     assert res["pairs"] == 20 and res["metrics"]["rewards/margins"] > 0
-    assert AutoModelForCausalLM.from_pretrained(res["final"]).config.num_hidden_layers == toy.CONFIG["num_hidden_layers"]
+    loaded = AutoModelForCausalLM.from_pretrained(res["final"])
+    assert loaded.config.num_hidden_layers == toy.CONFIG["num_hidden_layers"]
 
 
 @pytest.fixture(scope="module")
@@ -420,9 +423,11 @@ def test_helmet_commands(tmp_path):
     assert r.returncode == 0 and lines[0].startswith("git clone") and "cd HELMET" in lines[0]
     args = [dict(zip(a[2::2], a[3::2])) for a in map(shlex.split, lines[1:])]  # python eval.py --flag value ...
     assert len(args) == 5 * 7 and all(a["--model_name_or_path"] == str(final) for a in args), lines[:2]
-    assert {a["--output_dir"] for a in args} == {f"output/my run-final/{L}" for L in ("8k", "16k", "32k", "64k", "128k")}
+    assert {a["--output_dir"] for a in args} == {f"output/my run-final/{L}" for L in ("8k", "16k", "32k", "64k",
+                                                                                      "128k")}
     hub = _cli("helmet", "org/model")
-    assert hub.returncode == 0 and "--model_name_or_path org/model " in hub.stdout and "output/org--model/8k" in hub.stdout
+    assert hub.returncode == 0 and "--model_name_or_path org/model " in hub.stdout
+    assert "output/org--model/8k" in hub.stdout
     for bad, why in (("runs/train/none/final", "no such folder"), (str(tmp_path / "my run"), "no config.json")):
         r = _cli("helmet", bad)
         assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -467,7 +472,7 @@ def test_reject_model_pairs(pairs_dir, tmp_path):
     model, tok = toy.load()
     other = hf.zeroed_copy(toy.load()[0], HeadSet.from_list(HEADS))
     job = PairJob(model, tok, None, PairsConfig(max_new_tokens=12), model_name="toy", reject=(other, tok),
-                  reject_name="toy-zeroed", slots=8)
+                  reject_name="toy-zeroed", engine=EngineConfig(slots=8))
     s = job.run(load_instructions(DATA, limit=20), tmp_path, progress=False)
     got = {json.loads(x)["id"]: json.loads(x) for x in _gz(tmp_path).splitlines()}
     want = {json.loads(x)["id"]: json.loads(x) for x in _gz(ref).splitlines()}
@@ -490,7 +495,7 @@ def test_reject_model_resume_keeps_the_first_pass(pairs_dir, tmp_path, monkeypat
 
     def job():
         return Job(model, tok, None, PairsConfig(max_new_tokens=12), model_name="toy", reject=(other, tok),
-                   reject_name="toy-zeroed", slots=8)
+                   reject_name="toy-zeroed", engine=EngineConfig(slots=8))
 
     job().run(ins, tmp_path / "whole", progress=False)
     real, calls = Job._record, []
@@ -528,7 +533,8 @@ def test_prompts_over_the_cap_are_dropped_and_counted(pairs_dir, tmp_path):
     long_ids = {i for i, n in enumerate(lens) if n > cap}
     assert 1 <= len(long_ids) <= 5
     job = PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(max_new_tokens=12, shard_pairs=7,
-                                                                    max_prompt_tokens=cap), model_name="toy", slots=16)
+                                                                    max_prompt_tokens=cap), model_name="toy",
+                  engine=EngineConfig(slots=16))
     s = job.run(ins, tmp_path, progress=False)
     assert s["dropped"]["prompt_too_long"] == len(long_ids)
     assert s["pairs"] + sum(s["dropped"].values()) == 20
@@ -556,7 +562,8 @@ def test_pairs_fit_the_models_context(pairs_dir, tmp_path):
                                          f".*give a --max-prompt-tokens below {ctx}"):
         PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(max_new_tokens=12), model_name="toy")
     job = PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(max_new_tokens=12, shard_pairs=7,
-                                                                    max_prompt_tokens=0), model_name="toy", slots=16)
+                                                                    max_prompt_tokens=0), model_name="toy",
+                  engine=EngineConfig(slots=16))
     s = job.run(ins, tmp_path, progress=False)
     long_ids = {i for i, n in enumerate(lens) if n + 12 > ctx}
     assert s["dropped"]["prompt_too_long"] == len(long_ids) == 5
@@ -573,7 +580,7 @@ def test_pairs_progress_shows_rows_longest_and_cap(tmp_path, capsys):
 
     model, tok = toy.load()
     heads = HeadSet.from_list("0-1,0-2,0-3,1-2,1-3,2-0,2-1")  # the demo's: some ablated rows never say EOS
-    job = PairJob(model, tok, heads, PairsConfig(max_new_tokens=12), model_name="toy", slots=4)
+    job = PairJob(model, tok, heads, PairsConfig(max_new_tokens=12), model_name="toy", engine=EngineConfig(slots=4))
     job.run(load_instructions(DATA, limit=6), tmp_path, progress=True)
     err = capsys.readouterr().err
     last = re.findall(r"(\d+) rows? running, longest (\d+) tok, (\d+) rows? hit the 12 cap", err)[-1]
@@ -592,7 +599,8 @@ def test_pairs_merge_reads_records_in_id_order(tmp_path):
 
     rng = random.Random(0)
     recs = [{"id": i, "source_id": f"s{i}", "prompt": [{"role": "user", "content": f"q{i}"}],
-             "chosen": [{"role": "assistant", "content": f"c{i}"}], "rejected": [{"role": "assistant", "content": f"r{i}"}],
+             "chosen": [{"role": "assistant", "content": f"c{i}"}], "rejected": [{"role": "assistant",
+                                                                                  "content": f"r{i}"}],
              "dropped": "identical" if i % 5 == 0 else None,
              "meta": {"prompt_tokens": i, "chosen_tokens": i % 7, "rejected_tokens": 1}} for i in range(23)]
     redo = dict(recs[4], chosen=[{"role": "assistant", "content": "again"}])
@@ -657,7 +665,7 @@ def test_pairs_reuse_a_shared_preamble(tmp_path, scope):
     for reuse in (0, 128):
         out = tmp_path / f"reuse{reuse}"
         job = PairJob(model, tok, HeadSet.from_list(HEADS), PairsConfig(max_new_tokens=8, scope=scope),
-                      model_name="toy", slots=4, reuse_prefix=reuse)
+                      model_name="toy", engine=EngineConfig(slots=4, reuse_prefix=reuse))
         runs[reuse] = job.run(load_instructions(str(data)), out, progress=False), _gz(out)
     (off, pairs_off), (on, pairs_on) = runs[0], runs[128]
     assert pairs_on == pairs_off and on["pairs"] >= 4

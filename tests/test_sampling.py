@@ -81,7 +81,8 @@ def test_cuts_keep_only_the_nucleus(k, p):
     n = 400
     for r in range(4):
         allowed = _nucleus(logits[r], 0.9, k, p)
-        toks = next_tokens(logits[r:r + 1].expand(n, -1), cfg, torch.arange(n) + 1000 * r, torch.zeros(n, dtype=torch.long))
+        toks = next_tokens(logits[r:r + 1].expand(n, -1), cfg, torch.arange(n) + 1000 * r,
+                           torch.zeros(n, dtype=torch.long))
         assert set(toks.tolist()) <= allowed
         if len(allowed) > 1:
             assert len(set(toks.tolist())) > 1  # it samples, not argmaxes
@@ -142,12 +143,15 @@ def test_tokens_do_not_depend_on_the_batch():
     ((torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 1.0, torch.zeros(3)),
      "floor"),
     ((torch.zeros(2, 0), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 1.0, None), "V >= 1"),
-    ((torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), float("inf"), None), "inv_t=inf"),
+    ((torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), float("inf"), None),
+     "inv_t=inf"),
     ((torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), True, None), "inv_t=True"),
     ((torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), "1", None), "inv_t='1'"),
     ((torch.zeros(2, 5), torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.long), 1.0, None), "seed"),
-    ((torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 1.0, torch.zeros(2, dtype=torch.bool)), "floor"),
-    (([[0.0, 1.0]], torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 1.0, None), "logits: expected a"),
+    ((torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 1.0,
+      torch.zeros(2, dtype=torch.bool)), "floor"),
+    (([[0.0, 1.0]], torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 1.0, None),
+     "logits: expected a"),
 ])
 @pytest.mark.parametrize("fn", [gumbel_argmax, gumbel_argmax_reference, gumbel_argmax_triton])
 def test_bad_inputs_name_the_argument(fn, args, match):

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from retmask.niah import find_span
-from retmask.scoring import (counted, paper_retrieval_scores, retrieval_scores, retrieval_scores_by_rule,
-                             rouge1_recall)
+from retmask.scoring import counted, paper_retrieval_scores, retrieval_scores, retrieval_scores_by_rule, rouge1_recall
 
 
 def loop_oracle(prompt, span, gen, argmax):
@@ -14,11 +13,11 @@ def loop_oracle(prompt, span, gen, argmax):
     out = torch.zeros(L, H, dtype=torch.float64)
     s, e = span
     for t in range(T):
-        for l in range(L):
+        for layer in range(L):
             for h in range(H):
-                i = int(argmax[t, l, h])
+                i = int(argmax[t, layer, h])
                 if s <= i < e and i < len(prompt) and prompt[i] == gen[t]:
-                    out[l, h] += 1 / (e - s)
+                    out[layer, h] += 1 / (e - s)
     return out
 
 
@@ -26,17 +25,17 @@ def paper_loop_oracle(prompt, span, gen, argmax):
     """The paper's |g_h ∩ k| / |k|: per head, the set of span positions its argmax copied from at any step."""
     T, L, H = argmax.shape
     s, e = span
-    hits = {(l, h): set() for l in range(L) for h in range(H)}
+    hits = {(layer, h): set() for layer in range(L) for h in range(H)}
     for t in range(T):
-        for l in range(L):
+        for layer in range(L):
             for h in range(H):
-                i = int(argmax[t, l, h])
+                i = int(argmax[t, layer, h])
                 if s <= i < e and i < len(prompt) and prompt[i] == gen[t]:
-                    hits[l, h].add(i)
+                    hits[layer, h].add(i)
     out = torch.zeros(L, H, dtype=torch.float64)
     if s >= 0 and e > s:
-        for (l, h), g in hits.items():
-            out[l, h] = len(g) / (e - s)
+        for (layer, h), g in hits.items():
+            out[layer, h] = len(g) / (e - s)
     return out
 
 

@@ -2,9 +2,9 @@
 
 Public functions (`masked_attention`, `masked_decode`, `gumbel_argmax`) check their inputs, then run the Triton
 kernel for CUDA tensors; otherwise the CPU backend (`masked_attention_cpu`: torch's fused SDPA per row;
-`masked_decode_cpu`: one batched product over all rows) and the PyTorch reference sampler. `RETMASK_BACKEND=triton|cpu|reference` forces one
-(Triton on CPU tensors needs `TRITON_INTERPRET=1`, set before import). This package
-imports only torch and triton, and never touches CUDA at import.
+`masked_decode_cpu`: one batched product over all rows) and the PyTorch reference sampler.
+`RETMASK_BACKEND=triton|cpu|reference` forces one (Triton on CPU tensors needs `TRITON_INTERPRET=1`, set
+before import). This package imports only torch and triton, and never touches CUDA at import.
 """
 
 from __future__ import annotations
@@ -63,14 +63,19 @@ def masked_attention(q, k, v, keep=None, *, kv_lens=None, window=None, scale=Non
 def masked_decode(
     q, k_cache, v_cache, kv_lens, keep=None, *, window=None, scale=None, return_argmax=False,
     shared_k=None, shared_v=None, shared_lens=None, row_seg=None, max_group_rows=None, seg_layout=None,
-    check_values=True,
+    check_values=True, block_table=None, shared_table=None,
 ):
     """One new query per row over its KV cache (flash-decoding), optionally after a shared segment.
+
+    The caches are contiguous (one slab per row, one per segment) or paged (block pools read through block
+    tables, as a paged KV cache keeps them); either both the private caches and the shared segments of a
+    call are paged or neither. The two modes give the same results for the same keys.
 
     Args:
         q: `(B, Hq, D)`, the new token's queries.
         k_cache, v_cache: `(B, Hkv, Smax, D)` private caches; row b's valid keys are
-            `[0, kv_lens[b])`, the new token's K/V already written.
+            `[0, kv_lens[b])`, the new token's K/V already written. With `block_table`: block pools
+            `(NB, Hkv, Bs, D)`, see there.
         kv_lens: `(B,)` int.
         keep: `(B, Hq)` bool as in `masked_attention`.
         window: the query (the row's last position p) sees keys in `(p - window, p]`.
@@ -78,7 +83,7 @@ def masked_decode(
             attention score and that score (`q.k * scale`, float32), from the same pass. Ties go to
             the lowest position; a head that is off gives position -1 and score -inf.
         shared_k, shared_v: `(G, Hkv, Ssh, D)` pool of shared segments, each stored once (e.g. the
-            prompt KV that every policy of a group shares).
+            prompt KV that every policy of a group shares); with `shared_table`, block pools (see there).
         shared_lens: `(G,)` int, valid keys per segment.
         row_seg: `(B,)` int, the segment row b reads first (-1: none). Row b's keys are
             `shared[row_seg[b], :, :shared_lens[g]]` followed by its private cache, with positions
@@ -88,7 +93,20 @@ def masked_decode(
         seg_layout: `segment_layout(row_seg, G)`, the rows grouped by segment; computed here when
             absent. A caller whose row_seg changes only when rows join or leave passes it to save
             a sort per call.
-        check_values: check lengths and segment ids (host syncs); turn off in hot loops.
+        check_values: check lengths, segment ids and the block ids a row reads (host syncs); turn off
+            in hot loops.
+        block_table: `(B, NBp)` int32 (int64 accepted), or None for contiguous caches. Given, k_cache and
+            v_cache are block pools `(NB, Hkv, Bs, D)` (the block size Bs, read from their shape, a power of
+            two from 16 to 256), and row b's private key t (`t < kv_lens[b]`) is
+            `k_cache[block_table[b, t // Bs], :, t % Bs]`. Only the first `ceil(kv_lens[b] / Bs)` entries of
+            a row are read (the rest may be -1 or garbage), and nothing past a row's last key in its last
+            block; `kv_lens[b] <= NBp * Bs`.
+        shared_table: `(G, NBs)` int32, the segments' block table, required with block_table when shared
+            segments are read (and only then). shared_k, shared_v are then block pools `(NB, Hkv, Bs, D)`
+            (typically the very tensors k_cache, v_cache) and segment g's key t is
+            `shared_k[shared_table[g, t // Bs], :, t % Bs]`; `shared_lens[g] <= NBs * Bs` need not be a
+            multiple of Bs. Rows read their segment then their private keys, with positions (window,
+            argmax) counted from the segment's start, as in the contiguous mode.
 
     Returns:
         `out (B, Hq, D)`, or `(out, pos (B, Hq) int64, score (B, Hq) float32)` with return_argmax.
@@ -96,7 +114,8 @@ def masked_decode(
     check_decode_flags(return_argmax, max_group_rows)
     fn = _pick("masked_decode", q)
     kw = dict(window=window, scale=scale, return_argmax=return_argmax, shared_k=shared_k, shared_v=shared_v,
-              shared_lens=shared_lens, row_seg=row_seg, seg_layout=seg_layout, check_values=check_values)
+              shared_lens=shared_lens, row_seg=row_seg, seg_layout=seg_layout, check_values=check_values,
+              block_table=block_table, shared_table=shared_table)
     if fn is not masked_decode_reference:
         kw["max_group_rows"] = max_group_rows
     with on_device(q):

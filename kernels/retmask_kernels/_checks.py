@@ -2,8 +2,9 @@
 
 Every public function calls one of the two `check_*` functions before any work, so a bad input
 fails with one `ValueError` that names the argument, what was expected and what was given.
-Checks that need the *values* of a device tensor (lengths in range, segment ids in range) cost a
-host sync; pass `check_values=False` in a hot loop whose inputs are already known to be good.
+Checks that need the *values* of a device tensor (lengths in range, segment ids in range, block
+table entries in range) cost a host sync; pass `check_values=False` in a hot loop whose inputs are
+already known to be good.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .segments import segment_layout
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+BLOCK_SIZES = tuple(1 << i for i in range(4, 9))  # keys per block of a paged cache: 16 .. 256
 
 
 def _fail(msg: str) -> None:
@@ -154,32 +156,68 @@ class DecodeArgs:
     b: int
     hq: int
     hkv: int
-    smax: int
+    smax: int  # keys a row's private cache can hold: Smax, or NBp * Bs for a paged cache
     d: int
     keep: torch.Tensor | None
     kv_lens: torch.Tensor
     window: int | None
     scale: float
     shared: "SharedArgs | None"
+    table: torch.Tensor | None = None  # (B, NBp) block table of a paged private cache; None: contiguous
+    bs: int = 0  # keys per block of the paged private cache (0: contiguous)
 
 
 @dataclass(frozen=True)
 class SharedArgs:
-    k: torch.Tensor  # (G, Hkv, Ssh, D)
-    v: torch.Tensor  # (G, Hkv, Ssh, D)
+    k: torch.Tensor  # (G, Hkv, Ssh, D), or a block pool (NB, Hkv, Bs, D) read through `table`
+    v: torch.Tensor  # shaped as k
     lens: torch.Tensor  # (G,)
     seg: torch.Tensor  # (B,) segment of each row, -1 for none
     n_seg: int
-    ssh: int
+    ssh: int  # keys a segment can hold: Ssh, or NBs * Bs when paged
+    table: torch.Tensor | None = None  # (G, NBs) block table of the segments; None: contiguous segments
+    bs: int = 0  # keys per block of the paged segments (0: contiguous)
+
+
+def _block_size(name: str, pool: torch.Tensor) -> int:
+    bs = pool.shape[2]
+    if bs not in BLOCK_SIZES:
+        _fail(f"{name}: block size Bs={bs} (dim 2 of the block pool {_shape(pool)} = (NB, Hkv, Bs, D)) is not "
+              f"supported; use a power of two from {BLOCK_SIZES[0]} to {BLOCK_SIZES[-1]}")
+    return bs
+
+
+def _table(name: str, t, n: int, nname: str, like: torch.Tensor) -> torch.Tensor:
+    _tensor(name, t, 2, f"({nname}, blocks)")
+    if t.shape[0] != n:
+        _fail(f"{name}: expected {n} rows ({nname}), one list of block ids each, got shape {_shape(t)}")
+    if t.dtype not in (torch.int32, torch.int64):
+        _fail(f"{name}: expected an int32 (or int64) tensor of block ids, got {t.dtype}; convert it with .int()")
+    _same_device(name, t, like)
+    return t if t.stride(-1) == 1 else t.contiguous()  # the kernels step over a row's entries with stride 1
+
+
+def _table_entries(name: str, table: torch.Tensor, lens: torch.Tensor, bs: int, nb: int, pool: str) -> None:
+    """Every entry a row of `table` reads (its first ceil(lens / bs)) names a block of the pool: one host sync."""
+    if table.numel() == 0:
+        return
+    used = torch.arange(table.shape[1], device=table.device)[None, :] < (lens.long()[:, None] + bs - 1) // bs
+    bad = used & ((table < 0) | (table >= nb))  # (rows, blocks)
+    if bool(bad.any()):
+        r, c = bad.nonzero()[0].tolist()
+        _fail(f"{name}: entry [{r}, {c}] = {int(table[r, c])} is read (it holds keys below the row's length) but "
+              f"is not a block of {pool} ({nb} blocks); every block id a row reads must lie in [0, {nb})")
 
 
 def check_decode(
     q, k_cache, v_cache, kv_lens, keep, window, scale, shared_k, shared_v, shared_lens, row_seg,
-    check_values=True, seg_layout=None,
+    check_values=True, seg_layout=None, block_table=None, shared_table=None,
 ) -> DecodeArgs:
+    paged = block_table is not None
+    cache_layout = "(NB, Hkv, Bs, D) block pool" if paged else "(B, Hkv, Smax, D)"
     _tensor("q", q, 3, "(B, Hq, D)")
-    _tensor("k_cache", k_cache, 4, "(B, Hkv, Smax, D)")
-    _tensor("v_cache", v_cache, 4, "(B, Hkv, Smax, D)")
+    _tensor("k_cache", k_cache, 4, cache_layout)
+    _tensor("v_cache", v_cache, 4, cache_layout)
     _float_dtype("q", q)
     _float_dtype("k_cache", k_cache, q)
     _float_dtype("v_cache", v_cache, q)
@@ -187,12 +225,21 @@ def check_decode(
     _same_device("v_cache", v_cache, q)
     b, hq, d = q.shape
     _head_dim(d)
-    if k_cache.shape[0] != b or k_cache.shape[3] != d:
+    table, bs = None, 0
+    if paged:
+        if k_cache.shape[3] != d:
+            _fail(f"k_cache: expected a block pool shaped (NB, Hkv, Bs, {d}) to match q {_shape(q)}, "
+                  f"got {_shape(k_cache)}")
+    elif k_cache.shape[0] != b or k_cache.shape[3] != d:
         _fail(f"k_cache: expected shape ({b}, Hkv, Smax, {d}) to match q {_shape(q)}, got {_shape(k_cache)}")
     if tuple(v_cache.shape) != tuple(k_cache.shape):
         _fail(f"v_cache: expected the shape of k_cache {_shape(k_cache)}, got {_shape(v_cache)}")
     hkv, smax = k_cache.shape[1], k_cache.shape[2]
     _gqa(hq, hkv, "k_cache")
+    if paged:
+        bs = _block_size("k_cache", k_cache)
+        table = _table("block_table", block_table, b, "B", q)
+        smax = table.shape[1] * bs  # keys a row's table can address
     if kv_lens is None:
         _fail("kv_lens: required for decode, a (B,) int tensor of valid cache lengths per row")
     kv_lens = _lengths("kv_lens", kv_lens, b, "B", q)
@@ -201,24 +248,43 @@ def check_decode(
     shared = None
     if any(given) and not all(given):
         _fail("shared_k, shared_v, shared_lens, row_seg: give all four for a shared segment, or none")
+    if shared_table is not None and not all(given):
+        _fail("shared_table: given without a shared segment (shared_k, shared_v, shared_lens, row_seg); pass "
+              "those too, or drop it")
+    if all(given) and paged and shared_table is None:
+        _fail("shared_table: required with block_table when shared segments are read (both caches are paged or "
+              "neither); pass the segments' (G, NBs) block table, or give contiguous caches and no block_table")
+    if shared_table is not None and not paged:
+        _fail("block_table: required with shared_table (both caches are paged or neither); pass the rows' "
+              "(B, NBp) block table, or give contiguous segments and no shared_table")
     if all(given):
-        _tensor("shared_k", shared_k, 4, "(G, Hkv, Ssh, D)")
-        _tensor("shared_v", shared_v, 4, "(G, Hkv, Ssh, D)")
+        seg_layout_s = "(NB, Hkv, Bs, D) block pool" if paged else "(G, Hkv, Ssh, D)"
+        _tensor("shared_k", shared_k, 4, seg_layout_s)
+        _tensor("shared_v", shared_v, 4, seg_layout_s)
         _float_dtype("shared_k", shared_k, q)
         _float_dtype("shared_v", shared_v, q)
         _same_device("shared_k", shared_k, q)
         _same_device("shared_v", shared_v, q)
-        g = shared_k.shape[0]
         if shared_k.shape[1] != hkv or shared_k.shape[3] != d:
-            _fail(f"shared_k: expected shape (G, {hkv}, Ssh, {d}) to match k_cache, got {_shape(shared_k)}")
+            want = f"(NB, {hkv}, Bs, {d})" if paged else f"(G, {hkv}, Ssh, {d})"
+            _fail(f"shared_k: expected shape {want} to match k_cache, got {_shape(shared_k)}")
         if tuple(shared_v.shape) != tuple(shared_k.shape):
             _fail(f"shared_v: expected the shape of shared_k {_shape(shared_k)}, got {_shape(shared_v)}")
+        sh_table, sh_bs = None, 0
+        if paged:
+            sh_bs = _block_size("shared_k", shared_k)
+            _tensor("shared_table", shared_table, 2, "(G, blocks)")
+            g = shared_table.shape[0]  # the table's rows are the segments
+            sh_table = _table("shared_table", shared_table, g, "G", q)
+            ssh = sh_table.shape[1] * sh_bs  # keys a segment's table can address
+        else:
+            g, ssh = shared_k.shape[0], shared_k.shape[2]
         shared_lens = _lengths("shared_lens", shared_lens, g, "G", q)
         row_seg = _lengths("row_seg", row_seg, b, "B", q)
         # the kernels step over the pool's last dim with stride 1
         shared_k = shared_k if shared_k.stride(-1) == 1 else shared_k.contiguous()
         shared_v = shared_v if shared_v.stride(-1) == 1 else shared_v.contiguous()
-        shared = SharedArgs(shared_k, shared_v, shared_lens, row_seg, g, shared_k.shape[2])
+        shared = SharedArgs(shared_k, shared_v, shared_lens, row_seg, g, ssh, sh_table, sh_bs)
     if seg_layout is not None:
         if shared is None:
             _fail("seg_layout: given without a shared segment (shared_k, shared_v, shared_lens, row_seg)")
@@ -237,17 +303,26 @@ def check_decode(
                 _fail("seg_layout: does not match row_seg; recompute it with segment_layout(row_seg, G) whenever "
                       "row_seg changes")
     if check_values:
+        smax_name = "NBp * Bs, the keys block_table addresses" if paged else "Smax"
         if shared is None:
-            _range("kv_lens", kv_lens, 1, smax, "each row needs at least its new token, at most Smax")
+            _range("kv_lens", kv_lens, 1, smax, f"each row needs at least its new token, at most {smax_name}")
         else:
-            _range("kv_lens", kv_lens, 0, smax, "private keys per row, at most Smax")
-            _range("shared_lens", shared.lens, 0, shared.ssh, "valid keys per segment, at most Ssh")
+            ssh_name = "NBs * Bs, the keys shared_table addresses" if paged else "Ssh"
+            _range("kv_lens", kv_lens, 0, smax, f"private keys per row, at most {smax_name}")
+            _range("shared_lens", shared.lens, 0, shared.ssh, f"valid keys per segment, at most {ssh_name}")
             _range("row_seg", shared.seg, -1, shared.n_seg - 1, "segment index per row, -1 for none")
             seg_len = torch.where(  # (an empty pool: every row_seg is -1, checked above)
                 shared.seg >= 0, shared.lens[shared.seg.clamp(min=0).long()], shared.lens.new_zeros(())
             ) if shared.n_seg else torch.zeros_like(kv_lens)
             _range("kv_lens", kv_lens + seg_len, 1, smax + shared.ssh, "shared plus private keys per row")
-    return DecodeArgs(b, hq, hkv, smax, d, keep, kv_lens, _window(window), _scale(scale, d), shared)
+            if shared.table is not None:  # only the segments some row reads are read
+                read = torch.zeros(shared.n_seg, dtype=torch.bool, device=q.device)
+                read[shared.seg[shared.seg >= 0].long()] = True
+                _table_entries("shared_table", shared.table, torch.where(read, shared.lens, 0), shared.bs,
+                               shared.k.shape[0], "shared_k/shared_v")
+        if table is not None:
+            _table_entries("block_table", table, kv_lens, bs, k_cache.shape[0], "k_cache/v_cache")
+    return DecodeArgs(b, hq, hkv, smax, d, keep, kv_lens, _window(window), _scale(scale, d), shared, table, bs)
 
 
 def _integer(t: torch.Tensor) -> bool:

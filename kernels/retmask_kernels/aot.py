@@ -4,7 +4,8 @@ The interpreter that runs the kernels on CPU never lowers them to PTX, so an err
 compiler (a type or layout the backend rejects, a Triton version's API change) would first show on
 a GPU. `compile_all(arch)` lowers every kernel with the arguments and constexprs its launcher uses
 (bf16 with head dim 128 and every feature on and off, fp16 / 64 and fp32 / 32 with all on, every
-autotune config of the prefill kernel) through Triton's own compiler and the bundled `ptxas`, and
+autotune config of the prefill kernel; the decode split kernels also over paged caches at several block
+sizes) through Triton's own compiler and the bundled `ptxas`, and
 returns one record per variant. A variant whose shared memory exceeds the architecture's limit
 fails, as its launch would; an autotune config over it is only `pruned` (the autotuner skips it),
 unless no config of its variant fits.
@@ -157,7 +158,7 @@ def _prefill_variants():
             family = f"{dt} D{d} keep={keep} lens={lens} window={window}"
             for bm, bn, w, s in (cfgs if (dt, keep) == ("bf16", True) else cfgs[:1]):
                 io = _FLOAT[dt]
-                ptr = dict(Q=io, K=io, V=io, O=io, KEEP="*u8" if keep else io, LENS="*i32" if lens else io)
+                ptr = dict(Q=io, K=io, V=io, Out=io, KEEP="*u8" if keep else io, LENS="*i32" if lens else io)
                 ce = dict(HAS_KEEP=keep, HAS_LENS=lens, HAS_WINDOW=window, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d,
                           EVEN_D=True, PREC="ieee" if dt == "fp32" else "tf32")
                 yield attention._attn_fwd, ptr, ce, w, s, f"{family} M{bm} N{bn} w{w} s{s}", family
@@ -168,25 +169,36 @@ def _decode_variants():
     for dt, d, gqa in (("bf16", 128, 4), ("fp16", 64, 2), ("fp32", 32, 2)):
         io = _FLOAT[dt]
         prec = "ieee" if dt == "fp32" else "tf32"
-        for argmax, shared, keep in itertools.product((True, False), (True, False), (True, False)):
+        # contiguous caches (bs 0): every feature on and off; paged caches: every feature on at each block
+        # size, and the engine's paths (no bitmap, no argmax) at one
+        paged = [(True, shared, True, bs) for bs in ((16, 64, 256) if dt == "bf16" else (16,))
+                 for shared in (True, False)]
+        if dt == "bf16":
+            paged += [(False, shared, False, 16) for shared in (True, False)]
+        for argmax, shared, keep, bs in [(*c, 0) for c in itertools.product((True, False), repeat=3)] + paged:
             if dt != "bf16" and not (argmax and shared and keep):
                 continue
             part = dict(PM="*fp32", PL="*fp32", PACC="*fp32", PBEST="*fp32",
                         PPOS="*i32" if argmax else "*fp32")
             keep_p = "*u8" if keep else io
+            table_p = "*i32"  # the block tables; with contiguous caches a placeholder never read (the lengths)
             flags = dict(HAS_KEEP=keep, HAS_WINDOW=not keep, ARGMAX=argmax, BLOCK_D=d, EVEN_D=True)
+            paging = dict(PAGED=bs > 0, BS=max(bs, 1))
             label = f"{dt} D{d} gqa{gqa} argmax={argmax} shared={shared} keep={keep}"
+            label += f" paged Bs{bs}" if bs else ""
             if shared:
-                for group_max in (1, 2, 8):
+                for group_max in ((1, 2, 8) if not bs else (1, 8) if dt == "bf16" else (2,)):
                     ptr = dict(Q=io, SK=io, SV=io, SHLENS="*i32", LENS="*i32", KEEP=keep_p, STARTS="*i32",
-                               COUNTS="*i32", ORDER="*i32", **part)
-                    ce = dict(flags, GROUP_MAX=group_max, GQ_P=gqa, M=max(16, group_max * gqa), BLOCK_N=block_n,
-                              PREC=prec)
+                               COUNTS="*i32", ORDER="*i32", TABLE=table_p, **part)
+                    ce = dict(flags, **paging, GROUP_MAX=group_max, GQ_P=gqa, M=max(16, group_max * gqa),
+                              BLOCK_N=block_n, PREC=prec)
                     yield decode._shared_split, ptr, ce, warps, 3, f"{label} group_max={group_max}", None
-            ptr = dict(Q=io, K=io, V=io, LENS="*i32", KEEP=keep_p, SEG="*i32", SHLENS="*i32", **part)
-            ce = dict(flags, HAS_SHARED=shared, M=max(16, gqa), BLOCK_N=block_n, PREC=prec)
+            ptr = dict(Q=io, K=io, V=io, LENS="*i32", KEEP=keep_p, SEG="*i32", SHLENS="*i32", TABLE=table_p, **part)
+            ce = dict(flags, **paging, HAS_SHARED=shared, M=max(16, gqa), BLOCK_N=block_n, PREC=prec)
             yield decode._private_split, ptr, ce, warps, 3, label, None
-            ptr = dict(O=io, OPOS="*i64" if argmax else io, OSCORE="*fp32" if argmax else io, LENS="*i32",
+            if bs:  # the combine step reads only the partial results: the same kernel for both modes
+                continue
+            ptr = dict(Out=io, OPOS="*i64" if argmax else io, OSCORE="*fp32" if argmax else io, LENS="*i32",
                        KEEP=keep_p, SEG="*i32", SHLENS="*i32", **part)
             ce = dict(flags, HAS_SHARED=shared)
             yield decode._combine, ptr, ce, 1 if d <= 64 else 2, 3, label, None

@@ -62,7 +62,7 @@ def _attn_tiles(
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, KEEP, LENS,
+    Q, K, V, Out, KEEP, LENS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -125,8 +125,8 @@ def _attn_fwd(
                                 win, mid_hi, hi, BLOCK_N, BLOCK_D, EVEN_D, True, HAS_WINDOW, PREC, qk_scale)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]  # rows with no visible key (or an off head) have acc = 0
-    tl.store(O + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=qmask)
+    tl.store(Out + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=qmask)
 
 
 def _configs():

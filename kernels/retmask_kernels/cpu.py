@@ -72,7 +72,7 @@ def masked_attention_cpu(q, k, v, keep=None, *, kv_lens=None, window=None, scale
 def masked_decode_cpu(
     q, k_cache, v_cache, kv_lens, keep=None, *, window=None, scale=None, return_argmax=False,
     shared_k=None, shared_v=None, shared_lens=None, row_seg=None, max_group_rows=None, seg_layout=None,
-    check_values=True,
+    check_values=True, block_table=None, shared_table=None,
 ):
     """One query per row over [shared segment] + private cache, every row in one batched product per part;
     see `retmask.kernels.masked_decode`.
@@ -82,10 +82,11 @@ def masked_decode_cpu(
     lengths and window, and put through one softmax; the argmax comes from the same scores. Keys and values
     past a row's lengths are never weighted, and where a row reads any (a batch of unequal lengths) the
     values there are cleared first (0 * NaN is NaN), so whatever unused cache memory holds cannot reach
-    the output. Works in float32; `max_group_rows` (a GPU
-    launch hint) is accepted and unused."""
+    the output. A paged part (block_table / shared_table) is read through one index operation per cache
+    (`_gather_paged`), into the same `(B, Hkv, n, D)` layout as a contiguous part, then takes the same path.
+    Works in float32; `max_group_rows` (a GPU launch hint) is accepted and unused."""
     a = check_decode(q, k_cache, v_cache, kv_lens, keep, window, scale, shared_k, shared_v, shared_lens, row_seg,
-                     check_values, seg_layout)
+                     check_values, seg_layout, block_table, shared_table)
     g, dev = a.hq // a.hkv, q.device
     # lengths and segments on the host (CPU tensors: no sync), so masks are built only where rows differ
     lens_l = a.kv_lens.tolist()
@@ -98,16 +99,32 @@ def masked_decode_cpu(
     parts = []  # (keys (B, Hkv, S, D), values, row lengths in the part, offset of its positions per row)
     if n_sh:
         first = max(seg_l)
-        if all(sg == first for sg in seg_l):  # one segment for every row: a view, no gather
-            ks = a.shared.k[first:first + 1, :, :n_sh].expand(a.b, -1, -1, -1)  # (B, Hkv, n_sh, D)
-            vs = a.shared.v[first:first + 1, :, :n_sh].expand(a.b, -1, -1, -1)
+        sh_tab = a.shared.table
+        if all(sg == first for sg in seg_l):  # one segment for every row: read once, no per-row gather
+            if sh_tab is None:  # a view
+                ks = a.shared.k[first:first + 1, :, :n_sh]  # (1, Hkv, n_sh, D)
+                vs = a.shared.v[first:first + 1, :, :n_sh]
+            else:
+                ks = _gather_paged(a.shared.k, sh_tab[first:first + 1], [n_sh], n_sh)  # (1, Hkv, n_sh, D)
+                vs = _gather_paged(a.shared.v, sh_tab[first:first + 1], [n_sh], n_sh)
+            ks, vs = ks.expand(a.b, -1, -1, -1), vs.expand(a.b, -1, -1, -1)  # (B, Hkv, n_sh, D)
         else:
             idx = torch.tensor([max(sg, 0) for sg in seg_l], device=dev)  # (B,)
-            ks = a.shared.k[:, :, :n_sh].index_select(0, idx)  # (B, Hkv, n_sh, D)
-            vs = a.shared.v[:, :, :n_sh].index_select(0, idx)
+            if sh_tab is None:
+                ks = a.shared.k[:, :, :n_sh].index_select(0, idx)  # (B, Hkv, n_sh, D)
+                vs = a.shared.v[:, :, :n_sh].index_select(0, idx)
+            else:  # each row's segment's table row; a row without a segment reads no entry (sh_l = 0)
+                rows_tab = sh_tab.index_select(0, idx)  # (B, NBs)
+                ks = _gather_paged(a.shared.k, rows_tab, sh_l, n_sh)  # (B, Hkv, n_sh, D)
+                vs = _gather_paged(a.shared.v, rows_tab, sh_l, n_sh)
         parts.append((ks.float(), vs.float(), sh_l, [0] * a.b))
     if n_priv:
-        parts.append((k_cache[:, :, :n_priv].float(), v_cache[:, :, :n_priv].float(), lens_l, sh_l))
+        if a.table is None:
+            kp, vp = k_cache[:, :, :n_priv], v_cache[:, :, :n_priv]  # (B, Hkv, n_priv, D) views
+        else:
+            kp = _gather_paged(k_cache, a.table, lens_l, n_priv)  # (B, Hkv, n_priv, D)
+            vp = _gather_paged(v_cache, a.table, lens_l, n_priv)
+        parts.append((kp.float(), vp.float(), lens_l, sh_l))
     out = torch.zeros(a.b, a.hq, a.d, dtype=q.dtype, device=dev)  # (B, Hq, D)
     pos = torch.full((a.b, a.hq), -1, dtype=torch.int64, device=dev)  # (B, Hq)
     score = torch.full((a.b, a.hq), float("-inf"), dtype=torch.float32, device=dev)
@@ -155,3 +172,15 @@ def masked_decode_cpu(
         pos.masked_fill_(~a.keep, -1)
         score.masked_fill_(~a.keep, float("-inf"))
     return (out, pos, score) if return_argmax else out
+
+
+def _gather_paged(pool: torch.Tensor, table: torch.Tensor, n_row: list[int], n: int) -> torch.Tensor:
+    """`(rows, Hkv, n, D)`: keys [0, n) of each row of `table` read from a block pool `(NB, Hkv, Bs, D)` in one
+    index operation; key t of row r lies at block `table[r, t // Bs]`, offset `t % Bs`. Past a row's own
+    `n_row[r]` keys its table is not read (block 0 stands in): those keys are masked like any padding."""
+    bs, dev = pool.shape[2], pool.device
+    t = torch.arange(n, device=dev)  # (n,)
+    own = t[None, :] < torch.tensor(n_row, device=dev)[:, None]  # (rows, n)
+    blk = torch.where(own, table[:, t // bs].long(), 0)  # (rows, n) block of each key
+    heads = torch.arange(pool.shape[1], device=dev)[None, :, None]  # (1, Hkv, 1)
+    return pool[blk[:, None, :], heads, (t % bs)[None, None, :]]  # (rows, Hkv, n, D)

@@ -5,6 +5,12 @@ is identical for every policy of a group) lives once in a pool `shared_k/shared_
 and `row_seg[b]` names the segment of row b (-1: none). Positions count from the start of the
 shared segment, so row b's query sits at `shared_lens[row_seg[b]] + kv_lens[b] - 1`.
 
+Paged caches (PAGED, a constexpr: the contiguous kernels compile as without it): the private caches and
+the segments are block pools `(NB, Hkv, Bs, D)` read through block tables; key t of a row (segment)
+lies at block `table[row, t // Bs]`, offset `t % Bs`. Each key of a tile is gathered on its own (its
+D-vector is contiguous, so the loads stay coalesced), so a tile may straddle blocks and Bs is free of
+BLOCK_N; table entries past a row's keys are never loaded.
+
 Three launches, all with shapes fixed by the cache sizes (no host sync, graph-capturable):
 1. `_shared_split`, grid (splits, G, Hkv): one program reads a chunk of one segment's KV tiles
    *once* and scores it against every query head of every row of the group that maps to that KV
@@ -31,18 +37,27 @@ _MIN_SPLIT_KEYS = 256  # fewest keys worth a program of their own on a GPU
 
 @triton.jit
 def _tiles(
-    q, k_base, v_base, stride_kn, stride_vn, offs_d, D, lo, hi, win_lo, pos_base, sm_scale,
-    m_i, l_i, acc, best, best_pos,
+    q, k_base, v_base, tbl, stride_kblk, stride_vblk, stride_kn, stride_vn, offs_d, D, lo, hi, win_lo, pos_base,
+    sm_scale, m_i, l_i, acc, best, best_pos,
     BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, ARGMAX: tl.constexpr, PREC: tl.constexpr,
+    PAGED: tl.constexpr, BS: tl.constexpr,
 ):
-    """Online softmax (+ running argmax) of a Q tile over keys [lo, hi) of one KV segment."""
+    """Online softmax (+ running argmax) of a Q tile over keys [lo, hi) of one KV segment: contiguous from
+    k_base/v_base, or (PAGED) key t at block `tbl[t // BS]`, offset `t % BS` of the pools at k_base/v_base."""
     offs_n = tl.arange(0, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
         kmask = cols[:, None] < hi
         if not EVEN_D:
             kmask = kmask & (offs_d[None, :] < D)
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kmask, other=0.0)
+        if PAGED:
+            blk = tl.load(tbl + cols // BS, mask=cols < hi, other=0).to(tl.int64)  # (BLOCK_N,) block of each key
+            k_rows = blk * stride_kblk + (cols % BS) * stride_kn
+            v_rows = blk * stride_vblk + (cols % BS) * stride_vn
+        else:
+            k_rows = cols * stride_kn
+            v_rows = cols * stride_vn
+        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * sm_scale  # (M, BLOCK_N) scaled scores
         vis = (cols[None, :] < hi) & (cols[None, :] >= win_lo[:, None])
         s = tl.where(vis, s, float("-inf"))
@@ -58,7 +73,7 @@ def _tiles(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kmask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return m_i, l_i, acc, best, best_pos
@@ -66,14 +81,16 @@ def _tiles(
 
 @triton.jit
 def _shared_split(
-    Q, SK, SV, SHLENS, LENS, KEEP, STARTS, COUNTS, ORDER,
+    Q, SK, SV, SHLENS, LENS, KEEP, STARTS, COUNTS, ORDER, TABLE,
     PM, PL, PACC, PBEST, PPOS,
-    stride_qb, stride_qh, stride_kg, stride_kh, stride_kn, stride_vg, stride_vh, stride_vn,
+    stride_qb, stride_qh, stride_kg, stride_kh, stride_kn, stride_vg, stride_vh, stride_vn, stride_tg,
     HQ, GQA, D, NS, CHUNK, sm_scale, win,
     HAS_KEEP: tl.constexpr, HAS_WINDOW: tl.constexpr, ARGMAX: tl.constexpr,
     GROUP_MAX: tl.constexpr, GQ_P: tl.constexpr, M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
+    PAGED: tl.constexpr, BS: tl.constexpr,
 ):
+    # PAGED: SK/SV are block pools (stride_kg, stride_vg: per block) and TABLE (G, NBs) holds each segment's blocks
     split = tl.program_id(0)
     g = tl.program_id(1)
     hk = tl.program_id(2)
@@ -112,11 +129,16 @@ def _shared_split(
     acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)
     best = tl.full([M], float("-inf"), dtype=tl.float32)
     best_pos = tl.full([M], -1, dtype=tl.int32)
-    k_base = SK + g.to(tl.int64) * stride_kg + hk * stride_kh
-    v_base = SV + g.to(tl.int64) * stride_vg + hk * stride_vh
+    if PAGED:
+        k_base = SK + hk * stride_kh
+        v_base = SV + hk * stride_vh
+    else:
+        k_base = SK + g.to(tl.int64) * stride_kg + hk * stride_kh
+        v_base = SV + g.to(tl.int64) * stride_vg + hk * stride_vh
+    tbl = TABLE + g.to(tl.int64) * stride_tg  # (read only when PAGED)
     m_i, l_i, acc, best, best_pos = _tiles(
-        q, k_base, v_base, stride_kn, stride_vn, offs_d, D, lo, hi, win_lo, 0, sm_scale,
-        m_i, l_i, acc, best, best_pos, BLOCK_N, EVEN_D, ARGMAX, PREC,
+        q, k_base, v_base, tbl, stride_kg, stride_vg, stride_kn, stride_vn, offs_d, D, lo, hi, win_lo, 0, sm_scale,
+        m_i, l_i, acc, best, best_pos, BLOCK_N, EVEN_D, ARGMAX, PREC, PAGED, BS,
     )
     slot = (row.to(tl.int64) * HQ + head) * NS + split  # (M,) index into the partial buffers
     tl.store(PM + slot, m_i, mask=valid)
@@ -129,14 +151,15 @@ def _shared_split(
 
 @triton.jit
 def _private_split(
-    Q, K, V, LENS, KEEP, SEG, SHLENS,
+    Q, K, V, LENS, KEEP, SEG, SHLENS, TABLE,
     PM, PL, PACC, PBEST, PPOS,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_tb,
     HQ, GQA, D, NS, NS_SH, CHUNK, sm_scale, win,
     HAS_KEEP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SHARED: tl.constexpr, ARGMAX: tl.constexpr,
     M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, PAGED: tl.constexpr, BS: tl.constexpr,
 ):
+    # PAGED: K/V are block pools (stride_kb, stride_vb: per block) and TABLE (B, NBp) holds each row's blocks
     split = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -172,11 +195,17 @@ def _private_split(
     acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)
     best = tl.full([M], float("-inf"), dtype=tl.float32)
     best_pos = tl.full([M], -1, dtype=tl.int32)
-    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    if PAGED:
+        k_base = K + hk * stride_kh
+        v_base = V + hk * stride_vh
+    else:
+        k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    tbl = TABLE + b.to(tl.int64) * stride_tb  # (read only when PAGED)
     m_i, l_i, acc, best, best_pos = _tiles(
-        q, k_base, v_base, stride_kn, stride_vn, offs_d, D, lo, hi, tl.zeros([M], dtype=tl.int32) + win_lo, seg_len,
-        sm_scale, m_i, l_i, acc, best, best_pos, BLOCK_N, EVEN_D, ARGMAX, PREC,
+        q, k_base, v_base, tbl, stride_kb, stride_vb, stride_kn, stride_vn, offs_d, D, lo, hi,
+        tl.zeros([M], dtype=tl.int32) + win_lo, seg_len, sm_scale, m_i, l_i, acc, best, best_pos,
+        BLOCK_N, EVEN_D, ARGMAX, PREC, PAGED, BS,
     )
     slot = (b.to(tl.int64) * HQ + head) * NS + NS_SH + split  # (M,)
     tl.store(PM + slot, m_i, mask=valid)
@@ -189,7 +218,7 @@ def _private_split(
 
 @triton.jit
 def _combine(
-    O, OPOS, OSCORE, LENS, KEEP, SEG, SHLENS,
+    Out, OPOS, OSCORE, LENS, KEEP, SEG, SHLENS,
     PM, PL, PACC, PBEST, PPOS,
     stride_ob, stride_oh, HQ, D, NS, NS_SH, CHUNK, CHUNK_SH, win,
     HAS_KEEP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SHARED: tl.constexpr, ARGMAX: tl.constexpr,
@@ -226,35 +255,35 @@ def _combine(
     if on == 0:
         pv_last = pv_first
         sh_last = sh_first
-    m = float("-inf")
-    l = 0.0
+    m_i = float("-inf")
+    l_i = 0.0
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     best = float("-inf")
     best_pos = -1
     base = bh.to(tl.int64) * NS
     for s in range(sh_first, sh_last):
-        m, l, acc, best, best_pos = _merge(PM, PL, PACC, PBEST, PPOS, base + s, D, offs_d, dmask,
-                                           m, l, acc, best, best_pos, ARGMAX)
+        m_i, l_i, acc, best, best_pos = _merge(PM, PL, PACC, PBEST, PPOS, base + s, D, offs_d, dmask,
+                                               m_i, l_i, acc, best, best_pos, ARGMAX)
     for s in range(NS_SH + pv_first, NS_SH + pv_last):
-        m, l, acc, best, best_pos = _merge(PM, PL, PACC, PBEST, PPOS, base + s, D, offs_d, dmask,
-                                           m, l, acc, best, best_pos, ARGMAX)
-    out = acc / tl.where(l > 0, l, 1.0)
-    tl.store(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=dmask)
+        m_i, l_i, acc, best, best_pos = _merge(PM, PL, PACC, PBEST, PPOS, base + s, D, offs_d, dmask,
+                                               m_i, l_i, acc, best, best_pos, ARGMAX)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)
+    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=dmask)
     if ARGMAX:
         tl.store(OPOS + bh, best_pos.to(tl.int64))
         tl.store(OSCORE + bh, best)
 
 
 @triton.jit
-def _merge(PM, PL, PACC, PBEST, PPOS, slot, D, offs_d, dmask, m, l, acc, best, best_pos, ARGMAX: tl.constexpr):
+def _merge(PM, PL, PACC, PBEST, PPOS, slot, D, offs_d, dmask, m_i, l_i, acc, best, best_pos, ARGMAX: tl.constexpr):
     m_s = tl.load(PM + slot)
     l_s = tl.load(PL + slot)
     a_s = tl.load(PACC + slot * D + offs_d, mask=dmask, other=0.0)
-    m_new = tl.maximum(m, m_s)
+    m_new = tl.maximum(m_i, m_s)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    c_old = tl.math.exp2(m - m_safe)
+    c_old = tl.math.exp2(m_i - m_safe)
     c_new = tl.math.exp2(m_s - m_safe)
-    l = l * c_old + l_s * c_new
+    l_i = l_i * c_old + l_s * c_new
     acc = acc * c_old + a_s * c_new
     if ARGMAX:
         b_s = tl.load(PBEST + slot)
@@ -262,7 +291,7 @@ def _merge(PM, PL, PACC, PBEST, PPOS, slot, D, offs_d, dmask, m, l, acc, best, b
         upd = b_s > best  # chunks come in position order: ties keep the earlier one
         best = tl.where(upd, b_s, best)
         best_pos = tl.where(upd, p_s, best_pos)
-    return m_new, l, acc, best, best_pos
+    return m_new, l_i, acc, best, best_pos
 
 
 def _num_splits(n_keys: int, n_programs_other: int, device: torch.device, block_n: int) -> tuple[int, int]:
@@ -281,11 +310,11 @@ def _num_splits(n_keys: int, n_programs_other: int, device: torch.device, block_
 def masked_decode_triton(
     q, k_cache, v_cache, kv_lens, keep=None, *, window=None, scale=None, return_argmax=False,
     shared_k=None, shared_v=None, shared_lens=None, row_seg=None, max_group_rows=None, seg_layout=None,
-    check_values=True,
+    check_values=True, block_table=None, shared_table=None,
 ):
     """Triton launcher of `retmask.kernels.masked_decode`; inputs as there."""
     a = check_decode(q, k_cache, v_cache, kv_lens, keep, window, scale, shared_k, shared_v, shared_lens,
-                     row_seg, check_values, seg_layout)
+                     row_seg, check_values, seg_layout, block_table, shared_table)
     check_interpreter_dtype(q)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k_cache = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
@@ -318,6 +347,7 @@ def masked_decode_triton(
     win = a.window or 0
     seg_t = sh.seg if sh is not None else a.kv_lens
     shlens_t = sh.lens if sh is not None else a.kv_lens
+    ptab = a.table if a.table is not None else a.kv_lens  # (B, NBp) when paged; a placeholder never read otherwise
     if sh is not None and sh.n_seg:  # (an empty pool launches nothing: every row reads its private cache alone)
         order, starts, counts = seg_layout if seg_layout is not None else segment_layout(sh.seg, sh.n_seg)
         if max_group_rows is None:
@@ -327,23 +357,24 @@ def masked_decode_triton(
                              f"({int(counts.max())} rows share one segment); pass at least that")
         group_max = next_pow2(max(1, max_group_rows))
         m_sh = max(16, group_max * gq_p)
+        stab = sh.table if sh.table is not None else sh.lens  # (G, NBs) when paged; a placeholder otherwise
         _shared_split[(ns_sh, sh.n_seg, a.hkv)](
-            q, sh.k, sh.v, sh.lens, a.kv_lens, keep_t, starts, counts, order,
+            q, sh.k, sh.v, sh.lens, a.kv_lens, keep_t, starts, counts, order, stab,
             pm, pl, pacc, pbest, ppos,
             q.stride(0), q.stride(1), sh.k.stride(0), sh.k.stride(1), sh.k.stride(2),
-            sh.v.stride(0), sh.v.stride(1), sh.v.stride(2),
+            sh.v.stride(0), sh.v.stride(1), sh.v.stride(2), stab.stride(0),
             a.hq, gqa, a.d, ns, chunk_sh, a.scale, win,
             GROUP_MAX=group_max, GQ_P=gq_p, M=m_sh, BLOCK_N=block_n, PREC=prec, num_warps=warps,
-            **common,
+            PAGED=sh.table is not None, BS=max(sh.bs, 1), **common,
         )
     _private_split[(ns_pv, a.b, a.hkv)](
-        q, k_cache, v_cache, a.kv_lens, keep_t, seg_t, shlens_t,
+        q, k_cache, v_cache, a.kv_lens, keep_t, seg_t, shlens_t, ptab,
         pm, pl, pacc, pbest, ppos,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), ptab.stride(0),
         a.hq, gqa, a.d, ns, ns_sh, chunk_pv, a.scale, win,
         HAS_SHARED=sh is not None, M=max(16, gq_p), BLOCK_N=block_n, PREC=prec, num_warps=warps,
-        **common,
+        PAGED=a.table is not None, BS=max(a.bs, 1), **common,
     )
     _combine[(a.b * a.hq,)](
         out, opos, oscore, a.kv_lens, keep_t, seg_t, shlens_t,

@@ -68,12 +68,15 @@ def masked_decode_reference(
     row_seg=None,
     seg_layout=None,
     check_values=True,
+    block_table=None,
+    shared_table=None,
 ):
     """One query per row over [shared segment] + private cache; see `retmask.kernels.masked_decode`.
-    `seg_layout` is checked like the kernel's, then unused: the reference reads row_seg directly."""
+    `seg_layout` is checked like the kernel's, then unused: the reference reads row_seg directly.
+    A paged cache (block_table / shared_table given) is first gathered into each row's contiguous keys."""
     a = check_decode(
         q, k_cache, v_cache, kv_lens, keep, window, scale, shared_k, shared_v, shared_lens, row_seg,
-        check_values, seg_layout,
+        check_values, seg_layout, block_table, shared_table,
     )
     g = a.hq // a.hkv
     out = torch.zeros(a.b, a.hq, a.d, dtype=q.dtype, device=q.device)  # (B, Hq, D)
@@ -83,11 +86,11 @@ def masked_decode_reference(
     segs = a.shared.seg.tolist() if a.shared is not None else [-1] * a.b
     seg_lens = a.shared.lens.tolist() if a.shared is not None else []
     for b in range(a.b):
-        ks, vs = [k_cache[b, :, : lens[b]]], [v_cache[b, :, : lens[b]]]  # (Hkv, L, D)
+        ks, vs = [_keys(k_cache, b, lens[b], a.table)], [_keys(v_cache, b, lens[b], a.table)]  # (Hkv, L, D)
         if segs[b] >= 0:
             n = seg_lens[segs[b]]
-            ks.insert(0, a.shared.k[segs[b], :, :n])
-            vs.insert(0, a.shared.v[segs[b], :, :n])
+            ks.insert(0, _keys(a.shared.k, segs[b], n, a.shared.table))
+            vs.insert(0, _keys(a.shared.v, segs[b], n, a.shared.table))
         kb = torch.cat(ks, dim=1).float()  # (Hkv, T, D)
         vb = torch.cat(vs, dim=1).float()
         t = kb.shape[1]
@@ -105,6 +108,18 @@ def masked_decode_reference(
         pos.masked_fill_(~a.keep, -1)
         score.masked_fill_(~a.keep, float("-inf"))
     return (out, pos, score) if return_argmax else out
+
+
+def _keys(cache, i: int, n: int, table=None):
+    """(Hkv, n, D): the first n keys (or values) of row or segment i of a contiguous `(rows, Hkv, S, D)` cache,
+    or, with a block table, of a block pool `(NB, Hkv, Bs, D)`: key t at block `table[i, t // Bs]`, offset
+    `t % Bs`."""
+    if table is None:
+        return cache[i, :, :n]
+    bs = cache.shape[2]
+    blocks = table[i, : -(-n // bs)].long()  # (ceil(n / Bs),) the blocks holding keys [0, n), in order
+    hkv, d = cache.shape[1], cache.shape[3]
+    return cache[blocks].transpose(0, 1).reshape(hkv, -1, d)[:, :n]  # (nb, Hkv, Bs, D) -> (Hkv, nb * Bs, D)
 
 
 # splitmix64 constants (uint64)
