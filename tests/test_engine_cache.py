@@ -458,3 +458,37 @@ def test_a_finished_groups_blocks_survive_idle_decode_steps(family):
             full = zeroed(torch.tensor([ps[1] + row.tokens[:-1]])).logits[0, len(ps[1]) - 1:]
         torch.testing.assert_close(row.logits, full.float(), atol=2e-4, rtol=1e-4)
         assert row.tokens == hf_greedy(zeroed, ps[1], 12)
+
+
+def test_the_incremental_core_adds_steps_and_aborts(family):
+    """`start`/`add`/`step`/`abort`/`finish`, the loop `generate` runs and a server drives: a group added
+    while others decode and the groups left after aborting one running and one queued group give the
+    tokens of a plain `generate` over the same groups; an aborted group's blocks are freed at once and it
+    never returns; every block is free after `finish`."""
+    _, m, ref, zeroed = family
+    pair = [ORIGINAL, Policy(HEADS)]
+    ps = prompts(seed=9, lens=(14, 20, 9, 17, 12))
+    cfg = GenConfig(max_new_tokens=NEW)
+    with Engine(m, slots=4, max_len=48, block_size=16) as eng:
+        want = {r.key: [row.tokens for row in r.rows]
+                for r in eng.generate([Group(p, pair, key=i) for i, p in enumerate(ps)], cfg)}
+        eng.start(cfg, max_group_rows=2)
+        for i in (0, 1, 2, 3):
+            eng.add(Group(ps[i], pair, key=i))
+        got = {}
+        for r in eng.step():  # admits groups 0 and 1 (4 slots), prefills them, one decode step
+            got[r.key] = r
+        assert eng.abort(1) and eng.abort(3)  # 1 is decoding, 3 is queued
+        assert not eng.abort("no such key")
+        assert 1 not in eng._run_state.st.groups and all(g.key != 3 for g in eng._run_state.queue)
+        eng.add(Group(ps[4], pair, key=4))  # joins while 0 decodes
+        while eng.busy:
+            for r in eng.step():
+                got[r.key] = r
+        eng.finish()
+        assert eng.blocks.n_used == 0
+        eng.blocks.check()
+    assert sorted(got) == [0, 2, 4]
+    for k, r in got.items():
+        assert [row.tokens for row in r.rows] == want[k]
+        assert r.rows[0].tokens == hf_greedy(ref, ps[k]) and r.rows[1].tokens == hf_greedy(zeroed, ps[k])
