@@ -91,10 +91,12 @@ def run(out: str | Path = "runs/demo", *, seed: int = 0, model_dir: str | Path |
                              steps=16, seed=seed + 1)
     before_m, tok = toy.load(model_dir)
     pols = causal.make_policies(heads, scores, controls=("non-retrieval",), scopes=("all",))
-    before = causal.run_niah(before_m, tok, grid, pols, slots=12, out=out / "niah-before", model_name="toy")
+    niah_engine = EngineConfig(slots=12)
+    before = causal.run_niah(before_m, tok, grid, pols, engine=niah_engine, out=out / "niah-before", model_name="toy")
     causal.write(before, out / "niah-before", "toy")
     after_m, tok = toy.load(res["final"])
-    after = causal.run_niah(after_m, tok, grid, pols, slots=12, out=out / "niah-after", model_name="toy + DPO")
+    after = causal.run_niah(after_m, tok, grid, pols, engine=niah_engine, out=out / "niah-after",
+                            model_name="toy + DPO")
     causal.write(after, out / "niah-after", "toy + DPO")
     for b, a in zip(before["policies"], after["policies"]):
         rows.append([f"NIAH recall %, {b['policy']}", f"{b['recall']:.1f} -> {a['recall']:.1f}"])

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from retmask.cli import main
+from retmask.engine_config import EngineConfig
 
 
 def test_heads_command(tmp_path, capsys):
@@ -68,10 +69,10 @@ def test_engine_flags_reach_the_engine():
     cli._model_args(p)
     args = p.parse_args(["--admit-rows", "6", "--slots", "12", "--prefill-tokens", "999", "--chunk", "64",
                          "--reuse-prefix", "0"])
-    assert commands._engine_kw(args) == {"chunk": 64, "decode": "auto", "prefill_tokens": 999, "slots": 12,
-                                    "admit_rows": 6, "reuse_prefix": 0}
-    assert commands._engine_kw(p.parse_args([]))["reuse_prefix"] == 128
-    assert "admit_rows" not in commands._engine_kw(p.parse_args([]))
+    assert commands._engine_config(args) == EngineConfig(chunk=64, decode="auto", prefill_tokens=999, slots=12,
+                                                         admit_rows=6, reuse_prefix=0)
+    default = commands._engine_config(p.parse_args([]))
+    assert default == EngineConfig() and default.reuse_prefix == 128 and default.admit_rows is None
 
 
 
