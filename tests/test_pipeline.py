@@ -309,7 +309,10 @@ def test_shipped_sharded_configs_train_like_one_process(pairs_dir, single_proces
     assert got.keys() == want.keys()
     moved = max((want[k] - base[k]).abs().max().item() for k in want)
     assert moved > 1e-4  # training changed the weights, so equality below means something
-    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-3 * moved  # 0.1 % of the update
+    # equal up to fp32 rounding: a sharded all-reduce sums in another order, a few ulps of the weights per
+    # step (a sharding mistake, such as gradients not averaged, is off by the update itself: 3e-4 here)
+    ulps = 16 * torch.finfo(torch.float32).eps * max(want[k].abs().max().item() for k in want)
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= max(1e-3 * moved, ulps)
 
 
 def test_train_curves_draw_the_logged_steps(tmp_path):
