@@ -335,19 +335,17 @@ class PrefillRunner:
                 for j in range(lay.n_segs):
                     for b in range(pre[gi] // bs, len(digests)):
                         bm.cache(tables[gi][j][b], digests[b], lay.tag(j))
-        r0 = 0
         for gi, ((g, rows, segs), lay) in enumerate(zip(batch, lays)):
             n = len(g.prompt) - 1
             gid = id(g)
             st.reused[gid] = pre[gi]
             for r, slot in enumerate(rows):
                 pol = g.policies[r]
-                seed = g.seeds[r] if g.seeds is not None else cfg.seed + e._row0[id(g)] + r
+                seed = g.seeds[r] if g.seeds is not None else cfg.seed + e._row0[gid] + r
                 st.start(slot, gid, r, pol, seed, g.prompt[-1], n)
                 st.keep_prompt[slot] = e._keep_row(pol, prompt=True)
                 st.keep_gen[slot] = e._keep_row(pol, prompt=False)
                 base_s, own_s = segs[lay.base_seg()] if lay.lsh else -1, segs[lay.row_stream[r]]
                 e._row_seg_host[:, slot] = [(base_s if l < lay.lsh else own_s) if n > 0 else -1 for l in range(L)]
                 e._idle[slot] = False
-            r0 += len(rows)
         e._refresh_layout()
